@@ -1,0 +1,401 @@
+"""Coordinator commands, their results, and the request/reply envelopes.
+
+One command per method of the seed's ``SessionCoordinator`` (plus the writes a module's
+``ISessionManager`` sends: status, activity, errors). Every request carries a
+``command_id``: the coordinator applies a retried command once and answers it with the
+first reply.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Final
+
+import msgspec
+
+from contracts.errors import StandardError, ValidationError
+from contracts.events import EventEnvelope
+from contracts.ids import ModuleId
+from contracts.model import (
+    CoordinatorHealth,
+    Metadata,
+    ModuleInfo,
+    ModuleSessionConfig,
+    SessionIntegrityReport,
+    Timestamp,
+    WorkflowConfig,
+    WorkflowSession,
+)
+from contracts.status import SessionStatus
+
+__all__ = [
+    "COMMAND_TYPES",
+    "WRITE_COMMANDS",
+    "Accepted",
+    "Command",
+    "CommandReply",
+    "CommandRequest",
+    "CreateWorkflowSession",
+    "DestroyWorkflowSession",
+    "EventsPage",
+    "GetCoordinatorHealth",
+    "GetLinkedSessions",
+    "GetSessionHistory",
+    "GetWorkflowSession",
+    "HealthResult",
+    "IntegrityResult",
+    "LinkModuleSession",
+    "LinkedSessions",
+    "ListActiveWorkflowSessions",
+    "ListModules",
+    "ModulesResult",
+    "ReadEvents",
+    "RecordActivity",
+    "RegisterModule",
+    "RepairSessionIntegrity",
+    "RepairResult",
+    "ReportError",
+    "ReportOrphan",
+    "Result",
+    "SessionHistory",
+    "SessionIds",
+    "SessionResult",
+    "UnlinkModuleSession",
+    "UnregisterModule",
+    "UpdateSessionStatus",
+    "ValidateSessionIntegrity",
+]
+
+PageSize = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+
+
+class CommandBase(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
+):
+    """Base of every command; the ``type`` tag names it on the wire."""
+
+
+# --- writes: workflow sessions -------------------------------------------------------
+
+
+class CreateWorkflowSession(CommandBase, tag="create-workflow-session"):
+    """Seed: createWorkflowSession(steps, config). ``session_id`` may be chosen by the
+    caller (so a retry after a lost reply cannot create two sessions); else the
+    coordinator picks one."""
+
+    steps: list[str] = msgspec.field(default_factory=list)
+    config: WorkflowConfig = msgspec.field(default_factory=WorkflowConfig)
+    session_id: uuid.UUID | None = None
+
+
+class DestroyWorkflowSession(CommandBase, tag="destroy-workflow-session"):
+    """Seed: destroyWorkflowSession(sessionId). Moves the session to CLEANUP; it is
+    destroyed once every linked module has unlinked (or the cleanup timeout passed)."""
+
+    session_id: uuid.UUID
+    reason: str | None = None
+
+
+class LinkModuleSession(CommandBase, tag="link-module-session"):
+    """Seed: linkModuleSession(workflowSessionId, moduleId, moduleSessionId)."""
+
+    session_id: uuid.UUID
+    module_id: ModuleId
+    module_session_id: uuid.UUID
+    config: ModuleSessionConfig = msgspec.field(default_factory=ModuleSessionConfig)
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class UnlinkModuleSession(CommandBase, tag="unlink-module-session"):
+    """Seed: unlinkModuleSession(workflowSessionId, moduleId)."""
+
+    session_id: uuid.UUID
+    module_id: ModuleId
+    reason: str | None = None
+
+
+class UpdateSessionStatus(CommandBase, tag="update-session-status"):
+    """Seed rule 3: every status change goes through the coordinator. ``module_id``
+    None changes the workflow session's status, else that module's session status."""
+
+    session_id: uuid.UUID
+    status: SessionStatus
+    module_id: ModuleId | None = None
+    reason: str | None = None
+
+
+class RecordActivity(CommandBase, tag="record-activity"):
+    """ISessionManager.recordActivity: resets the inactivity timeout."""
+
+    session_id: uuid.UUID
+    module_id: ModuleId | None = None
+
+
+class ReportError(CommandBase, tag="report-error"):
+    """A module reports an error on its session (onSessionError)."""
+
+    session_id: uuid.UUID
+    error: StandardError
+    module_id: ModuleId | None = None
+    fatal: bool = False
+
+
+class ReportOrphan(CommandBase, tag="report-orphan"):
+    """A module holds a session for a workflow session that is destroyed or unknown."""
+
+    session_id: uuid.UUID
+    module_id: ModuleId
+    module_session_id: uuid.UUID
+
+
+class RepairSessionIntegrity(CommandBase, tag="repair-session-integrity"):
+    """Apply what the integrity report recommends and can be fixed."""
+
+    session_id: uuid.UUID
+
+
+# --- writes: module registry ---------------------------------------------------------
+
+
+class RegisterModule(CommandBase, tag="register-module"):
+    """Seed: registerModule(moduleId, sessionManager). A required module must link to
+    every new workflow session before it becomes ACTIVE."""
+
+    module_id: ModuleId
+    required: bool = True
+    capabilities: list[str] = msgspec.field(default_factory=list)
+
+
+class UnregisterModule(CommandBase, tag="unregister-module"):
+    """Seed: unregisterModule(moduleId)."""
+
+    module_id: ModuleId
+    reason: str | None = None
+
+
+# --- reads ---------------------------------------------------------------------------
+
+
+class GetWorkflowSession(CommandBase, tag="get-workflow-session"):
+    """Seed: getWorkflowSession(sessionId)."""
+
+    session_id: uuid.UUID
+
+
+class ListActiveWorkflowSessions(CommandBase, tag="list-active-workflow-sessions"):
+    """Seed: listActiveWorkflowSessions(), with optional filters."""
+
+    status: SessionStatus | None = None
+    module_id: ModuleId | None = None
+
+
+class GetLinkedSessions(CommandBase, tag="get-linked-sessions"):
+    """Seed: getLinkedSessions(workflowSessionId)."""
+
+    session_id: uuid.UUID
+
+
+class ListModules(CommandBase, tag="list-modules"):
+    """Registered modules with health (seed: getModuleSessionManager, over the bus)."""
+
+
+class GetCoordinatorHealth(CommandBase, tag="get-coordinator-health"):
+    """Seed: getCoordinatorHealth()."""
+
+
+class ValidateSessionIntegrity(CommandBase, tag="validate-session-integrity"):
+    """Seed: validateSessionIntegrity(sessionId)."""
+
+    session_id: uuid.UUID
+
+
+class GetSessionHistory(CommandBase, tag="get-session-history"):
+    """Every event of one session, and the state as of a time or a version."""
+
+    session_id: uuid.UUID
+    as_of: Timestamp | None = None
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class ReadEvents(CommandBase, tag="read-events"):
+    """The global event feed after a position (for relays, auditors, gap fill)."""
+
+    after_position: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: PageSize = 1000
+    session_id: uuid.UUID | None = None
+
+
+Command = (
+    CreateWorkflowSession
+    | DestroyWorkflowSession
+    | LinkModuleSession
+    | UnlinkModuleSession
+    | UpdateSessionStatus
+    | RecordActivity
+    | ReportError
+    | ReportOrphan
+    | RepairSessionIntegrity
+    | RegisterModule
+    | UnregisterModule
+    | GetWorkflowSession
+    | ListActiveWorkflowSessions
+    | GetLinkedSessions
+    | ListModules
+    | GetCoordinatorHealth
+    | ValidateSessionIntegrity
+    | GetSessionHistory
+    | ReadEvents
+)
+
+COMMAND_TYPES: Final[tuple[type[CommandBase], ...]] = (
+    CreateWorkflowSession,
+    DestroyWorkflowSession,
+    LinkModuleSession,
+    UnlinkModuleSession,
+    UpdateSessionStatus,
+    RecordActivity,
+    ReportError,
+    ReportOrphan,
+    RepairSessionIntegrity,
+    RegisterModule,
+    UnregisterModule,
+    GetWorkflowSession,
+    ListActiveWorkflowSessions,
+    GetLinkedSessions,
+    ListModules,
+    GetCoordinatorHealth,
+    ValidateSessionIntegrity,
+    GetSessionHistory,
+    ReadEvents,
+)
+
+# Commands that append events; the rest only read projections.
+WRITE_COMMANDS: Final[frozenset[type[CommandBase]]] = frozenset(
+    {
+        CreateWorkflowSession,
+        DestroyWorkflowSession,
+        LinkModuleSession,
+        UnlinkModuleSession,
+        UpdateSessionStatus,
+        RecordActivity,
+        ReportError,
+        ReportOrphan,
+        RepairSessionIntegrity,
+        RegisterModule,
+        UnregisterModule,
+    }
+)
+
+
+# --- results -------------------------------------------------------------------------
+
+
+class ResultBase(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
+):
+    """Base of every command result."""
+
+
+class Accepted(ResultBase, tag="accepted"):
+    """A write was applied (or was a no-op). ``version`` is the session's version
+    after it; ``events`` how many events it appended (0 for a no-op)."""
+
+    session_id: uuid.UUID | None = None
+    version: int = 0
+    events: int = 0
+
+
+class SessionResult(ResultBase, tag="session"):
+    """A workflow session, or ``None`` when unknown (getWorkflowSession returns null)."""
+
+    session: WorkflowSession | None
+
+
+class SessionIds(ResultBase, tag="session-ids"):
+    """listActiveWorkflowSessions() -> string[]."""
+
+    session_ids: list[uuid.UUID]
+
+
+class LinkedSessions(ResultBase, tag="linked-sessions"):
+    """getLinkedSessions() -> moduleId -> moduleSessionId."""
+
+    links: dict[ModuleId, uuid.UUID]
+
+
+class ModulesResult(ResultBase, tag="modules"):
+    """Registered modules."""
+
+    modules: list[ModuleInfo]
+
+
+class HealthResult(ResultBase, tag="health"):
+    """getCoordinatorHealth()."""
+
+    health: CoordinatorHealth
+
+
+class IntegrityResult(ResultBase, tag="integrity"):
+    """validateSessionIntegrity()."""
+
+    report: SessionIntegrityReport
+
+
+class RepairResult(ResultBase, tag="repair"):
+    """What a repair did, one line per action, and the report after it."""
+
+    actions: list[str]
+    report: SessionIntegrityReport
+
+
+class SessionHistory(ResultBase, tag="history"):
+    """A session's events up to the requested point and the state they add up to."""
+
+    events: list[EventEnvelope]
+    state: WorkflowSession | None
+
+
+class EventsPage(ResultBase, tag="events"):
+    """A page of the global feed. ``next_position`` is the position to ask after next."""
+
+    events: list[EventEnvelope]
+    next_position: int
+
+
+Result = (
+    Accepted
+    | SessionResult
+    | SessionIds
+    | LinkedSessions
+    | ModulesResult
+    | HealthResult
+    | IntegrityResult
+    | RepairResult
+    | SessionHistory
+    | EventsPage
+)
+
+
+# --- envelopes -----------------------------------------------------------------------
+
+
+class CommandRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A command on the commands queue. Who sent it is not in the body: the coordinator
+    takes it from the broker-validated AMQP ``user_id``."""
+
+    command_id: uuid.UUID
+    issued_at: Timestamp
+    command: Command
+    correlation_id: uuid.UUID | None = None
+
+
+class CommandReply(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The answer to one ``CommandRequest``: exactly one of ``result`` and ``error``."""
+
+    command_id: uuid.UUID
+    result: Result | None = None
+    error: StandardError | None = None
+
+    def __post_init__(self) -> None:
+        if (self.result is None) == (self.error is None):
+            raise ValidationError("a reply carries exactly one of result and error")

@@ -1,0 +1,186 @@
+"""Session lifecycle events and the envelope that carries them.
+
+Each event type's tag is also its routing key on the events exchange
+(``session.created``, ``session.status-changed`` …).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Final
+
+import msgspec
+
+from contracts.errors import StandardError
+from contracts.ids import ModuleId
+from contracts.model import Metadata, ModuleSessionConfig, Timestamp, WorkflowConfig
+from contracts.status import SessionStatus
+
+__all__ = [
+    "EVENT_TYPES",
+    "GENESIS_HASH",
+    "SCHEMA_VERSION",
+    "ActivityRecorded",
+    "Destroyed",
+    "ErrorReported",
+    "Event",
+    "EventEnvelope",
+    "Linked",
+    "ModuleRegistered",
+    "ModuleUnregistered",
+    "SessionCreated",
+    "StatusChanged",
+    "Unlinked",
+    "event_type",
+]
+
+# Version of the envelope and event schemas this code writes. Readers upcast older ones.
+SCHEMA_VERSION: Final = 1
+# prev_hash of the first event of every stream.
+GENESIS_HASH: Final = "0" * 64
+
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class EventBase(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
+):
+    """Base of every event payload; the ``type`` tag names the event on the wire."""
+
+
+class SessionCreated(EventBase, tag="session.created"):
+    """A workflow session was created; it starts INITIALIZING."""
+
+    steps: list[str] = msgspec.field(default_factory=list)
+    config: WorkflowConfig = msgspec.field(default_factory=WorkflowConfig)
+    required_modules: list[ModuleId] = msgspec.field(default_factory=list)
+
+
+class StatusChanged(EventBase, tag="session.status-changed"):
+    """The status of the workflow session (``module_id`` None) or of one module's
+    session changed."""
+
+    old_status: SessionStatus
+    new_status: SessionStatus
+    module_id: ModuleId | None = None
+    reason: str | None = None
+    error: StandardError | None = None
+
+
+class Linked(EventBase, tag="session.linked"):
+    """A module linked its own session to the workflow session."""
+
+    module_id: ModuleId
+    module_session_id: uuid.UUID
+    config: ModuleSessionConfig = msgspec.field(default_factory=ModuleSessionConfig)
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+
+class Unlinked(EventBase, tag="session.unlinked"):
+    """A module's session was unlinked (the module destroyed it, or cleanup gave up)."""
+
+    module_id: ModuleId
+    module_session_id: uuid.UUID
+    reason: str | None = None
+
+
+class ActivityRecorded(EventBase, tag="session.activity-recorded"):
+    """Activity on the workflow session (``module_id`` None) or a module's session."""
+
+    module_id: ModuleId | None = None
+
+
+class ErrorReported(EventBase, tag="session.error-reported"):
+    """An error on the session, reported by a module or raised by the coordinator."""
+
+    error: StandardError
+    module_id: ModuleId | None = None
+
+
+class Destroyed(EventBase, tag="session.destroyed"):
+    """The workflow session ended. ``orphaned`` lists module sessions that did not
+    unlink within the cleanup timeout (module id -> module session id)."""
+
+    reason: str | None = None
+    orphaned: dict[ModuleId, uuid.UUID] = msgspec.field(default_factory=dict)
+
+
+class ModuleRegistered(EventBase, tag="module.registered"):
+    """A module joined the registry (or changed its registration)."""
+
+    module_id: ModuleId
+    required: bool
+    capabilities: list[str] = msgspec.field(default_factory=list)
+
+
+class ModuleUnregistered(EventBase, tag="module.unregistered"):
+    """A module left the registry."""
+
+    module_id: ModuleId
+    reason: str | None = None
+
+
+Event = (
+    SessionCreated
+    | StatusChanged
+    | Linked
+    | Unlinked
+    | ActivityRecorded
+    | ErrorReported
+    | Destroyed
+    | ModuleRegistered
+    | ModuleUnregistered
+)
+
+EVENT_TYPES: Final[tuple[type[EventBase], ...]] = (
+    SessionCreated,
+    StatusChanged,
+    Linked,
+    Unlinked,
+    ActivityRecorded,
+    ErrorReported,
+    Destroyed,
+    ModuleRegistered,
+    ModuleUnregistered,
+)
+
+
+def event_type(event: EventBase | type[EventBase]) -> str:
+    """The wire tag of an event (class or instance): also its routing key."""
+    cls = event if isinstance(event, type) else type(event)
+    tag: str = cls.__struct_config__.tag
+    return tag
+
+
+class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One stored event as it is published and replayed.
+
+    ``version`` is the per-session sequence (1, 2, 3 …); ``position`` the global order
+    in the coordinator's store, known once committed. ``hash`` covers every field but
+    ``position`` and ``hash`` itself (see ``contracts.chain``), and ``prev_hash`` is the
+    hash of the previous event of the same session, so history is tamper-evident.
+    """
+
+    event_id: uuid.UUID
+    session_id: uuid.UUID
+    version: Annotated[int, msgspec.Meta(ge=1)]
+    occurred_at: Timestamp
+    actor: str
+    prev_hash: Sha256Hex
+    hash: Sha256Hex
+    event: Event
+    position: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    # Default 1, not SCHEMA_VERSION: an envelope that omits it was written by version 1.
+    schema_version: Annotated[int, msgspec.Meta(ge=1)] = 1
+    correlation_id: uuid.UUID | None = None
+    causation_id: uuid.UUID | None = None
+
+    @property
+    def type(self) -> str:
+        """The event's tag, e.g. ``session.linked``."""
+        return event_type(self.event)
+
+    def with_position(self, position: int) -> EventEnvelope:
+        """A copy with the global position the store assigned."""
+        return msgspec.structs.replace(self, position=position)
+

@@ -1,0 +1,1 @@
+"""sessionbus coordinator: the only writer of session lifecycle events."""

@@ -1,0 +1,1 @@
+"""sessionbus module SDK: what a module imports to take part in session lifecycle."""

@@ -1,0 +1,88 @@
+"""Fixtures for the real services every integration test runs against.
+
+The broker and the database come from testcontainers where a Docker engine answers,
+otherwise from ``SESSIONBUS_TEST_AMQP_URL`` / ``SESSIONBUS_TEST_POSTGRES_URL`` (defaults:
+the local services). An unreachable service fails the tests that need it with a clear
+message; it never turns them into skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.support import services
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """AMQP URL of a real RabbitMQ broker, checked reachable."""
+    with services.rabbitmq() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """URL of a real PostgreSQL database, checked reachable."""
+    with services.postgres() as url:
+        yield url
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest, amqp_url: str) -> Iterator[str]:
+    """A topology prefix of this test's own; every queue and exchange under it is
+    deleted afterwards."""
+    name = re.sub(r"[^a-z0-9]", "", request.node.name.lower())[:20]
+    value = f"t{uuid.uuid4().hex[:8]}_{name}".rstrip("_")
+    yield value
+    services.delete_topology(amqp_url, value)
+
+
+@pytest.fixture
+def pg_schema(postgres_url: str) -> Iterator[str]:
+    """A PostgreSQL schema of this test's own, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    services.pg_execute(postgres_url, f'CREATE SCHEMA "{schema}"')
+    yield schema
+    services.pg_execute(postgres_url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_store_url(postgres_url: str, pg_schema: str) -> str:
+    """A ``postgresql://`` store URL pointing at this test's schema."""
+    parts = urllib.parse.urlsplit(postgres_url)
+    query = urllib.parse.urlencode({"schema": pg_schema})
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+@pytest.fixture
+async def amqp_connection(
+    amqp_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[object]:
+    """A robust aio-pika connection named after the test (visible in the broker UI)."""
+    import aio_pika
+
+    connection = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": request.node.nodeid[-200:]}
+    )
+    try:
+        yield connection
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 5)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        f"sessionbus services: docker={'yes' if services.docker_available() else 'no'}, "
+        f"amqp={services.redact(services.amqp_target())}, "
+        f"postgres={services.redact(services.postgres_target())}, "
+        f"CI={os.environ.get('CI', '')!r}"
+    ]
