@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,17 +23,28 @@ DEFAULT_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
 
 @functools.cache
 def docker_available() -> bool:
-    """Whether a Docker engine (not just the client) answers."""
+    """Whether a Docker engine (not just the client) answers ``GET /_ping``."""
     if os.environ.get("SESSIONBUS_TEST_NO_DOCKER"):
         return False
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        import docker
-
-        client = docker.from_env(timeout=3)
-        client.ping()
-    except Exception:  # noqa: BLE001 - any failure means "no engine here"
+        if host.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: Any = host.removeprefix("unix://")
+        elif host.startswith("tcp://"):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            hostname, _, port = host.removeprefix("tcp://").partition(":")
+            address = (hostname, int(port or 2375))
+        else:
+            return False
+        with sock:
+            sock.settimeout(3)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = sock.recv(64)
+            return reply.startswith(b"HTTP/1.") and b" 200 " in reply
+    except OSError:
         return False
-    return True
 
 
 def amqp_target() -> str:
