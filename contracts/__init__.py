@@ -5,7 +5,15 @@ results are tagged unions decoded strictly by ``Codec``. This package imports no
 else of sessionbus.
 """
 
-from contracts.chain import ChainVerdict, canonical_bytes, compute_hash, seal, verify_chain
+from contracts.chain import (
+    ChainVerdict,
+    canonical_bytes,
+    compute_hash,
+    compute_hash_raw,
+    seal,
+    verify_chain,
+    verify_chain_raw,
+)
 from contracts.codec import CONTENT_TYPES, DEFAULT_MAX_BODY, Codec, Format, codec_for
 from contracts.commands import (
     COMMAND_TYPES,
@@ -65,11 +73,14 @@ from contracts.events import (
     Linked,
     ModuleRegistered,
     ModuleUnregistered,
+    OrphanCleanupRequested,
+    OrphanReported,
     SessionCreated,
     StatusChanged,
     Unlinked,
     event_type,
 )
+from contracts.fold import LINKED_ID_FIELDS, fold_history, fold_session
 from contracts.ids import (
     REGISTRY_ID,
     ModuleId,
@@ -113,6 +124,7 @@ __all__ = [
     "EVENT_TYPES",
     "GENESIS_HASH",
     "HEADERS",
+    "LINKED_ID_FIELDS",
     "REGISTRY_ID",
     "SCHEMA_VERSION",
     "STATUS_MAPPINGS",
@@ -159,6 +171,8 @@ __all__ = [
     "ModuleSessionInfo",
     "ModuleUnregistered",
     "ModulesResult",
+    "OrphanCleanupRequested",
+    "OrphanReported",
     "ReadEvents",
     "RecordActivity",
     "RegisterModule",
@@ -194,11 +208,15 @@ __all__ = [
     "canonical_bytes",
     "codec_for",
     "compute_hash",
+    "compute_hash_raw",
     "event_type",
+    "fold_history",
+    "fold_session",
     "map_legacy_status",
     "new_id",
     "parse_module_id",
     "parse_session_id",
     "seal",
     "verify_chain",
+    "verify_chain_raw",
 ]

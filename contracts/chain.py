@@ -18,15 +18,25 @@ import msgspec
 
 from contracts.events import GENESIS_HASH, EventEnvelope
 
-__all__ = ["ChainVerdict", "canonical_bytes", "compute_hash", "seal", "verify_chain"]
+__all__ = [
+    "ChainVerdict",
+    "canonical_bytes",
+    "compute_hash",
+    "compute_hash_raw",
+    "seal",
+    "verify_chain",
+    "verify_chain_raw",
+]
 
 _canonical = msgspec.json.Encoder(order="sorted")
 _UNHASHED = ("position", "hash")
 
 
-def canonical_bytes(envelope: EventEnvelope) -> bytes:
-    """The exact bytes the hash covers."""
-    fields: dict[str, Any] = msgspec.to_builtins(envelope)
+def canonical_bytes(envelope: EventEnvelope | dict[str, Any]) -> bytes:
+    """The exact bytes the hash covers. Accepts a typed envelope or its raw decoded
+    form (a dict, as read from JSON or msgpack without a schema): verifying the raw
+    form checks what was written, before any upcasting."""
+    fields: dict[str, Any] = dict(msgspec.to_builtins(envelope))
     for name in _UNHASHED:
         fields.pop(name, None)
     return _canonical.encode(fields)
@@ -34,6 +44,11 @@ def canonical_bytes(envelope: EventEnvelope) -> bytes:
 
 def compute_hash(envelope: EventEnvelope) -> str:
     """SHA-256 (hex) of ``canonical_bytes(envelope)``."""
+    return hashlib.sha256(canonical_bytes(envelope)).hexdigest()
+
+
+def compute_hash_raw(envelope: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical bytes of a raw decoded envelope."""
     return hashlib.sha256(canonical_bytes(envelope)).hexdigest()
 
 
@@ -55,33 +70,41 @@ class ChainVerdict(msgspec.Struct, frozen=True, kw_only=True):
 
 def verify_chain(envelopes: Iterable[EventEnvelope]) -> ChainVerdict:
     """Recompute the chain of one session's events, given in version order."""
+    return verify_chain_raw(msgspec.to_builtins(env) for env in envelopes)
+
+
+def verify_chain_raw(envelopes: Iterable[dict[str, Any] | Exception]) -> ChainVerdict:
+    """Verify raw decoded envelopes (dicts) in version order. An item may be the
+    exception raised decoding it: that version is reported as unreadable."""
     prev_hash = GENESIS_HASH
-    expected_version = 1
+    expected = 1
     session_id: str | None = None
     checked = 0
-    for env in envelopes:
-        if session_id is None:
-            session_id = str(env.session_id)
+    for item in envelopes:
         checked += 1
 
-        def bad(reason: str, env: EventEnvelope = env) -> ChainVerdict:
+        def bad(reason: str) -> ChainVerdict:
             return ChainVerdict(
-                session_id=str(env.session_id),
+                session_id=session_id or "",
                 ok=False,
                 events_checked=checked,
-                first_bad_version=env.version,
+                first_bad_version=expected,
                 reason=reason,
             )
 
-        if str(env.session_id) != session_id:
-            return bad(f"event belongs to session {env.session_id}, not {session_id}")
-        if env.version != expected_version:
-            return bad(f"expected version {expected_version}, found {env.version}")
-        if env.prev_hash != prev_hash:
+        if isinstance(item, Exception):
+            return bad(f"stored event cannot be decoded: {item}")
+        if session_id is None:
+            session_id = str(item.get("session_id"))
+        if str(item.get("session_id")) != session_id:
+            return bad(f"event belongs to session {item.get('session_id')}, not {session_id}")
+        if item.get("version") != expected:
+            return bad(f"expected version {expected}, found {item.get('version')!r}")
+        if item.get("prev_hash") != prev_hash:
             return bad("prev_hash does not match the hash of the previous event")
-        actual = compute_hash(env)
-        if actual != env.hash:
-            return bad(f"content hash is {actual}, the event claims {env.hash}")
-        prev_hash = env.hash
-        expected_version += 1
+        actual = compute_hash_raw(item)
+        if actual != item.get("hash"):
+            return bad(f"content hash is {actual}, the event claims {item.get('hash')}")
+        prev_hash = actual
+        expected += 1
     return ChainVerdict(session_id=session_id or "", ok=True, events_checked=checked)

@@ -137,7 +137,9 @@ class ReportError(CommandBase, tag="report-error"):
     session_id: uuid.UUID
     error: StandardError
     module_id: ModuleId | None = None
-    fatal: bool = False
+    # A required module's fatal error fails the workflow session; a non-fatal one is
+    # only recorded.
+    fatal: bool = True
 
 
 class ReportOrphan(CommandBase, tag="report-orphan"):

@@ -59,12 +59,19 @@ class MessageTooLarge(DecodeError):
 
 
 _PATH = re.compile(r" - at `(?P<path>[^`]+)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
 
 
 def field_path(msgspec_message: str) -> str | None:
     """Extract the ``$.a.b`` path msgspec appends to its validation messages."""
     match = _PATH.search(msgspec_message)
-    return match.group("path") if match else None
+    path = match.group("path") if match else None
+    # msgspec gives the path of the object a required field is missing from (none at
+    # the top level); the offending field is the missing one.
+    missing = _MISSING.match(msgspec_message)
+    if missing:
+        return f"{path or '$'}.{missing.group('name')}"
+    return path
 
 
 class ErrorCode(enum.StrEnum):
@@ -77,6 +84,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_SESSION = "UNKNOWN_SESSION"
     SESSION_EXISTS = "SESSION_EXISTS"
     SESSION_DESTROYED = "SESSION_DESTROYED"
+    SESSION_CLOSED = "SESSION_CLOSED"
     INVALID_TRANSITION = "INVALID_TRANSITION"
     MODULE_NOT_REGISTERED = "MODULE_NOT_REGISTERED"
     MODULE_ALREADY_LINKED = "MODULE_ALREADY_LINKED"

@@ -28,6 +28,8 @@ __all__ = [
     "Linked",
     "ModuleRegistered",
     "ModuleUnregistered",
+    "OrphanCleanupRequested",
+    "OrphanReported",
     "SessionCreated",
     "StatusChanged",
     "Unlinked",
@@ -120,6 +122,24 @@ class ModuleUnregistered(EventBase, tag="module.unregistered"):
     reason: str | None = None
 
 
+class OrphanReported(EventBase, tag="module.orphan-reported"):
+    """A module holds a session for a workflow session that is destroyed or unknown.
+    Recorded on the registry stream, since the workflow stream may be closed."""
+
+    module_id: ModuleId
+    workflow_session_id: uuid.UUID
+    module_session_id: uuid.UUID
+
+
+class OrphanCleanupRequested(EventBase, tag="module.orphan-cleanup-requested"):
+    """The coordinator asks a module to destroy an orphaned session of its own
+    (integrity repair)."""
+
+    module_id: ModuleId
+    workflow_session_id: uuid.UUID
+    module_session_id: uuid.UUID
+
+
 Event = (
     SessionCreated
     | StatusChanged
@@ -130,6 +150,8 @@ Event = (
     | Destroyed
     | ModuleRegistered
     | ModuleUnregistered
+    | OrphanReported
+    | OrphanCleanupRequested
 )
 
 EVENT_TYPES: Final[tuple[type[EventBase], ...]] = (
@@ -142,6 +164,8 @@ EVENT_TYPES: Final[tuple[type[EventBase], ...]] = (
     Destroyed,
     ModuleRegistered,
     ModuleUnregistered,
+    OrphanReported,
+    OrphanCleanupRequested,
 )
 
 

@@ -21,8 +21,10 @@ __all__ = [
 ]
 
 # Lower-case kebab case, as the seed's module ids ("ai-context-manager"). The id is also
-# part of queue names and routing keys, so no dots, spaces or wildcards.
-MODULE_ID_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
+# part of queue names and routing keys, so no dots, spaces or wildcards. msgspec matches
+# with re.search, where "$" also matches before a trailing newline: "(?!\n)" closes that
+# gap and means nothing to JSON Schema's ECMA regexes, where "$" is already the very end.
+MODULE_ID_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$(?!\n)"
 # A topology prefix becomes the first segment of every exchange and queue name.
 PREFIX_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 

@@ -79,6 +79,7 @@ class ModuleSessionInfo(Model):
     created_at: Timestamp
     last_activity: Timestamp
     metadata: Metadata = msgspec.field(default_factory=dict)
+    config: ModuleSessionConfig = msgspec.field(default_factory=ModuleSessionConfig)
 
 
 class WorkflowSession(Model):
@@ -99,6 +100,8 @@ class WorkflowSession(Model):
     required_modules: list[ModuleId] = msgspec.field(default_factory=list)
     modules: dict[ModuleId, ModuleSessionInfo] = msgspec.field(default_factory=dict)
     metadata: Metadata = msgspec.field(default_factory=dict)
+    config: WorkflowConfig = msgspec.field(default_factory=WorkflowConfig)
+    status_changed_at: Timestamp | None = None
     version: int = 0
     destroyed: bool = False
     failure: StandardError | None = None

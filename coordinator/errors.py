@@ -1,0 +1,63 @@
+"""The coordinator's exception tree.
+
+Every rule violation is a ``CommandRejected`` carrying the ``ErrorCode`` its
+``StandardError`` reply will have, so domain errors map 1:1 to wire errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from contracts import ErrorCode, StandardError
+
+__all__ = [
+    "CommandRejected",
+    "ConfigurationError",
+    "CoordinatorError",
+    "StoreUnavailable",
+]
+
+
+class CoordinatorError(Exception):
+    """Root of every error raised by ``coordinator``."""
+
+
+class ConfigurationError(CoordinatorError):
+    """A setting (store URL, broker URL, identity map …) is invalid."""
+
+
+class StoreUnavailable(CoordinatorError):
+    """The event store could not be reached or refused the write."""
+
+
+class CommandRejected(CoordinatorError):
+    """A command broke a rule; nothing was stored."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        module_id: str | None = None,
+        field: str | None = None,
+        retryable: bool = False,
+        **details: Any,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.module_id = module_id
+        self.field = field
+        self.retryable = retryable
+        self.details = details
+
+    def to_standard_error(self) -> StandardError:
+        """The wire form of this rejection."""
+        return StandardError(
+            code=self.code,
+            message=self.message,
+            module_id=self.module_id,
+            field=self.field,
+            retryable=self.retryable,
+            details={k: str(v) for k, v in self.details.items()},
+        )

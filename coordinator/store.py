@@ -1,0 +1,536 @@
+"""The event store: eventsourcing's recorders behind one URL, with a msgspec mapper.
+
+``SESSIONBUS_STORE`` picks the backend: ``sqlite:///path`` (the embedded default),
+``postgresql://user@host:port/db?schema=s`` (production), or ``memory://`` (tests).
+Stored event state is the contracts ``EventEnvelope`` encoded by msgspec, so what is
+stored is exactly what is published and hashed; older schema versions are upcast on
+the way out.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sqlite3
+import threading
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import msgspec
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.domain import Snapshot
+from eventsourcing.persistence import (
+    IntegrityError,
+    Mapper,
+    Notification,
+    PersistenceError,
+    StoredEvent,
+    Transcoder,
+)
+from eventsourcing.utils import get_topic, resolve_topic
+
+from contracts import SCHEMA_VERSION, Codec, ContractsError, EventEnvelope, WorkflowSession
+from coordinator.domain import EnvelopeAggregate, ModuleRegistry, RegistryState
+from coordinator.errors import ConfigurationError, StoreUnavailable
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "EnvelopeMapper",
+    "EventStore",
+    "StoreSettings",
+    "Upcaster",
+    "VersionConflict",
+]
+
+DEFAULT_STORE_URL: Final = "sqlite:///sessionbus.sqlite"
+_SNAPSHOT_TOPIC: Final = get_topic(Snapshot)
+
+
+class VersionConflict(StoreUnavailable):
+    """Another writer appended to a stream first (optimistic concurrency)."""
+
+
+# --- settings ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """A parsed store URL and the eventsourcing environment it maps to."""
+
+    url: str
+    backend: str
+    env: dict[str, str] = field(default_factory=dict)
+    sqlite_path: str | None = None
+    postgres_dsn: str | None = None
+    postgres_schema: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str | None = None) -> StoreSettings:
+        url = url or os.environ.get("SESSIONBUS_STORE") or DEFAULT_STORE_URL
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "memory":
+            return cls(url=url, backend="memory", env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+        if scheme == "sqlite":
+            path = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+            if not path:
+                raise ConfigurationError(f"store URL {url!r} names no SQLite file")
+            if path != ":memory:":
+                parent = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(parent):
+                    raise ConfigurationError(f"store URL {url!r}: directory {parent} does not exist")
+            return cls(
+                url=url,
+                backend="sqlite",
+                sqlite_path=path,
+                env={
+                    "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                    "SQLITE_DBNAME": path,
+                    "SQLITE_LOCK_TIMEOUT": "10",
+                },
+            )
+        if scheme in {"postgresql", "postgres"}:
+            query = dict(urllib.parse.parse_qsl(parts.query))
+            schema = query.pop("schema", None)
+            if not parts.hostname or not parts.path.strip("/"):
+                raise ConfigurationError(
+                    f"store URL {url!r} must name a host and a database: postgresql://user@host/db"
+                )
+            env = {
+                "PERSISTENCE_MODULE": "eventsourcing.postgres",
+                "POSTGRES_DBNAME": urllib.parse.unquote(parts.path.strip("/")),
+                "POSTGRES_HOST": parts.hostname,
+                "POSTGRES_PORT": str(parts.port or 5432),
+                "POSTGRES_USER": urllib.parse.unquote(parts.username or "postgres"),
+                "POSTGRES_PASSWORD": urllib.parse.unquote(parts.password or ""),
+                "POSTGRES_CONNECT_TIMEOUT": query.pop("connect_timeout", "10"),
+                "POSTGRES_POOL_SIZE": query.pop("pool_size", "4"),
+            }
+            if schema:
+                env["POSTGRES_SCHEMA"] = schema
+            dsn = urllib.parse.urlunsplit(parts._replace(scheme="postgresql", query=""))
+            return cls(
+                url=url, backend="postgres", env=env, postgres_dsn=dsn, postgres_schema=schema
+            )
+        raise ConfigurationError(
+            f"unsupported store URL {url!r}: use sqlite:///path, postgresql://… or memory://"
+        )
+
+
+# --- upcasting -----------------------------------------------------------------------
+
+UpcastStep = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Upcaster:
+    """Brings raw envelopes of older schema versions up to ``target``.
+
+    ``steps[n]`` turns a version-``n`` envelope (a plain dict) into version ``n+1``.
+    The hash chain is verified on the stored form, never on the upcast one.
+    """
+
+    def __init__(
+        self, steps: dict[int, UpcastStep] | None = None, target: int = SCHEMA_VERSION
+    ) -> None:
+        self.steps = dict(steps or {})
+        self.target = target
+        missing = [v for v in range(1, target) if v not in self.steps]
+        if missing:
+            raise ConfigurationError(f"no upcast step from schema version(s) {missing}")
+
+    def upcast(self, raw: dict[str, Any]) -> dict[str, Any]:
+        version = int(raw.get("schema_version", 1))
+        if version > self.target:
+            raise ConfigurationError(
+                f"event {raw.get('event_id')} has schema version {version}, newer than "
+                f"this coordinator's {self.target}: upgrade the coordinator"
+            )
+        while version < self.target:
+            raw = self.steps[version](raw)
+            version += 1
+            raw["schema_version"] = version
+        return raw
+
+
+# --- the mapper ----------------------------------------------------------------------
+
+
+class _NoTranscoder(Transcoder):
+    """The mapper encodes with msgspec; eventsourcing's transcoder is never used."""
+
+    def encode(self, obj: Any) -> bytes:
+        raise NotImplementedError("msgspec encodes sessionbus events")  # pragma: no cover
+
+    def decode(self, data: bytes) -> Any:
+        raise NotImplementedError("msgspec decodes sessionbus events")  # pragma: no cover
+
+
+class _SnapshotRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    topic: str
+    timestamp: datetime
+    created_on: datetime
+    modified_on: datetime
+    last_hash: str
+    session: WorkflowSession | None = None
+    registry: RegistryState | None = None
+
+
+@functools.cache
+def _resolve(topic: str) -> Any:
+    return resolve_topic(topic)
+
+
+class EnvelopeMapper(Mapper[uuid.UUID]):
+    """Domain events <-> stored events, with msgspec instead of JSON transcoding."""
+
+    def __init__(self, codec: Codec | None = None, upcaster: Upcaster | None = None) -> None:
+        super().__init__(transcoder=_NoTranscoder())
+        self.codec = codec or Codec("json")
+        self.upcaster = upcaster or Upcaster()
+        self._raw = (
+            msgspec.json.Decoder() if self.codec.format == "json" else msgspec.msgpack.Decoder()
+        )
+        self._snapshot_encoder = msgspec.msgpack.Encoder()
+        self._snapshot_decoder = msgspec.msgpack.Decoder(_SnapshotRecord)
+
+    # Envelopes ------------------------------------------------------------------
+
+    def encode_envelope(self, env: EventEnvelope) -> bytes:
+        return self.codec.encode(env)
+
+    def decode_envelope(self, data: bytes) -> EventEnvelope:
+        """Decode stored bytes, upcasting an older schema version."""
+        if self.upcaster.target == SCHEMA_VERSION:
+            try:
+                env = self.codec.decode_envelope(data)
+            except ContractsError:
+                env = None
+            if env is not None and env.schema_version == SCHEMA_VERSION:
+                return env
+        raw = self.decode_raw(data)
+        return msgspec.convert(self.upcaster.upcast(raw), EventEnvelope)
+
+    def decode_raw(self, data: bytes) -> dict[str, Any]:
+        """The stored envelope as a plain dict, exactly as written."""
+        value = self._raw.decode(data)
+        if not isinstance(value, dict):
+            raise msgspec.DecodeError("stored event is not an object")
+        return value
+
+    # eventsourcing's Mapper interface -------------------------------------------
+
+    def to_stored_event(self, domain_event: Any) -> StoredEvent:
+        if isinstance(domain_event, Snapshot):
+            state = dict(domain_event.state)
+            agg_state = state["state"]
+            record = _SnapshotRecord(
+                topic=domain_event.topic,
+                timestamp=domain_event.timestamp,
+                created_on=state["_created_on"],
+                modified_on=state["_modified_on"],
+                last_hash=state["last_hash"],
+                session=agg_state if isinstance(agg_state, WorkflowSession) else None,
+                registry=agg_state if isinstance(agg_state, RegistryState) else None,
+            )
+            return StoredEvent(
+                originator_id=domain_event.originator_id,
+                originator_version=domain_event.originator_version,
+                topic=_SNAPSHOT_TOPIC,
+                state=self._snapshot_encoder.encode(record),
+            )
+        return StoredEvent(
+            originator_id=domain_event.originator_id,
+            originator_version=domain_event.originator_version,
+            topic=get_topic(type(domain_event)),
+            state=self.encode_envelope(domain_event.envelope),
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> Any:
+        originator_id = stored_event.originator_id
+        if not isinstance(originator_id, uuid.UUID):
+            originator_id = uuid.UUID(str(originator_id))
+        if stored_event.topic == _SNAPSHOT_TOPIC:
+            record = self._snapshot_decoder.decode(stored_event.state)
+            snapshot = object.__new__(Snapshot)
+            object.__setattr__(
+                snapshot,
+                "__dict__",
+                {
+                    "originator_id": originator_id,
+                    "originator_version": stored_event.originator_version,
+                    "timestamp": record.timestamp,
+                    "topic": record.topic,
+                    "state": {
+                        "_created_on": record.created_on,
+                        "_modified_on": record.modified_on,
+                        "last_hash": record.last_hash,
+                        "state": record.session if record.session is not None else record.registry,
+                    },
+                },
+            )
+            return snapshot
+        cls = _resolve(stored_event.topic)
+        env = self.decode_envelope(stored_event.state)
+        attrs: dict[str, Any] = {
+            "originator_id": originator_id,
+            "originator_version": stored_event.originator_version,
+            "timestamp": env.occurred_at,
+            "envelope": env,
+        }
+        if "originator_topic" in cls.__dataclass_fields__:
+            # "module:Aggregate.Created" was triggered by "module:Aggregate".
+            attrs["originator_topic"] = stored_event.topic.rsplit(".", 1)[0]
+        event = object.__new__(cls)
+        object.__setattr__(event, "__dict__", attrs)
+        return event
+
+
+# --- checkpoints (projection snapshots, relay positions) -----------------------------
+
+
+class Checkpoints(Protocol):
+    """Small named records kept beside the events: a position and an opaque blob."""
+
+    def get(self, name: str) -> tuple[int, bytes] | None: ...
+
+    def put(self, name: str, position: int, data: bytes = b"") -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _MemoryCheckpoints:
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[int, bytes]] = {}
+
+    def get(self, name: str) -> tuple[int, bytes] | None:
+        return self._rows.get(name)
+
+    def put(self, name: str, position: int, data: bytes = b"") -> None:
+        self._rows[name] = (position, data)
+
+    def close(self) -> None:
+        pass
+
+
+class _SQLiteCheckpoints:
+    _DDL = (
+        "CREATE TABLE IF NOT EXISTS sessionbus_checkpoints "
+        "(name TEXT PRIMARY KEY, position INTEGER NOT NULL, data BLOB NOT NULL)"
+    )
+
+    def __init__(self, path: str) -> None:
+        self._conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock, self._conn:
+            self._conn.execute(self._DDL)
+
+    def get(self, name: str) -> tuple[int, bytes] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT position, data FROM sessionbus_checkpoints WHERE name = ?", (name,)
+            ).fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def put(self, name: str, position: int, data: bytes = b"") -> None:
+        with self._lock, self._conn:
+            self._conn.execute(
+                "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET position = excluded.position, data = excluded.data",
+                (name, position, data),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _PostgresCheckpoints:
+    def __init__(self, dsn: str, schema: str | None) -> None:
+        import psycopg
+
+        self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        self._lock = threading.Lock()
+        self._table = f'"{schema}".sessionbus_checkpoints' if schema else "sessionbus_checkpoints"
+        with self._lock:
+            self._conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._table} "  # noqa: S608 - our own identifier
+                "(name TEXT PRIMARY KEY, position BIGINT NOT NULL, data BYTEA NOT NULL)"
+            )
+
+    def get(self, name: str) -> tuple[int, bytes] | None:
+        with self._lock:
+            row = self._conn.execute(
+                f"SELECT position, data FROM {self._table} WHERE name = %s",  # noqa: S608
+                (name,),
+            ).fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def put(self, name: str, position: int, data: bytes = b"") -> None:
+        with self._lock:
+            self._conn.execute(
+                f"INSERT INTO {self._table} (name, position, data) VALUES (%s, %s, %s) "  # noqa: S608
+                "ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, data = EXCLUDED.data",
+                (name, position, data),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+# --- the store -----------------------------------------------------------------------
+
+
+class _App(Application[uuid.UUID]):
+    name = "sessionbus"
+    is_snapshotting_enabled = True
+
+    def __init__(self, env: dict[str, str], mapper: EnvelopeMapper) -> None:
+        self._mapper = mapper
+        super().__init__(env)
+
+    def construct_mapper(self) -> Mapper[uuid.UUID]:
+        return self._mapper
+
+
+class EventStore:
+    """The coordinator's event store. Synchronous: used from the writer thread and from
+    worker threads, never from the event loop."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        codec: Codec | None = None,
+        upcaster: Upcaster | None = None,
+        snapshot_interval: int = 100,
+    ) -> None:
+        self.settings = StoreSettings.from_url(url)
+        self.mapper = EnvelopeMapper(codec, upcaster)
+        self.snapshot_interval = snapshot_interval
+        try:
+            self._app = _App(self.settings.env, self.mapper)
+        except (PersistenceError, OSError) as exc:
+            raise StoreUnavailable(f"cannot open store {self.settings.url}: {exc}") from exc
+        self.recorder = self._app.recorder
+        self.checkpoints: Checkpoints = self._open_checkpoints()
+        self._closed = False
+
+    def _open_checkpoints(self) -> Checkpoints:
+        s = self.settings
+        if s.backend == "sqlite" and s.sqlite_path and s.sqlite_path != ":memory:":
+            return _SQLiteCheckpoints(s.sqlite_path)
+        if s.backend == "postgres" and s.postgres_dsn:
+            return _PostgresCheckpoints(s.postgres_dsn, s.postgres_schema)
+        return _MemoryCheckpoints()
+
+    def close(self) -> None:
+        """Close connections; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self.checkpoints.close()
+        self._app.close()
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Aggregates -----------------------------------------------------------------
+
+    def load(self, aggregate_id: uuid.UUID) -> EnvelopeAggregate | None:
+        """The aggregate from its latest snapshot plus later events, or ``None``."""
+        try:
+            aggregate: EnvelopeAggregate = self._app.repository.get(aggregate_id)
+        except AggregateNotFoundError:
+            return None
+        except PersistenceError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return aggregate
+
+    def load_registry(self) -> ModuleRegistry:
+        registry = self.load(ModuleRegistry.ID)
+        if registry is None:
+            return ModuleRegistry.empty()
+        assert isinstance(registry, ModuleRegistry)
+        return registry
+
+    def save(self, aggregates: Sequence[EnvelopeAggregate]) -> list[EventEnvelope]:
+        """Append every pending event of ``aggregates`` in one transaction. Returns the
+        envelopes with the positions the store gave them. A version conflict raises
+        ``VersionConflict``; the aggregates' pending events are then discarded."""
+        try:
+            recordings = self._app.save(*aggregates)
+        except IntegrityError as exc:
+            raise VersionConflict(str(exc)) from exc
+        except PersistenceError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        saved = [
+            r.domain_event.envelope.with_position(r.notification.id)  # type: ignore[attr-defined]
+            for r in recordings
+        ]
+        self._snapshot(aggregates, saved)
+        return saved
+
+    def _snapshot(self, aggregates: Sequence[EnvelopeAggregate], saved: list[EventEnvelope]) -> None:
+        """Snapshot the in-memory aggregates that crossed an interval boundary, without
+        the library's replay from the store."""
+        if self._app.snapshots is None or not saved:
+            return
+        interval = self.snapshot_interval
+        crossed = {
+            env.session_id
+            for env in saved
+            if env.version % interval == 0
+        }
+        if not crossed:
+            return
+        snapshots = [Snapshot.take(a) for a in aggregates if a.id in crossed]
+        if snapshots:
+            self._app.snapshots.put(snapshots)
+
+    # Reading --------------------------------------------------------------------
+
+    def max_position(self) -> int:
+        """The highest notification id, 0 for an empty store."""
+        return int(self.recorder.max_notification_id() or 0)
+
+    def read_notifications(self, after: int, limit: int = 1000) -> Sequence[Notification]:
+        return self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+
+    def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
+        """Envelopes after a global position, in order, with their positions."""
+        decode = self.mapper.decode_envelope
+        return [
+            decode(n.state).with_position(n.id) for n in self.read_notifications(after, limit)
+        ]
+
+    def iter_all(self, after: int = 0, page: int = 1000) -> Iterator[list[EventEnvelope]]:
+        """Every envelope after ``after``, page by page."""
+        while True:
+            batch = self.read(after, page)
+            if not batch:
+                return
+            yield batch
+            after = batch[-1].position or after
+
+    def history(self, session_id: uuid.UUID) -> list[EventEnvelope]:
+        """Every event of one stream in version order (positions not included)."""
+        decode = self.mapper.decode_envelope
+        return [decode(s.state) for s in self.recorder.select_events(session_id)]
+
+    def raw_history(self, session_id: uuid.UUID) -> list[dict[str, Any] | Exception]:
+        """One stream as stored, each event a plain dict or the error decoding it."""
+        out: list[dict[str, Any] | Exception] = []
+        for stored in self.recorder.select_events(session_id):
+            try:
+                out.append(self.mapper.decode_raw(stored.state))
+            except (msgspec.DecodeError, ValueError) as exc:
+                out.append(exc)
+        return out
