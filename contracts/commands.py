@@ -69,9 +69,7 @@ __all__ = [
 PageSize = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
 
 
-class CommandBase(
-    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
-):
+class CommandBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
     """Base of every command; the ``type`` tag names it on the wire."""
 
 
@@ -292,9 +290,7 @@ WRITE_COMMANDS: Final[frozenset[type[CommandBase]]] = frozenset(
 # --- results -------------------------------------------------------------------------
 
 
-class ResultBase(
-    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
-):
+class ResultBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
     """Base of every command result."""
 
 

@@ -44,9 +44,7 @@ GENESIS_HASH: Final = "0" * 64
 Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
-class EventBase(
-    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"
-):
+class EventBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
     """Base of every event payload; the ``type`` tag names the event on the wire."""
 
 
@@ -207,4 +205,3 @@ class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     def with_position(self, position: int) -> EventEnvelope:
         """A copy with the global position the store assigned."""
         return msgspec.structs.replace(self, position=position)
-

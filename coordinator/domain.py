@@ -9,7 +9,6 @@ then trigger events, so a rejected command leaves the aggregate untouched.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -50,12 +49,14 @@ from coordinator.errors import CommandRejected
 
 __all__ = [
     "COORDINATOR",
+    "Mark",
     "OPERATOR",
     "CommandContext",
     "ModuleRegistry",
     "Principal",
     "RegistryState",
     "WorkflowSessionAggregate",
+    "next_deadline",
 ]
 
 _S = SessionStatus
@@ -153,6 +154,41 @@ class EnvelopeAggregate(Aggregate):
         """Envelopes triggered but not yet saved."""
         return [e.envelope for e in self.pending_events]  # type: ignore[attr-defined]
 
+    def mark(self) -> Mark:
+        """Remember the current state, to undo a command that fails half way."""
+        return Mark(
+            self.version,
+            self.modified_on,
+            self.last_hash,
+            getattr(self, "state", None),
+            len(self.pending_events),
+        )
+
+    def rollback(self, mark: Mark) -> None:
+        """Undo everything triggered since ``mark``. State objects are immutable, so
+        restoring the references restores the state."""
+        self.version = mark.version
+        self.modified_on = mark.modified_on
+        self.last_hash = mark.last_hash
+        if mark.state is not None:
+            self.state = mark.state
+        del self.pending_events[mark.pending :]
+
+    def discard_pending(self) -> None:
+        """Forget unsaved events (after a failed save the aggregate is reloaded)."""
+        self.pending_events.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A point to roll an aggregate back to."""
+
+    version: int
+    modified_on: datetime
+    last_hash: str
+    state: Any
+    pending: int
+
 
 # --- the module registry -------------------------------------------------------------
 
@@ -183,15 +219,19 @@ class ModuleRegistry(EnvelopeAggregate):
         return registry
 
     def on_envelope(self, env: EventEnvelope) -> None:
+        # Copy on write, so a saved mark can roll the state back (registry changes are
+        # rare; the copies cost nothing that matters).
         event = env.event
+        modules, orphans = self.state.modules, self.state.orphans
         if isinstance(event, ModuleRegistered):
-            self.state.modules[event.module_id] = event
+            modules = {**modules, event.module_id: event}
         elif isinstance(event, ModuleUnregistered):
-            self.state.modules.pop(event.module_id, None)
+            modules = {k: v for k, v in modules.items() if k != event.module_id}
         elif isinstance(event, OrphanReported):
-            self.state.orphans[event.module_session_id] = event
+            orphans = {**orphans, event.module_session_id: event}
         elif isinstance(event, OrphanCleanupRequested):
-            self.state.orphans.pop(event.module_session_id, None)
+            orphans = {k: v for k, v in orphans.items() if k != event.module_session_id}
+        self.state = RegistryState(modules=modules, orphans=orphans)
         super().on_envelope(env)
 
     def is_registered(self, module_id: str) -> bool:
@@ -432,10 +472,11 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
             ctx,
         )
         if status is _S.FAILED and self._is_required(module_id) and self.state.status in _LIVE:
-            self._fail(
+            self.fail(
                 ctx.as_coordinator(),
                 ErrorCode.MODULE_ERROR,
-                f"required module {module_id!r} failed its session" + (f": {reason}" if reason else ""),
+                f"required module {module_id!r} failed its session"
+                + (f": {reason}" if reason else ""),
                 module_id=module_id,
             )
         self._settle(ctx)
@@ -463,7 +504,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
             and self._is_required(module_id)
             and self.state.status in _LIVE
         ):
-            self._fail(
+            self.fail(
                 ctx.as_coordinator(),
                 ErrorCode.MODULE_ERROR,
                 f"required module {module_id!r} reported {error.code}: {error.message}",
@@ -490,7 +531,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
     def _missing(self) -> list[str]:
         return [m for m in self.state.required_modules if m not in self.state.modules]
 
-    def _fail(
+    def fail(
         self,
         ctx: CommandContext,
         code: ErrorCode,
@@ -498,12 +539,17 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
         *,
         module_id: str | None = None,
     ) -> None:
-        """FAILED with the reason recorded, then CLEANUP of what did link."""
+        """FAILED with the reason recorded, then CLEANUP of what did link. Used by the
+        coordinator's own decisions (timeouts, module errors, integrity repair)."""
         old = self.state.status
         error = StandardError(code=code, message=reason, module_id=module_id)
-        self._emit(StatusChanged(old_status=old, new_status=_S.FAILED, reason=reason, error=error), ctx)
         self._emit(
-            StatusChanged(old_status=_S.FAILED, new_status=_S.CLEANUP, reason="cleanup after failure"),
+            StatusChanged(old_status=old, new_status=_S.FAILED, reason=reason, error=error), ctx
+        )
+        self._emit(
+            StatusChanged(
+                old_status=_S.FAILED, new_status=_S.CLEANUP, reason="cleanup after failure"
+            ),
             ctx,
         )
         self._settle(ctx)
@@ -528,25 +574,10 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
 
     def next_deadline(self) -> datetime | None:
         """The earliest time a timeout could fire, or ``None``."""
-        state = self.state
-        if state.destroyed:
-            return None
-        config = state.config
-        candidates: list[datetime] = []
-        if state.status is _S.CLEANUP:
-            candidates.append(self._status_since() + _ms(config.cleanup_timeout_ms))
-        if state.status is _S.INITIALIZING and self._missing():
-            candidates.append(state.created_at + _ms(config.link_timeout_ms))
-        if state.status in (_S.INITIALIZING, _S.ACTIVE) and config.timeout_ms:
-            candidates.append(state.last_activity + _ms(config.timeout_ms))
-        if state.status in (_S.INITIALIZING, _S.ACTIVE):
-            for info in state.modules.values():
-                if info.status in (_S.INITIALIZING, _S.ACTIVE) and info.config.timeout_ms:
-                    candidates.append(info.last_activity + _ms(info.config.timeout_ms))
-        return min(candidates, default=None)
+        return next_deadline(self.state)
 
     def _status_since(self) -> datetime:
-        return self.state.status_changed_at or self.state.created_at
+        return _status_since(self.state)
 
     def run_timeouts(self, ctx: CommandContext) -> None:
         """Emit whatever transitions are due at ``ctx.now``. PAUSED sessions are
@@ -571,7 +602,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
         missing = self._missing()
         if state.status is _S.INITIALIZING and missing:
             if now >= state.created_at + _ms(config.link_timeout_ms):
-                self._fail(
+                self.fail(
                     ctx,
                     ErrorCode.LINK_TIMEOUT,
                     f"required modules did not link within {config.link_timeout_ms} ms: "
@@ -581,7 +612,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
         if state.status not in (_S.INITIALIZING, _S.ACTIVE):
             return
         if config.timeout_ms and now >= state.last_activity + _ms(config.timeout_ms):
-            self._fail(
+            self.fail(
                 ctx,
                 ErrorCode.INACTIVITY_TIMEOUT,
                 f"no activity for {config.timeout_ms} ms",
@@ -608,13 +639,34 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
                     ctx,
                 )
                 if self._is_required(module_id) and self.state.status in _LIVE:
-                    self._fail(ctx, ErrorCode.INACTIVITY_TIMEOUT, reason, module_id=module_id)
+                    self.fail(ctx, ErrorCode.INACTIVITY_TIMEOUT, reason, module_id=module_id)
                     return
 
 
-def orphans_in(envelopes: Iterable[EventEnvelope]) -> dict[str, uuid.UUID]:
-    """Module sessions a history's Destroyed event left orphaned."""
-    for env in envelopes:
-        if isinstance(env.event, Destroyed):
-            return dict(env.event.orphaned)
-    return {}
+def _status_since(state: WorkflowSession) -> datetime:
+    return state.status_changed_at or state.created_at
+
+
+def next_deadline(state: WorkflowSession) -> datetime | None:
+    """The earliest time a timeout of this session could fire, or ``None``: a pure
+    function of the state, so a restarted coordinator re-arms every timer from its
+    projections."""
+    if state.destroyed:
+        return None
+    config = state.config
+    candidates: list[datetime] = []
+    if state.status is _S.CLEANUP:
+        candidates.append(_status_since(state) + _ms(config.cleanup_timeout_ms))
+    if state.status is _S.INITIALIZING and any(
+        m not in state.modules for m in state.required_modules
+    ):
+        candidates.append(state.created_at + _ms(config.link_timeout_ms))
+    if state.status in (_S.INITIALIZING, _S.ACTIVE):
+        if config.timeout_ms:
+            candidates.append(state.last_activity + _ms(config.timeout_ms))
+        candidates.extend(
+            info.last_activity + _ms(info.config.timeout_ms)
+            for info in state.modules.values()
+            if info.status in (_S.INITIALIZING, _S.ACTIVE) and info.config.timeout_ms
+        )
+    return min(candidates, default=None)

@@ -76,13 +76,17 @@ class StoreSettings:
         if scheme == "memory":
             return cls(url=url, backend="memory", env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
         if scheme == "sqlite":
-            path = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+            path = urllib.parse.unquote(
+                parts.path[1:] if parts.path.startswith("/") else parts.path
+            )
             if not path:
                 raise ConfigurationError(f"store URL {url!r} names no SQLite file")
             if path != ":memory:":
                 parent = os.path.dirname(os.path.abspath(path))
                 if not os.path.isdir(parent):
-                    raise ConfigurationError(f"store URL {url!r}: directory {parent} does not exist")
+                    raise ConfigurationError(
+                        f"store URL {url!r}: directory {parent} does not exist"
+                    )
             return cls(
                 url=url,
                 backend="sqlite",
@@ -478,17 +482,15 @@ class EventStore:
         self._snapshot(aggregates, saved)
         return saved
 
-    def _snapshot(self, aggregates: Sequence[EnvelopeAggregate], saved: list[EventEnvelope]) -> None:
+    def _snapshot(
+        self, aggregates: Sequence[EnvelopeAggregate], saved: list[EventEnvelope]
+    ) -> None:
         """Snapshot the in-memory aggregates that crossed an interval boundary, without
         the library's replay from the store."""
         if self._app.snapshots is None or not saved:
             return
         interval = self.snapshot_interval
-        crossed = {
-            env.session_id
-            for env in saved
-            if env.version % interval == 0
-        }
+        crossed = {env.session_id for env in saved if env.version % interval == 0}
         if not crossed:
             return
         snapshots = [Snapshot.take(a) for a in aggregates if a.id in crossed]
@@ -507,9 +509,7 @@ class EventStore:
     def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
         """Envelopes after a global position, in order, with their positions."""
         decode = self.mapper.decode_envelope
-        return [
-            decode(n.state).with_position(n.id) for n in self.read_notifications(after, limit)
-        ]
+        return [decode(n.state).with_position(n.id) for n in self.read_notifications(after, limit)]
 
     def iter_all(self, after: int = 0, page: int = 1000) -> Iterator[list[EventEnvelope]]:
         """Every envelope after ``after``, page by page."""

@@ -1,0 +1,330 @@
+"""Read models, built only from the notification log.
+
+``Projections`` folds every envelope after its tracked position into: sessions by id,
+by status and by module; the module registry; orphaned module sessions; and the
+command ids already applied (so a retried command is answered, not re-applied, even
+after a restart). It is owned by one thread at a time: built in a worker thread at
+start-up, then updated only on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from typing import Final
+
+import msgspec
+
+from contracts import (
+    ACTIVE_STATUSES,
+    REGISTRY_ID,
+    TERMINAL_STATUSES,
+    Accepted,
+    EventEnvelope,
+    Heartbeat,
+    ModuleInfo,
+    ModuleRegistered,
+    ModuleUnregistered,
+    OrphanCleanupRequested,
+    OrphanReported,
+    SessionIntegrityReport,
+    SessionStatus,
+    WorkflowSession,
+    fold_session,
+)
+
+__all__ = ["Projections", "ProjectionSnapshot", "integrity_report"]
+
+log = logging.getLogger("sessionbus.coordinator.projections")
+
+_S = SessionStatus
+# A module is healthy while its last heartbeat is younger than this many intervals.
+HEALTHY_INTERVALS: Final = 3
+# How many applied command ids are remembered for idempotent retries.
+COMMAND_MEMORY: Final = 100_000
+# How many destroyed sessions keep their final state in memory for reads.
+DESTROYED_MEMORY: Final = 10_000
+
+
+class ProjectionSnapshot(msgspec.Struct, kw_only=True):
+    """The persisted form of the read models, with the position they reflect."""
+
+    position: int
+    sessions: list[WorkflowSession]
+    destroyed: list[uuid.UUID]
+    modules: dict[str, ModuleRegistered]
+    orphans: dict[uuid.UUID, dict[str, uuid.UUID]]
+    commands: list[tuple[uuid.UUID, Accepted]]
+
+
+SessionListener = Callable[[EventEnvelope, WorkflowSession], None]
+
+
+class Projections:
+    """Every read the seed's SessionCoordinator needs, as in-memory indexes."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.sessions: dict[uuid.UUID, WorkflowSession] = {}
+        self.by_status: dict[SessionStatus, set[uuid.UUID]] = {s: set() for s in SessionStatus}
+        self.by_module: dict[str, set[uuid.UUID]] = {}
+        self.destroyed: set[uuid.UUID] = set()
+        self.recently_destroyed: OrderedDict[uuid.UUID, WorkflowSession] = OrderedDict()
+        self.modules: dict[str, ModuleRegistered] = {}
+        self.heartbeats: dict[str, tuple[Heartbeat, datetime]] = {}
+        self.orphans: dict[uuid.UUID, dict[str, uuid.UUID]] = {}
+        self.commands: OrderedDict[uuid.UUID, Accepted] = OrderedDict()
+        self.listeners: list[SessionListener] = []
+        self.events_applied = 0
+
+    # -- folding ----------------------------------------------------------------------
+
+    def apply(self, env: EventEnvelope) -> None:
+        """Fold one envelope. Envelopes at or before the tracked position are skipped,
+        so a replay overlapping what is already applied is harmless."""
+        position = env.position or 0
+        if position and position <= self.position:
+            return
+        if env.session_id == REGISTRY_ID:
+            self._apply_registry(env)
+        else:
+            self._apply_session(env)
+        if env.causation_id is not None:
+            self._remember(env)
+        if position:
+            self.position = position
+        self.events_applied += 1
+
+    def apply_all(self, envelopes: Iterable[EventEnvelope]) -> None:
+        for env in envelopes:
+            self.apply(env)
+
+    def _apply_session(self, env: EventEnvelope) -> None:
+        sid = env.session_id
+        old = self.sessions.get(sid)
+        if old is None and sid in self.destroyed:
+            return  # nothing follows Destroyed; a replayed duplicate is ignored
+        new = fold_session(old, env)
+        if old is not None:
+            self.by_status[old.status].discard(sid)
+            for module_id in old.modules.keys() - new.modules.keys():
+                self._unindex_module(module_id, sid)
+        for module_id in new.modules.keys() - (old.modules.keys() if old else set()):
+            self.by_module.setdefault(module_id, set()).add(sid)
+        if new.destroyed:
+            self.sessions.pop(sid, None)
+            self.destroyed.add(sid)
+            self.recently_destroyed[sid] = new
+            if len(self.recently_destroyed) > DESTROYED_MEMORY:
+                self.recently_destroyed.popitem(last=False)
+        else:
+            self.sessions[sid] = new
+            self.by_status[new.status].add(sid)
+        for listener in self.listeners:
+            listener(env, new)
+
+    def _unindex_module(self, module_id: str, sid: uuid.UUID) -> None:
+        members = self.by_module.get(module_id)
+        if members is not None:
+            members.discard(sid)
+            if not members:
+                del self.by_module[module_id]
+
+    def _apply_registry(self, env: EventEnvelope) -> None:
+        event = env.event
+        if isinstance(event, ModuleRegistered):
+            self.modules[event.module_id] = event
+        elif isinstance(event, ModuleUnregistered):
+            self.modules.pop(event.module_id, None)
+        elif isinstance(event, OrphanReported):
+            self.orphans.setdefault(event.workflow_session_id, {})[event.module_id] = (
+                event.module_session_id
+            )
+        elif isinstance(event, OrphanCleanupRequested):
+            held = self.orphans.get(event.workflow_session_id)
+            if held is not None and held.get(event.module_id) == event.module_session_id:
+                del held[event.module_id]
+                if not held:
+                    del self.orphans[event.workflow_session_id]
+
+    def _remember(self, env: EventEnvelope) -> None:
+        assert env.causation_id is not None
+        previous = self.commands.get(env.causation_id)
+        count = previous.events + 1 if previous is not None else 1
+        session_id = env.session_id if env.session_id != REGISTRY_ID else None
+        if previous is not None and previous.session_id is not None and session_id is None:
+            session_id, version = previous.session_id, previous.version
+        else:
+            version = env.version
+        self.commands[env.causation_id] = Accepted(
+            session_id=session_id, version=version, events=count
+        )
+        self.commands.move_to_end(env.causation_id)
+        if len(self.commands) > COMMAND_MEMORY:
+            self.commands.popitem(last=False)
+
+    # -- heartbeats (not event-sourced) -----------------------------------------------
+
+    def record_heartbeat(self, heartbeat: Heartbeat, received_at: datetime) -> None:
+        self.heartbeats[heartbeat.module_id] = (heartbeat, received_at)
+
+    def is_healthy(self, module_id: str, now: datetime) -> bool:
+        seen = self.heartbeats.get(module_id)
+        if seen is None:
+            return False
+        heartbeat, received_at = seen
+        window = timedelta(milliseconds=heartbeat.interval_ms * HEALTHY_INTERVALS)
+        return heartbeat.health.is_healthy and now - received_at <= window
+
+    # -- queries ----------------------------------------------------------------------
+
+    def get(self, session_id: uuid.UUID) -> WorkflowSession | None:
+        return self.sessions.get(session_id) or self.recently_destroyed.get(session_id)
+
+    def active_session_ids(
+        self, status: SessionStatus | None = None, module_id: str | None = None
+    ) -> list[uuid.UUID]:
+        if status is not None:
+            ids: set[uuid.UUID] = set(self.by_status[status])
+        else:
+            ids = set().union(*(self.by_status[s] for s in ACTIVE_STATUSES))
+        if module_id is not None:
+            ids &= self.by_module.get(module_id, set())
+        return sorted(ids, key=lambda sid: self.sessions[sid].created_at)
+
+    def linked_sessions(self, session_id: uuid.UUID) -> dict[str, uuid.UUID]:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return {}
+        return {m: info.session_id for m, info in session.modules.items()}
+
+    def module_infos(self, now: datetime) -> list[ModuleInfo]:
+        out = []
+        for module_id, reg in sorted(self.modules.items()):
+            seen = self.heartbeats.get(module_id)
+            out.append(
+                ModuleInfo(
+                    module_id=module_id,
+                    required=reg.required,
+                    capabilities=list(reg.capabilities),
+                    healthy=self.is_healthy(module_id, now),
+                    last_heartbeat=seen[1] if seen else None,
+                    active_sessions=len(self.by_module.get(module_id, ())),
+                )
+            )
+        return out
+
+    def status_counts(self) -> dict[SessionStatus, int]:
+        return {status: len(ids) for status, ids in self.by_status.items()}
+
+    def integrity(self, session_id: uuid.UUID) -> SessionIntegrityReport:
+        session = self.get(session_id)
+        orphans = dict(self.orphans.get(session_id, {}))
+        return integrity_report(session_id, session, orphans, set(self.modules))
+
+    # -- persistence ------------------------------------------------------------------
+
+    def snapshot(self) -> ProjectionSnapshot:
+        return ProjectionSnapshot(
+            position=self.position,
+            sessions=list(self.sessions.values()),
+            destroyed=list(self.destroyed),
+            modules=dict(self.modules),
+            orphans={k: dict(v) for k, v in self.orphans.items()},
+            commands=list(self.commands.items()),
+        )
+
+    @classmethod
+    def restore(cls, snap: ProjectionSnapshot) -> Projections:
+        proj = cls()
+        proj.position = snap.position
+        for session in snap.sessions:
+            proj.sessions[session.session_id] = session
+            proj.by_status[session.status].add(session.session_id)
+            for module_id in session.modules:
+                proj.by_module.setdefault(module_id, set()).add(session.session_id)
+        proj.destroyed = set(snap.destroyed)
+        proj.modules = dict(snap.modules)
+        proj.orphans = {k: dict(v) for k, v in snap.orphans.items()}
+        proj.commands = OrderedDict(snap.commands)
+        return proj
+
+
+def integrity_report(
+    session_id: uuid.UUID,
+    session: WorkflowSession | None,
+    orphans: dict[str, uuid.UUID],
+    registered: set[str],
+) -> SessionIntegrityReport:
+    """The seed's SessionIntegrityReport for one session, with what to do about it."""
+    recommendations: list[str] = []
+    if session is None:
+        if orphans:
+            recommendations.extend(
+                f"destroy orphaned {m} session {sid} (its workflow session is unknown)"
+                for m, sid in sorted(orphans.items())
+            )
+        else:
+            recommendations.append("unknown workflow session: nothing to check")
+        return SessionIntegrityReport(
+            workflow_session_id=session_id,
+            is_valid=False,
+            orphaned_sessions=orphans,
+            recommendations=recommendations,
+        )
+    linked = sorted(session.modules)
+    missing: list[str] = []
+    if not session.destroyed and session.status in ACTIVE_STATUSES:
+        missing = [m for m in session.required_modules if m not in session.modules]
+    inconsistent: dict[str, SessionStatus] = {}
+    for module_id, info in session.modules.items():
+        if _inconsistent(session.status, info.status):
+            inconsistent[module_id] = info.status
+    if missing:
+        if session.status is _S.INITIALIZING:
+            recommendations.append(
+                "waiting for required modules to link: " + ", ".join(missing)
+            )
+        else:
+            recommendations.append(
+                "fail the session: required modules are no longer linked: " + ", ".join(missing)
+            )
+    for module_id, status in sorted(inconsistent.items()):
+        if session.status in ACTIVE_STATUSES:
+            recommendations.append(
+                f"fail the session: required module {module_id} is {status}"
+                if module_id in session.required_modules
+                else f"unlink {module_id}: its session is {status} while the workflow is "
+                f"{session.status}"
+            )
+        else:
+            recommendations.append(
+                f"destroy the session: it is {session.status} but {module_id} is still {status}"
+            )
+    recommendations.extend(
+        f"destroy orphaned {m} session {sid}" for m, sid in sorted(orphans.items())
+    )
+    unregistered = sorted(m for m in linked if m not in registered)
+    recommendations.extend(f"module {m} is linked but no longer registered" for m in unregistered)
+    waiting = session.status is _S.INITIALIZING and not inconsistent and not orphans
+    return SessionIntegrityReport(
+        workflow_session_id=session_id,
+        is_valid=(waiting or not missing) and not inconsistent and not orphans,
+        linked_modules=linked,
+        missing_links=missing,
+        orphaned_sessions=orphans,
+        inconsistent_statuses=inconsistent,
+        recommendations=recommendations,
+    )
+
+
+def _inconsistent(workflow: SessionStatus, module: SessionStatus) -> bool:
+    """A module session status that contradicts its workflow session's status."""
+    if workflow in ACTIVE_STATUSES:
+        return module in (_S.FAILED, _S.CANCELLED)
+    if workflow in TERMINAL_STATUSES:
+        return module in ACTIVE_STATUSES
+    return False

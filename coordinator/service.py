@@ -1,0 +1,667 @@
+"""``SessionCoordinator``: the seed's coordinator as an async Python API.
+
+Writes go to the single writer thread (group commit); reads come from the projections,
+which the event loop updates after every commit before any waiting caller resumes, so a
+caller always reads its own writes. ``execute`` is the one entry point the bus's command
+server uses; the named methods are the same commands for in-process callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from contracts import (
+    ACTIVE_STATUSES,
+    WRITE_COMMANDS,
+    Accepted,
+    Command,
+    CommandReply,
+    CommandRequest,
+    CoordinatorHealth,
+    CreateWorkflowSession,
+    Destroyed,
+    DestroyWorkflowSession,
+    ErrorCode,
+    EventEnvelope,
+    EventsPage,
+    GetCoordinatorHealth,
+    GetLinkedSessions,
+    GetSessionHistory,
+    GetWorkflowSession,
+    HealthResult,
+    Heartbeat,
+    IntegrityResult,
+    Linked,
+    LinkedSessions,
+    LinkModuleSession,
+    ListActiveWorkflowSessions,
+    ListModules,
+    ModuleInfo,
+    ModuleSessionConfig,
+    ModulesResult,
+    ReadEvents,
+    RecordActivity,
+    RegisterModule,
+    RepairResult,
+    RepairSessionIntegrity,
+    ReportError,
+    ReportOrphan,
+    Result,
+    SessionCreated,
+    SessionHistory,
+    SessionIds,
+    SessionIntegrityReport,
+    SessionResult,
+    SessionStatus,
+    StandardError,
+    UnlinkModuleSession,
+    UnregisterModule,
+    UpdateSessionStatus,
+    ValidateSessionIntegrity,
+    WorkflowConfig,
+    WorkflowSession,
+    fold_history,
+    new_id,
+)
+from coordinator.clock import Clock, SystemClock
+from coordinator.domain import OPERATOR, Principal, next_deadline
+from coordinator.errors import CommandRejected, CoordinatorError
+from coordinator.projections import Projections, ProjectionSnapshot
+from coordinator.store import EventStore
+from coordinator.writer import Outcome, WriteJob, Writer
+
+__all__ = ["CommitListener", "RebuildProgress", "SessionCoordinator"]
+
+log = logging.getLogger("sessionbus.coordinator")
+
+T = TypeVar("T")
+WorkflowSessionCallback = Callable[[WorkflowSession], Awaitable[None]]
+ModuleSessionLinkCallback = Callable[[uuid.UUID, str, uuid.UUID], Awaitable[None]]
+CommitListener = Callable[[list[EventEnvelope]], None]
+RebuildProgress = Callable[[int, int], None]
+
+_CHECKPOINT: Final = "projections"
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(ProjectionSnapshot)
+
+
+class SessionCoordinator:
+    """Centralized coordination of workflow sessions and module sessions.
+
+    Use as ``async with SessionCoordinator("sqlite:///s.db") as coordinator: …``.
+    ``principal`` is who in-process calls act as (default: an operator who may act for
+    every module); the bus passes each command's own principal to ``execute``.
+    """
+
+    def __init__(
+        self,
+        store: str | EventStore | None = None,
+        *,
+        clock: Clock | None = None,
+        principal: Principal = OPERATOR,
+        max_batch: int = 512,
+        checkpoint_every: int = 50_000,
+        rebuild_page: int = 1000,
+        progress: RebuildProgress | None = None,
+    ) -> None:
+        self._store_arg = store
+        self.clock: Clock = clock or SystemClock()
+        self.principal = principal
+        self.max_batch = max_batch
+        self.checkpoint_every = checkpoint_every
+        self.rebuild_page = rebuild_page
+        self.progress = progress
+        self.store: EventStore | None = store if isinstance(store, EventStore) else None
+        self._owns_store = not isinstance(store, EventStore)
+        self.projections = Projections()
+        self._writer: Writer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._commits: asyncio.Queue[tuple[list[EventEnvelope], list[tuple[WriteJob, Outcome]]]]
+        self._applier: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._commit_listeners: list[CommitListener] = []
+        self._created_callbacks: list[WorkflowSessionCallback] = []
+        self._destroyed_callbacks: list[WorkflowSessionCallback] = []
+        self._linked_callbacks: list[ModuleSessionLinkCallback] = []
+        self._checkpointed_at = 0
+        self._state = "new"
+        self.published_position = 0
+        self.rebuild_seconds = 0.0
+        self.rebuilt_events = 0
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> SessionCoordinator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the store, rebuild projections (from a checkpoint when one exists),
+        start the writer."""
+        if self._state != "new":
+            raise CoordinatorError(f"coordinator already {self._state}")
+        self._state = "starting"
+        self._loop = asyncio.get_running_loop()
+        self._commits = asyncio.Queue()
+        if self.store is None:
+            self.store = await asyncio.to_thread(EventStore, self._store_arg)  # type: ignore[arg-type]
+        self.projections = await asyncio.to_thread(self._rebuild)
+        self._checkpointed_at = self.projections.position
+        self.projections.listeners.append(self._on_session_event)
+        proj = self.projections
+        deadlines = [
+            (deadline, sid)
+            for sid, session in proj.sessions.items()
+            if (deadline := next_deadline(session)) is not None
+        ]
+        self._writer = Writer(
+            self.store,
+            self.clock,
+            self._deliver,
+            max_batch=self.max_batch,
+            applied=list(proj.commands.items()),
+            deadlines=deadlines,
+        )
+        await asyncio.to_thread(self._writer.start)
+        self._applier = asyncio.create_task(self._apply_commits(), name="sessionbus-projections")
+        self._state = "running"
+        log.info(
+            "coordinator started: %d events, %d live sessions, position %d",
+            proj.events_applied,
+            len(proj.sessions),
+            proj.position,
+        )
+
+    async def close(self) -> None:
+        """Finish queued writes, checkpoint the projections, close the store. Safe to
+        call twice."""
+        if self._state in {"closed", "new"}:
+            self._state = "closed"
+            return
+        self._state = "closed"
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.stop)
+        if self._applier is not None:
+            await self._commits.join()
+            self._applier.cancel()
+            await asyncio.gather(self._applier, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.store is not None:
+            await asyncio.to_thread(self._checkpoint)
+            if self._owns_store:
+                await asyncio.to_thread(self.store.close)
+
+    def _require_running(self) -> None:
+        if self._state != "running":
+            raise CoordinatorError(f"coordinator is {self._state}, not running")
+
+    # -- projections ------------------------------------------------------------------
+
+    def _rebuild(self) -> Projections:
+        """Load the projection checkpoint if any, then fold everything after it.
+        GC is paused: the objects made here live long and a collection pass over them
+        costs a large share of a bulk replay."""
+        assert self.store is not None
+        started = time.perf_counter()
+        proj = Projections()
+        saved = self.store.checkpoints.get(_CHECKPOINT)
+        if saved is not None:
+            try:
+                proj = Projections.restore(_snapshot_decoder.decode(saved[1]))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("projection checkpoint unreadable (%s); rebuilding from history", exc)
+                proj = Projections()
+        total = self.store.max_position()
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for page in self.store.iter_all(proj.position, self.rebuild_page):
+                proj.apply_all(page)
+                if self.progress is not None:
+                    self.progress(proj.position, total)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            gc.freeze()
+        self.rebuild_seconds = time.perf_counter() - started
+        self.rebuilt_events = proj.events_applied
+        return proj
+
+    def _checkpoint(self) -> None:
+        assert self.store is not None
+        proj = self.projections
+        if proj.position == 0:
+            return
+        data = _snapshot_encoder.encode(proj.snapshot())
+        self.store.checkpoints.put(_CHECKPOINT, proj.position, data)
+        self._checkpointed_at = proj.position
+
+    def _deliver(
+        self, saved: list[EventEnvelope], results: list[tuple[WriteJob, Outcome]]
+    ) -> None:
+        """Called on the writer thread after each pass."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results))
+
+    async def _apply_commits(self) -> None:
+        """Apply each commit to the projections, then resolve its callers, in order."""
+        while True:
+            saved, results = await self._commits.get()
+            try:
+                await self._catch_up(saved)
+                for listener in self._commit_listeners:
+                    try:
+                        listener(saved)
+                    except Exception:
+                        log.exception("commit listener failed")
+                for job, outcome in results:
+                    future = job.token
+                    if isinstance(future, asyncio.Future) and not future.done():
+                        if isinstance(outcome, CommandRejected):
+                            future.set_exception(outcome)
+                        else:
+                            future.set_result((outcome, job.actions))
+                if self.projections.position - self._checkpointed_at >= self.checkpoint_every:
+                    self._checkpointed_at = self.projections.position
+                    await asyncio.to_thread(self._checkpoint)
+            except Exception:
+                log.exception("applying a commit failed")
+            finally:
+                self._commits.task_done()
+
+    async def _catch_up(self, saved: list[EventEnvelope]) -> None:
+        proj = self.projections
+        if not saved:
+            return
+        contiguous = saved[0].position == proj.position + 1 and all(
+            b.position == (a.position or 0) + 1 for a, b in zip(saved, saved[1:], strict=False)
+        )
+        if contiguous:
+            proj.apply_all(saved)
+            return
+        # Someone else wrote in between (another coordinator), or ids have gaps:
+        # follow the notification log itself up to what was just saved.
+        assert self.store is not None
+        target = max(e.position or 0 for e in saved)
+        while proj.position < target:
+            page = await asyncio.to_thread(self.store.read, proj.position, self.rebuild_page)
+            if not page:
+                break
+            proj.apply_all(page)
+
+    def add_commit_listener(self, listener: CommitListener) -> None:
+        """Call ``listener(envelopes)`` on the event loop after every commit (the outbox
+        relay's wake-up)."""
+        self._commit_listeners.append(listener)
+
+    def _on_session_event(self, env: EventEnvelope, state: WorkflowSession) -> None:
+        event = env.event
+        if isinstance(event, SessionCreated):
+            for cb in self._created_callbacks:
+                self._spawn(cb(state))
+        elif isinstance(event, Destroyed):
+            for cb in self._destroyed_callbacks:
+                self._spawn(cb(state))
+        elif isinstance(event, Linked):
+            for link_cb in self._linked_callbacks:
+                self._spawn(link_cb(env.session_id, event.module_id, event.module_session_id))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("lifecycle callback failed")
+
+        task = asyncio.ensure_future(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the command entry point ------------------------------------------------------
+
+    async def execute(
+        self, request: CommandRequest, principal: Principal | None = None
+    ) -> CommandReply:
+        """Run one command and answer it; never raises for a bad command."""
+        try:
+            result = await self.handle(
+                request.command,
+                principal or self.principal,
+                command_id=request.command_id,
+                correlation_id=request.correlation_id,
+            )
+        except CommandRejected as rejected:
+            return CommandReply(command_id=request.command_id, error=rejected.to_standard_error())
+        except CoordinatorError as exc:
+            error = StandardError(code=ErrorCode.UNAVAILABLE, message=str(exc), retryable=True)
+            return CommandReply(command_id=request.command_id, error=error)
+        return CommandReply(command_id=request.command_id, result=result)
+
+    async def handle(
+        self,
+        command: Command,
+        principal: Principal | None = None,
+        *,
+        command_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+    ) -> Result:
+        """Run one command; raise ``CommandRejected`` when it breaks a rule."""
+        self._require_running()
+        principal = principal or self.principal
+        if type(command) in WRITE_COMMANDS:
+            accepted, actions = await self._write(command, principal, command_id, correlation_id)
+            if isinstance(command, RepairSessionIntegrity):
+                report = await self.validate_session_integrity(command.session_id)
+                return RepairResult(actions=actions, report=report)
+            return accepted
+        return await self._read(command)
+
+    async def _write(
+        self,
+        command: Command,
+        principal: Principal,
+        command_id: uuid.UUID | None,
+        correlation_id: uuid.UUID | None,
+    ) -> tuple[Accepted, list[str]]:
+        assert self._writer is not None and self._loop is not None
+        future: asyncio.Future[tuple[Accepted, list[str]]] = self._loop.create_future()
+        self._writer.submit(
+            WriteJob(
+                command=command,
+                principal=principal,
+                command_id=command_id or new_id(),
+                correlation_id=correlation_id,
+                token=future,
+            )
+        )
+        return await future
+
+    async def _read(self, command: Command) -> Result:
+        proj = self.projections
+        match command:
+            case GetWorkflowSession():
+                return SessionResult(session=await self.get_workflow_session(command.session_id))
+            case ListActiveWorkflowSessions():
+                return SessionIds(
+                    session_ids=proj.active_session_ids(command.status, command.module_id)
+                )
+            case GetLinkedSessions():
+                return LinkedSessions(links=proj.linked_sessions(command.session_id))
+            case ListModules():
+                return ModulesResult(modules=proj.module_infos(self.clock.now()))
+            case GetCoordinatorHealth():
+                return HealthResult(health=self._health())
+            case ValidateSessionIntegrity():
+                return IntegrityResult(
+                    report=await self.validate_session_integrity(command.session_id)
+                )
+            case GetSessionHistory():
+                return await self._history(command)
+            case ReadEvents():
+                return await self._read_events(command)
+        raise CommandRejected(ErrorCode.INVALID_MESSAGE, f"unknown command {type(command).__name__}")
+
+    # -- the seed's SessionCoordinator: workflow sessions ------------------------------
+
+    async def create_workflow_session(
+        self,
+        steps: Sequence[str] = (),
+        config: WorkflowConfig | None = None,
+        *,
+        session_id: uuid.UUID | None = None,
+    ) -> WorkflowSession:
+        """Create a workflow session (INITIALIZING until every required module links)."""
+        accepted = await self.handle(
+            CreateWorkflowSession(
+                steps=list(steps), config=config or WorkflowConfig(), session_id=session_id
+            )
+        )
+        assert isinstance(accepted, Accepted) and accepted.session_id is not None
+        session = await self.get_workflow_session(accepted.session_id)
+        assert session is not None
+        return session
+
+    async def destroy_workflow_session(
+        self, session_id: uuid.UUID, reason: str | None = None
+    ) -> None:
+        """Start CLEANUP; the session is destroyed once every module has unlinked."""
+        await self.handle(DestroyWorkflowSession(session_id=session_id, reason=reason))
+
+    async def get_workflow_session(self, session_id: uuid.UUID) -> WorkflowSession | None:
+        """The session as projected; a destroyed one long evicted is read from history."""
+        session = self.projections.get(session_id)
+        if session is None and session_id in self.projections.destroyed:
+            assert self.store is not None
+            session = fold_history(await asyncio.to_thread(self.store.history, session_id))
+        return session
+
+    def list_active_workflow_sessions(
+        self, status: SessionStatus | None = None, module_id: str | None = None
+    ) -> list[uuid.UUID]:
+        """Ids of sessions INITIALIZING, ACTIVE or PAUSED (or in ``status``)."""
+        return self.projections.active_session_ids(status, module_id)
+
+    async def update_session_status(
+        self,
+        session_id: uuid.UUID,
+        status: SessionStatus,
+        *,
+        module_id: str | None = None,
+        reason: str | None = None,
+    ) -> Accepted:
+        """Seed rule 3: every status change goes through the coordinator."""
+        return await self._accepted(
+            UpdateSessionStatus(
+                session_id=session_id, status=status, module_id=module_id, reason=reason
+            )
+        )
+
+    async def record_activity(
+        self, session_id: uuid.UUID, module_id: str | None = None
+    ) -> Accepted:
+        return await self._accepted(RecordActivity(session_id=session_id, module_id=module_id))
+
+    async def report_error(
+        self,
+        session_id: uuid.UUID,
+        error: StandardError,
+        *,
+        module_id: str | None = None,
+        fatal: bool = True,
+    ) -> Accepted:
+        return await self._accepted(
+            ReportError(session_id=session_id, error=error, module_id=module_id, fatal=fatal)
+        )
+
+    async def report_orphan(
+        self, session_id: uuid.UUID, module_id: str, module_session_id: uuid.UUID
+    ) -> Accepted:
+        return await self._accepted(
+            ReportOrphan(
+                session_id=session_id, module_id=module_id, module_session_id=module_session_id
+            )
+        )
+
+    # -- module registration ----------------------------------------------------------
+
+    async def register_module(
+        self, module_id: str, *, required: bool = True, capabilities: Sequence[str] = ()
+    ) -> Accepted:
+        return await self._accepted(
+            RegisterModule(module_id=module_id, required=required, capabilities=list(capabilities))
+        )
+
+    async def unregister_module(self, module_id: str, reason: str | None = None) -> Accepted:
+        return await self._accepted(UnregisterModule(module_id=module_id, reason=reason))
+
+    def get_module(self, module_id: str) -> ModuleInfo | None:
+        """What the coordinator knows of a module (the bus form of
+        getModuleSessionManager: the manager itself lives in the module's process)."""
+        for info in self.projections.module_infos(self.clock.now()):
+            if info.module_id == module_id:
+                return info
+        return None
+
+    def list_modules(self) -> list[ModuleInfo]:
+        return self.projections.module_infos(self.clock.now())
+
+    # -- cross-module coordination ----------------------------------------------------
+
+    async def link_module_session(
+        self,
+        workflow_session_id: uuid.UUID,
+        module_id: str,
+        module_session_id: uuid.UUID,
+        *,
+        config: ModuleSessionConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Accepted:
+        return await self._accepted(
+            LinkModuleSession(
+                session_id=workflow_session_id,
+                module_id=module_id,
+                module_session_id=module_session_id,
+                config=config or ModuleSessionConfig(),
+                metadata=metadata or {},
+            )
+        )
+
+    async def unlink_module_session(
+        self, workflow_session_id: uuid.UUID, module_id: str, reason: str | None = None
+    ) -> Accepted:
+        return await self._accepted(
+            UnlinkModuleSession(session_id=workflow_session_id, module_id=module_id, reason=reason)
+        )
+
+    def get_linked_sessions(self, workflow_session_id: uuid.UUID) -> dict[str, uuid.UUID]:
+        return self.projections.linked_sessions(workflow_session_id)
+
+    # -- lifecycle events -------------------------------------------------------------
+
+    def on_workflow_session_created(self, callback: WorkflowSessionCallback) -> None:
+        self._created_callbacks.append(callback)
+
+    def on_workflow_session_destroyed(self, callback: WorkflowSessionCallback) -> None:
+        self._destroyed_callbacks.append(callback)
+
+    def on_module_session_linked(self, callback: ModuleSessionLinkCallback) -> None:
+        self._linked_callbacks.append(callback)
+
+    # -- health and integrity ---------------------------------------------------------
+
+    def record_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.projections.record_heartbeat(heartbeat, self.clock.now())
+
+    async def get_coordinator_health(self) -> CoordinatorHealth:
+        return self._health()
+
+    def _health(self) -> CoordinatorHealth:
+        proj = self.projections
+        now = self.clock.now()
+        counts = proj.status_counts()
+        return CoordinatorHealth(
+            total_workflow_sessions=len(proj.sessions) + len(proj.destroyed),
+            active_workflow_sessions=sum(counts[s] for s in ACTIVE_STATUSES),
+            registered_modules=sorted(proj.modules),
+            module_health_status={m: proj.is_healthy(m, now) for m in sorted(proj.modules)},
+            last_health_check=now,
+            store_position=proj.position,
+            published_position=self.published_position,
+        )
+
+    async def validate_session_integrity(self, session_id: uuid.UUID) -> SessionIntegrityReport:
+        proj = self.projections
+        if session_id in proj.sessions or session_id in proj.recently_destroyed:
+            return proj.integrity(session_id)
+        from coordinator.projections import integrity_report
+
+        session = await self.get_workflow_session(session_id)
+        return integrity_report(
+            session_id, session, dict(proj.orphans.get(session_id, {})), set(proj.modules)
+        )
+
+    async def repair_session_integrity(self, session_id: uuid.UUID) -> RepairResult:
+        result = await self.handle(RepairSessionIntegrity(session_id=session_id))
+        assert isinstance(result, RepairResult)
+        return result
+
+    async def run_timeouts(self) -> None:
+        """Fire every timeout due by the clock now, and wait until it is committed."""
+        self._require_running()
+        assert self._writer is not None and self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._writer.submit(WriteJob.barrier(future))
+        await future
+
+    # -- history ----------------------------------------------------------------------
+
+    async def get_session_history(
+        self,
+        session_id: uuid.UUID,
+        *,
+        as_of: datetime | None = None,
+        version: int | None = None,
+    ) -> SessionHistory:
+        return await self._history(
+            GetSessionHistory(session_id=session_id, as_of=as_of, version=version)
+        )
+
+    async def _history(self, command: GetSessionHistory) -> SessionHistory:
+        assert self.store is not None
+        events = await asyncio.to_thread(self.store.history, command.session_id)
+        if not events:
+            raise CommandRejected(
+                ErrorCode.UNKNOWN_SESSION,
+                f"no history for session {command.session_id}",
+                field="session_id",
+            )
+        if command.version is not None:
+            events = [e for e in events if e.version <= command.version]
+        if command.as_of is not None:
+            events = [e for e in events if e.occurred_at <= command.as_of]
+        try:
+            state = fold_history(events)
+        except CoordinatorError:
+            state = None
+        return SessionHistory(events=events, state=state if events else None)
+
+    async def verify_history(self, session_id: uuid.UUID) -> Any:
+        """Recompute the hash chain of one session as stored (``ChainVerdict``)."""
+        from contracts import verify_chain_raw
+
+        assert self.store is not None
+        raw = await asyncio.to_thread(self.store.raw_history, session_id)
+        return verify_chain_raw(raw)
+
+    async def read_events(
+        self, after_position: int = 0, limit: int = 1000, session_id: uuid.UUID | None = None
+    ) -> EventsPage:
+        return await self._read_events(
+            ReadEvents(after_position=after_position, limit=limit, session_id=session_id)
+        )
+
+    async def _read_events(self, command: ReadEvents) -> EventsPage:
+        assert self.store is not None
+        page = await asyncio.to_thread(self.store.read, command.after_position, command.limit)
+        next_position = page[-1].position or command.after_position if page else command.after_position
+        if command.session_id is not None:
+            page = [e for e in page if e.session_id == command.session_id]
+        return EventsPage(events=page, next_position=next_position)
+
+    async def _accepted(self, command: Command) -> Accepted:
+        result = await self.handle(command)
+        assert isinstance(result, Accepted)
+        return result

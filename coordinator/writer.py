@@ -1,0 +1,537 @@
+"""The single writer: one thread that applies commands in batches (group commit).
+
+eventsourcing is synchronous, so the coordinator runs it here, behind asyncio. Each
+pass takes every queued command (up to ``max_batch``), applies each to its cached
+aggregate, fires due timeouts, saves every touched aggregate in one transaction, then
+hands the saved envelopes and the outcomes back to the event loop in one call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from contracts import (
+    Accepted,
+    Command,
+    CreateWorkflowSession,
+    Destroyed,
+    DestroyWorkflowSession,
+    ErrorCode,
+    EventEnvelope,
+    LinkModuleSession,
+    RecordActivity,
+    RegisterModule,
+    RepairSessionIntegrity,
+    ReportError,
+    ReportOrphan,
+    SessionStatus,
+    UnlinkModuleSession,
+    UnregisterModule,
+    UpdateSessionStatus,
+    new_id,
+)
+from coordinator.clock import Clock
+from coordinator.domain import (
+    COORDINATOR,
+    CommandContext,
+    EnvelopeAggregate,
+    Mark,
+    ModuleRegistry,
+    Principal,
+    WorkflowSessionAggregate,
+)
+from coordinator.errors import CommandRejected, StoreUnavailable
+from coordinator.projections import integrity_report
+from coordinator.store import EventStore, VersionConflict
+
+__all__ = ["Outcome", "WriteJob", "Writer"]
+
+log = logging.getLogger("sessionbus.coordinator.writer")
+
+Outcome = Accepted | CommandRejected
+Deliver = Callable[[list[EventEnvelope], list[tuple["WriteJob", Outcome]]], None]
+
+_STOP: Final = object()
+_CONFLICT_RETRIES: Final = 3
+_S = SessionStatus
+
+
+@dataclass(eq=False)
+class WriteJob:
+    """One write command on its way to the writer, with what to resolve when done."""
+
+    command: Command | None
+    principal: Principal
+    command_id: uuid.UUID | None = None
+    correlation_id: uuid.UUID | None = None
+    token: Any = None
+    actions: list[str] = field(default_factory=list)
+
+    @classmethod
+    def barrier(cls, token: Any) -> WriteJob:
+        """A job with no command: resolved after the writer's next pass (which fires
+        due timeouts), so a caller can wait for that pass."""
+        return cls(command=None, principal=COORDINATOR, token=token)
+
+
+class _JobScope:
+    """The aggregates one command touched, with marks to roll them back."""
+
+    def __init__(self) -> None:
+        self.marks: dict[uuid.UUID, tuple[EnvelopeAggregate, Mark | None]] = {}
+
+    def enter(self, aggregate: EnvelopeAggregate) -> None:
+        if aggregate.id not in self.marks:
+            self.marks[aggregate.id] = (aggregate, aggregate.mark())
+
+    def enter_new(self, aggregate: EnvelopeAggregate) -> None:
+        """An aggregate this command created: rolling back forgets it entirely."""
+        self.marks[aggregate.id] = (aggregate, None)
+
+    def events(self) -> int:
+        return sum(
+            len(a.pending_events) - (m.pending if m else 0) for a, m in self.marks.values()
+        )
+
+    def rollback(self) -> list[uuid.UUID]:
+        """Undo the command; returns the ids of aggregates it had created."""
+        created = []
+        for aggregate, mark in self.marks.values():
+            if mark is None:
+                created.append(aggregate.id)
+            else:
+                aggregate.rollback(mark)
+        return created
+
+
+class Writer:
+    """Owns the aggregates and is the only code that appends to the store."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        clock: Clock,
+        deliver: Deliver,
+        *,
+        max_batch: int = 512,
+        cache_size: int = 20_000,
+        applied: Iterable[tuple[uuid.UUID, Accepted]] = (),
+        deadlines: Iterable[tuple[datetime, uuid.UUID]] = (),
+        applied_memory: int = 100_000,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.deliver = deliver
+        self.max_batch = max_batch
+        self.cache_size = cache_size
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._cache: OrderedDict[uuid.UUID, WorkflowSessionAggregate] = OrderedDict()
+        self._registry: ModuleRegistry | None = None
+        self._applied: OrderedDict[uuid.UUID, Accepted] = OrderedDict(applied)
+        self._applied_memory = applied_memory
+        self._heap: list[tuple[datetime, uuid.UUID]] = []
+        self._armed: dict[uuid.UUID, datetime] = {}
+        for deadline, sid in deadlines:
+            self._arm(sid, deadline)
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.commands = 0
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._registry = self.store.load_registry()
+        self._thread = threading.Thread(target=self._run, name="sessionbus-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop. Safe to call twice."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        thread.join(timeout)
+
+    def submit(self, job: WriteJob) -> None:
+        self._queue.put(job)
+
+    def kick(self) -> None:
+        """Wake the thread to fire due timeouts now (the clock may have moved)."""
+        self._queue.put(None)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                first = self._queue.get(timeout=self._wait_seconds())
+            except queue.Empty:
+                first = None
+            batch: list[WriteJob] = []
+            for item in self._drain(first):
+                if item is _STOP:
+                    stopping = True
+                elif isinstance(item, WriteJob):
+                    batch.append(item)
+            try:
+                self._process(batch)
+            except Exception:  # pragma: no cover - _process contains its own failures
+                log.exception("writer pass failed")
+
+    def _drain(self, first: Any) -> Iterable[Any]:
+        yield first
+        for _ in range(self.max_batch - 1):
+            try:
+                yield self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _wait_seconds(self) -> float:
+        if not self._heap:
+            return 1.0
+        delta = (self._heap[0][0] - self.clock.now()).total_seconds()
+        return min(1.0, max(0.0, delta))
+
+    def _process(self, batch: list[WriteJob]) -> None:
+        outcomes: list[Outcome] = []
+        saved: list[EventEnvelope] = []
+        touched: dict[uuid.UUID, EnvelopeAggregate] = {}
+        for attempt in range(_CONFLICT_RETRIES + 1):
+            touched = {}
+            outcomes = [self._apply(job, touched, recheck=attempt > 0) for job in batch]
+            self._fire_timeouts(touched)
+            pending = [a for a in touched.values() if a.pending_events]
+            if not pending:
+                break
+            try:
+                started = time.perf_counter()
+                saved = self.store.save(pending)
+                log.debug(
+                    "saved %d events of %d commands in %.1f ms",
+                    len(saved),
+                    len(batch),
+                    (time.perf_counter() - started) * 1000,
+                )
+                break
+            except VersionConflict as exc:
+                # Another writer appended first: reload and apply again; a command
+                # that is no longer valid then gets its own error.
+                log.warning("version conflict (attempt %d): %s", attempt + 1, exc)
+                self._evict(touched)
+                if attempt == _CONFLICT_RETRIES:
+                    error = CommandRejected(
+                        ErrorCode.CONFLICT, f"conflicting writes: {exc}", retryable=True
+                    )
+                    outcomes = [error] * len(batch)
+            except StoreUnavailable as exc:
+                log.error("store unavailable: %s", exc)
+                self._evict(touched)
+                error = CommandRejected(
+                    ErrorCode.UNAVAILABLE, f"event store unavailable: {exc}", retryable=True
+                )
+                outcomes = [error] * len(batch)
+                break
+        self._after_commit(batch, outcomes, touched)
+        self.batches += 1
+        self.commands += len(batch)
+        self.deliver(saved, list(zip(batch, outcomes, strict=True)))
+
+    def _after_commit(
+        self, batch: list[WriteJob], outcomes: list[Outcome], touched: dict[uuid.UUID, Any]
+    ) -> None:
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Accepted) and job.command_id is not None:
+                self._applied[job.command_id] = outcome
+                if len(self._applied) > self._applied_memory:
+                    self._applied.popitem(last=False)
+        for aggregate in touched.values():
+            if isinstance(aggregate, WorkflowSessionAggregate):
+                if aggregate.state.destroyed:
+                    self._cache.pop(aggregate.id, None)
+                    self._armed.pop(aggregate.id, None)
+                else:
+                    deadline = aggregate.next_deadline()
+                    if deadline is not None:
+                        self._arm(aggregate.id, deadline)
+
+    # -- aggregates -------------------------------------------------------------------
+
+    def registry(self) -> ModuleRegistry:
+        if self._registry is None:
+            self._registry = self.store.load_registry()
+        return self._registry
+
+    def _session(self, session_id: uuid.UUID) -> WorkflowSessionAggregate | None:
+        aggregate = self._cache.get(session_id)
+        if aggregate is not None:
+            self._cache.move_to_end(session_id)
+            return aggregate
+        loaded = self.store.load(session_id)
+        if loaded is None:
+            return None
+        if not isinstance(loaded, WorkflowSessionAggregate):
+            return None
+        self._cache_put(loaded)
+        return loaded
+
+    def _cache_put(self, aggregate: WorkflowSessionAggregate) -> None:
+        self._cache[aggregate.id] = aggregate
+        while len(self._cache) > self.cache_size:
+            victim_id, victim = next(iter(self._cache.items()))
+            if victim.pending_events:
+                break  # unsaved work stays until the commit
+            del self._cache[victim_id]
+
+    def _evict(self, touched: dict[uuid.UUID, EnvelopeAggregate]) -> None:
+        for aggregate_id, aggregate in touched.items():
+            aggregate.discard_pending()
+            if isinstance(aggregate, ModuleRegistry):
+                self._registry = None
+            else:
+                self._cache.pop(aggregate_id, None)
+
+    # -- timeouts ---------------------------------------------------------------------
+
+    def _arm(self, session_id: uuid.UUID, deadline: datetime) -> None:
+        armed = self._armed.get(session_id)
+        if armed is None or deadline < armed:
+            self._armed[session_id] = deadline
+            heapq.heappush(self._heap, (deadline, session_id))
+
+    def _fire_timeouts(self, touched: dict[uuid.UUID, EnvelopeAggregate]) -> None:
+        now = self.clock.now()
+        ctx = CommandContext(COORDINATOR, now, correlation_id=None)
+        while self._heap and self._heap[0][0] <= now:
+            deadline, sid = heapq.heappop(self._heap)
+            if self._armed.get(sid) != deadline:
+                continue  # superseded by an earlier deadline already handled
+            del self._armed[sid]
+            aggregate = self._session(sid)
+            if aggregate is None or aggregate.state.destroyed:
+                continue
+            scope = _JobScope()
+            scope.enter(aggregate)
+            registry = self.registry()
+            scope.enter(registry)
+            try:
+                aggregate.run_timeouts(ctx)
+                self._record_orphans(ctx, aggregate, registry)
+            except Exception:
+                log.exception("timeout handling failed for session %s", sid)
+                self._rollback(scope)
+                continue
+            if scope.events():
+                touched[aggregate.id] = aggregate
+                if registry.pending_events:
+                    touched[registry.id] = registry
+            later = aggregate.next_deadline()
+            if later is not None and not aggregate.state.destroyed:
+                self._arm(sid, later)
+
+    @staticmethod
+    def _record_orphans(
+        ctx: CommandContext, session: WorkflowSessionAggregate, registry: ModuleRegistry
+    ) -> None:
+        """Module sessions a cleanup timeout left behind become registry orphans, so
+        integrity reports and repair find them in one place."""
+        for env in session.pending_envelopes():
+            if isinstance(env.event, Destroyed):
+                for module_id, module_session_id in sorted(env.event.orphaned.items()):
+                    registry.report_orphan(ctx, module_id, session.id, module_session_id)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def _apply(
+        self, job: WriteJob, touched: dict[uuid.UUID, EnvelopeAggregate], *, recheck: bool
+    ) -> Outcome:
+        if job.command is None:
+            return Accepted()
+        if job.command_id is not None:
+            done = self._applied.get(job.command_id)
+            if done is not None:
+                return done
+        ctx = CommandContext(job.principal, self.clock.now(), job.command_id, job.correlation_id)
+        scope = _JobScope()
+        job.actions.clear()
+        try:
+            primary = self._dispatch(job, ctx, scope, recheck=recheck)
+        except CommandRejected as rejected:
+            self._rollback(scope)
+            return rejected
+        except Exception as exc:
+            log.exception("command %s failed", type(job.command).__name__)
+            self._rollback(scope)
+            return CommandRejected(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        for aggregate, _mark in scope.marks.values():
+            if aggregate.pending_events:
+                touched[aggregate.id] = aggregate
+        return Accepted(
+            session_id=primary.id if primary is not None else None,
+            version=primary.version if primary is not None else 0,
+            events=scope.events(),
+        )
+
+    def _rollback(self, scope: _JobScope) -> None:
+        for created in scope.rollback():
+            self._cache.pop(created, None)
+
+    def _load(self, session_id: uuid.UUID, scope: _JobScope) -> WorkflowSessionAggregate:
+        aggregate = self._session(session_id)
+        if aggregate is None:
+            raise CommandRejected(
+                ErrorCode.UNKNOWN_SESSION,
+                f"no workflow session {session_id}",
+                field="session_id",
+            )
+        scope.enter(aggregate)
+        return aggregate
+
+    def _dispatch(
+        self, job: WriteJob, ctx: CommandContext, scope: _JobScope, *, recheck: bool
+    ) -> EnvelopeAggregate | None:
+        cmd = job.command
+        registry = self.registry()
+        scope.enter(registry)
+        match cmd:
+            case CreateWorkflowSession():
+                return self._create(cmd, ctx, scope, registry, recheck=recheck)
+            case LinkModuleSession():
+                session = self._load(cmd.session_id, scope)
+                session.link(
+                    ctx, cmd.module_id, cmd.module_session_id, cmd.config, cmd.metadata, registry
+                )
+                return session
+            case UnlinkModuleSession():
+                session = self._load(cmd.session_id, scope)
+                session.unlink(ctx, cmd.module_id, cmd.reason)
+                return session
+            case UpdateSessionStatus():
+                session = self._load(cmd.session_id, scope)
+                if cmd.module_id is None:
+                    session.set_status(ctx, cmd.status, cmd.reason)
+                else:
+                    session.set_module_status(ctx, cmd.module_id, cmd.status, cmd.reason)
+                return session
+            case RecordActivity():
+                session = self._load(cmd.session_id, scope)
+                session.record_activity(ctx, cmd.module_id)
+                return session
+            case ReportError():
+                session = self._load(cmd.session_id, scope)
+                session.report_error(ctx, cmd.module_id, cmd.error, cmd.fatal)
+                return session
+            case DestroyWorkflowSession():
+                session = self._load(cmd.session_id, scope)
+                session.destroy(ctx, cmd.reason)
+                return session
+            case ReportOrphan():
+                self._report_orphan(cmd, ctx, scope, registry)
+                return registry
+            case RepairSessionIntegrity():
+                return self._repair(cmd, job, ctx, scope, registry)
+            case RegisterModule():
+                registry.register(ctx, cmd.module_id, cmd.required, list(cmd.capabilities))
+                return registry
+            case UnregisterModule():
+                registry.unregister(ctx, cmd.module_id, cmd.reason)
+                return registry
+        raise CommandRejected(
+            ErrorCode.INVALID_MESSAGE, f"{type(cmd).__name__} is not a write command"
+        )
+
+    def _create(
+        self,
+        cmd: CreateWorkflowSession,
+        ctx: CommandContext,
+        scope: _JobScope,
+        registry: ModuleRegistry,
+        *,
+        recheck: bool,
+    ) -> WorkflowSessionAggregate:
+        sid = cmd.session_id or new_id()
+        # A client-chosen id that exists is refused. Only ids the cache does not know
+        # are looked up, and only on a retry after a conflict: a first save of an
+        # existing id fails on the store's unique version and comes back here.
+        exists = sid in self._cache or (
+            cmd.session_id is not None and recheck and self.store.load(sid) is not None
+        )
+        if exists:
+            raise CommandRejected(
+                ErrorCode.SESSION_EXISTS, f"workflow session {sid} already exists", field="session_id"
+            )
+        session = WorkflowSessionAggregate.create(ctx, sid, list(cmd.steps), cmd.config, registry)
+        scope.enter_new(session)
+        self._cache_put(session)
+        return session
+
+    def _report_orphan(
+        self, cmd: ReportOrphan, ctx: CommandContext, scope: _JobScope, registry: ModuleRegistry
+    ) -> None:
+        session = self._session(cmd.session_id)
+        if session is not None and not session.state.destroyed:
+            info = session.state.modules.get(cmd.module_id)
+            if info is not None and info.session_id == cmd.module_session_id:
+                raise CommandRejected(
+                    ErrorCode.CONFLICT,
+                    f"{cmd.module_id} session {cmd.module_session_id} is linked to live "
+                    f"session {cmd.session_id}: not an orphan",
+                    module_id=cmd.module_id,
+                )
+        registry.report_orphan(ctx, cmd.module_id, cmd.session_id, cmd.module_session_id)
+
+    def _repair(
+        self,
+        cmd: RepairSessionIntegrity,
+        job: WriteJob,
+        ctx: CommandContext,
+        scope: _JobScope,
+        registry: ModuleRegistry,
+    ) -> EnvelopeAggregate:
+        session = self._session(cmd.session_id)
+        orphans = {o.module_id: o.module_session_id for o in registry.orphans_of(cmd.session_id)}
+        state = session.state if session is not None else None
+        report = integrity_report(cmd.session_id, state, orphans, set(registry.state.modules))
+        for orphan in registry.orphans_of(cmd.session_id):
+            registry.request_orphan_cleanup(ctx, orphan)
+            job.actions.append(
+                f"asked {orphan.module_id} to destroy orphaned session {orphan.module_session_id}"
+            )
+        if session is None or session.state.destroyed:
+            return registry
+        scope.enter(session)
+        live = session.state.status in (_S.INITIALIZING, _S.ACTIVE, _S.PAUSED)
+        if live and report.missing_links and session.state.status is not _S.INITIALIZING:
+            session.fail(
+                ctx,
+                ErrorCode.MODULE_NOT_LINKED,
+                "integrity repair: required modules not linked: " + ", ".join(report.missing_links),
+            )
+            job.actions.append("failed the session: required modules not linked")
+        elif report.inconsistent_statuses:
+            required = set(session.state.required_modules)
+            if live and required & report.inconsistent_statuses.keys():
+                names = ", ".join(sorted(required & report.inconsistent_statuses.keys()))
+                session.fail(ctx, ErrorCode.MODULE_ERROR, f"integrity repair: {names} failed")
+                job.actions.append(f"failed the session: required {names} failed")
+            elif live:
+                for module_id in sorted(report.inconsistent_statuses):
+                    session.unlink(ctx, module_id, "integrity repair")
+                    job.actions.append(f"unlinked {module_id}")
+            else:
+                session.destroy(ctx, "integrity repair")
+                job.actions.append("started cleanup of the session")
+        if not job.actions:
+            job.actions.append("nothing to repair")
+        return session
+
