@@ -82,29 +82,35 @@ def verify_chain_raw(envelopes: Iterable[dict[str, Any] | Exception]) -> ChainVe
     checked = 0
     for item in envelopes:
         checked += 1
-
-        def bad(reason: str) -> ChainVerdict:
+        if session_id is None and isinstance(item, dict):
+            session_id = str(item.get("session_id"))
+        problem = _problem(item, session_id, expected, prev_hash)
+        if problem is not None:
             return ChainVerdict(
                 session_id=session_id or "",
                 ok=False,
                 events_checked=checked,
                 first_bad_version=expected,
-                reason=reason,
+                reason=problem,
             )
-
-        if isinstance(item, Exception):
-            return bad(f"stored event cannot be decoded: {item}")
-        if session_id is None:
-            session_id = str(item.get("session_id"))
-        if str(item.get("session_id")) != session_id:
-            return bad(f"event belongs to session {item.get('session_id')}, not {session_id}")
-        if item.get("version") != expected:
-            return bad(f"expected version {expected}, found {item.get('version')!r}")
-        if item.get("prev_hash") != prev_hash:
-            return bad("prev_hash does not match the hash of the previous event")
-        actual = compute_hash_raw(item)
-        if actual != item.get("hash"):
-            return bad(f"content hash is {actual}, the event claims {item.get('hash')}")
-        prev_hash = actual
+        assert not isinstance(item, Exception)
+        prev_hash = str(item["hash"])
         expected += 1
     return ChainVerdict(session_id=session_id or "", ok=True, events_checked=checked)
+
+
+def _problem(
+    item: dict[str, Any] | Exception, session_id: str | None, expected: int, prev_hash: str
+) -> str | None:
+    if isinstance(item, Exception):
+        return f"stored event cannot be decoded: {item}"
+    if session_id is not None and str(item.get("session_id")) != session_id:
+        return f"event belongs to session {item.get('session_id')}, not {session_id}"
+    if item.get("version") != expected:
+        return f"expected version {expected}, found {item.get('version')!r}"
+    if item.get("prev_hash") != prev_hash:
+        return "prev_hash does not match the hash of the previous event"
+    actual = compute_hash_raw(item)
+    if actual != item.get("hash"):
+        return f"content hash is {actual}, the event claims {item.get('hash')}"
+    return None

@@ -52,8 +52,8 @@ __all__ = [
     "ReadEvents",
     "RecordActivity",
     "RegisterModule",
-    "RepairSessionIntegrity",
     "RepairResult",
+    "RepairSessionIntegrity",
     "ReportError",
     "ReportOrphan",
     "Result",
@@ -76,7 +76,7 @@ class CommandBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
 # --- writes: workflow sessions -------------------------------------------------------
 
 
-class CreateWorkflowSession(CommandBase, tag="create-workflow-session"):
+class CreateWorkflowSession(CommandBase, frozen=True, tag="create-workflow-session"):
     """Seed: createWorkflowSession(steps, config). ``session_id`` may be chosen by the
     caller (so a retry after a lost reply cannot create two sessions); else the
     coordinator picks one."""
@@ -86,7 +86,7 @@ class CreateWorkflowSession(CommandBase, tag="create-workflow-session"):
     session_id: uuid.UUID | None = None
 
 
-class DestroyWorkflowSession(CommandBase, tag="destroy-workflow-session"):
+class DestroyWorkflowSession(CommandBase, frozen=True, tag="destroy-workflow-session"):
     """Seed: destroyWorkflowSession(sessionId). Moves the session to CLEANUP; it is
     destroyed once every linked module has unlinked (or the cleanup timeout passed)."""
 
@@ -94,7 +94,7 @@ class DestroyWorkflowSession(CommandBase, tag="destroy-workflow-session"):
     reason: str | None = None
 
 
-class LinkModuleSession(CommandBase, tag="link-module-session"):
+class LinkModuleSession(CommandBase, frozen=True, tag="link-module-session"):
     """Seed: linkModuleSession(workflowSessionId, moduleId, moduleSessionId)."""
 
     session_id: uuid.UUID
@@ -104,7 +104,7 @@ class LinkModuleSession(CommandBase, tag="link-module-session"):
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class UnlinkModuleSession(CommandBase, tag="unlink-module-session"):
+class UnlinkModuleSession(CommandBase, frozen=True, tag="unlink-module-session"):
     """Seed: unlinkModuleSession(workflowSessionId, moduleId)."""
 
     session_id: uuid.UUID
@@ -112,7 +112,7 @@ class UnlinkModuleSession(CommandBase, tag="unlink-module-session"):
     reason: str | None = None
 
 
-class UpdateSessionStatus(CommandBase, tag="update-session-status"):
+class UpdateSessionStatus(CommandBase, frozen=True, tag="update-session-status"):
     """Seed rule 3: every status change goes through the coordinator. ``module_id``
     None changes the workflow session's status, else that module's session status."""
 
@@ -122,14 +122,14 @@ class UpdateSessionStatus(CommandBase, tag="update-session-status"):
     reason: str | None = None
 
 
-class RecordActivity(CommandBase, tag="record-activity"):
+class RecordActivity(CommandBase, frozen=True, tag="record-activity"):
     """ISessionManager.recordActivity: resets the inactivity timeout."""
 
     session_id: uuid.UUID
     module_id: ModuleId | None = None
 
 
-class ReportError(CommandBase, tag="report-error"):
+class ReportError(CommandBase, frozen=True, tag="report-error"):
     """A module reports an error on its session (onSessionError)."""
 
     session_id: uuid.UUID
@@ -140,7 +140,7 @@ class ReportError(CommandBase, tag="report-error"):
     fatal: bool = True
 
 
-class ReportOrphan(CommandBase, tag="report-orphan"):
+class ReportOrphan(CommandBase, frozen=True, tag="report-orphan"):
     """A module holds a session for a workflow session that is destroyed or unknown."""
 
     session_id: uuid.UUID
@@ -148,7 +148,7 @@ class ReportOrphan(CommandBase, tag="report-orphan"):
     module_session_id: uuid.UUID
 
 
-class RepairSessionIntegrity(CommandBase, tag="repair-session-integrity"):
+class RepairSessionIntegrity(CommandBase, frozen=True, tag="repair-session-integrity"):
     """Apply what the integrity report recommends and can be fixed."""
 
     session_id: uuid.UUID
@@ -157,7 +157,7 @@ class RepairSessionIntegrity(CommandBase, tag="repair-session-integrity"):
 # --- writes: module registry ---------------------------------------------------------
 
 
-class RegisterModule(CommandBase, tag="register-module"):
+class RegisterModule(CommandBase, frozen=True, tag="register-module"):
     """Seed: registerModule(moduleId, sessionManager). A required module must link to
     every new workflow session before it becomes ACTIVE."""
 
@@ -166,7 +166,7 @@ class RegisterModule(CommandBase, tag="register-module"):
     capabilities: list[str] = msgspec.field(default_factory=list)
 
 
-class UnregisterModule(CommandBase, tag="unregister-module"):
+class UnregisterModule(CommandBase, frozen=True, tag="unregister-module"):
     """Seed: unregisterModule(moduleId)."""
 
     module_id: ModuleId
@@ -176,40 +176,40 @@ class UnregisterModule(CommandBase, tag="unregister-module"):
 # --- reads ---------------------------------------------------------------------------
 
 
-class GetWorkflowSession(CommandBase, tag="get-workflow-session"):
+class GetWorkflowSession(CommandBase, frozen=True, tag="get-workflow-session"):
     """Seed: getWorkflowSession(sessionId)."""
 
     session_id: uuid.UUID
 
 
-class ListActiveWorkflowSessions(CommandBase, tag="list-active-workflow-sessions"):
+class ListActiveWorkflowSessions(CommandBase, frozen=True, tag="list-active-workflow-sessions"):
     """Seed: listActiveWorkflowSessions(), with optional filters."""
 
     status: SessionStatus | None = None
     module_id: ModuleId | None = None
 
 
-class GetLinkedSessions(CommandBase, tag="get-linked-sessions"):
+class GetLinkedSessions(CommandBase, frozen=True, tag="get-linked-sessions"):
     """Seed: getLinkedSessions(workflowSessionId)."""
 
     session_id: uuid.UUID
 
 
-class ListModules(CommandBase, tag="list-modules"):
+class ListModules(CommandBase, frozen=True, tag="list-modules"):
     """Registered modules with health (seed: getModuleSessionManager, over the bus)."""
 
 
-class GetCoordinatorHealth(CommandBase, tag="get-coordinator-health"):
+class GetCoordinatorHealth(CommandBase, frozen=True, tag="get-coordinator-health"):
     """Seed: getCoordinatorHealth()."""
 
 
-class ValidateSessionIntegrity(CommandBase, tag="validate-session-integrity"):
+class ValidateSessionIntegrity(CommandBase, frozen=True, tag="validate-session-integrity"):
     """Seed: validateSessionIntegrity(sessionId)."""
 
     session_id: uuid.UUID
 
 
-class GetSessionHistory(CommandBase, tag="get-session-history"):
+class GetSessionHistory(CommandBase, frozen=True, tag="get-session-history"):
     """Every event of one session, and the state as of a time or a version."""
 
     session_id: uuid.UUID
@@ -217,7 +217,7 @@ class GetSessionHistory(CommandBase, tag="get-session-history"):
     version: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class ReadEvents(CommandBase, tag="read-events"):
+class ReadEvents(CommandBase, frozen=True, tag="read-events"):
     """The global event feed after a position (for relays, auditors, gap fill)."""
 
     after_position: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -294,7 +294,7 @@ class ResultBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
     """Base of every command result."""
 
 
-class Accepted(ResultBase, tag="accepted"):
+class Accepted(ResultBase, frozen=True, tag="accepted"):
     """A write was applied (or was a no-op). ``version`` is the session's version
     after it; ``events`` how many events it appended (0 for a no-op)."""
 
@@ -303,57 +303,57 @@ class Accepted(ResultBase, tag="accepted"):
     events: int = 0
 
 
-class SessionResult(ResultBase, tag="session"):
+class SessionResult(ResultBase, frozen=True, tag="session"):
     """A workflow session, or ``None`` when unknown (getWorkflowSession returns null)."""
 
     session: WorkflowSession | None
 
 
-class SessionIds(ResultBase, tag="session-ids"):
+class SessionIds(ResultBase, frozen=True, tag="session-ids"):
     """listActiveWorkflowSessions() -> string[]."""
 
     session_ids: list[uuid.UUID]
 
 
-class LinkedSessions(ResultBase, tag="linked-sessions"):
+class LinkedSessions(ResultBase, frozen=True, tag="linked-sessions"):
     """getLinkedSessions() -> moduleId -> moduleSessionId."""
 
     links: dict[ModuleId, uuid.UUID]
 
 
-class ModulesResult(ResultBase, tag="modules"):
+class ModulesResult(ResultBase, frozen=True, tag="modules"):
     """Registered modules."""
 
     modules: list[ModuleInfo]
 
 
-class HealthResult(ResultBase, tag="health"):
+class HealthResult(ResultBase, frozen=True, tag="health"):
     """getCoordinatorHealth()."""
 
     health: CoordinatorHealth
 
 
-class IntegrityResult(ResultBase, tag="integrity"):
+class IntegrityResult(ResultBase, frozen=True, tag="integrity"):
     """validateSessionIntegrity()."""
 
     report: SessionIntegrityReport
 
 
-class RepairResult(ResultBase, tag="repair"):
+class RepairResult(ResultBase, frozen=True, tag="repair"):
     """What a repair did, one line per action, and the report after it."""
 
     actions: list[str]
     report: SessionIntegrityReport
 
 
-class SessionHistory(ResultBase, tag="history"):
+class SessionHistory(ResultBase, frozen=True, tag="history"):
     """A session's events up to the requested point and the state they add up to."""
 
     events: list[EventEnvelope]
     state: WorkflowSession | None
 
 
-class EventsPage(ResultBase, tag="events"):
+class EventsPage(ResultBase, frozen=True, tag="events"):
     """A page of the global feed. ``next_position`` is the position to ask after next."""
 
     events: list[EventEnvelope]

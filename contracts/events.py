@@ -48,7 +48,7 @@ class EventBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     """Base of every event payload; the ``type`` tag names the event on the wire."""
 
 
-class SessionCreated(EventBase, tag="session.created"):
+class SessionCreated(EventBase, frozen=True, tag="session.created"):
     """A workflow session was created; it starts INITIALIZING."""
 
     steps: list[str] = msgspec.field(default_factory=list)
@@ -56,7 +56,7 @@ class SessionCreated(EventBase, tag="session.created"):
     required_modules: list[ModuleId] = msgspec.field(default_factory=list)
 
 
-class StatusChanged(EventBase, tag="session.status-changed"):
+class StatusChanged(EventBase, frozen=True, tag="session.status-changed"):
     """The status of the workflow session (``module_id`` None) or of one module's
     session changed."""
 
@@ -67,7 +67,7 @@ class StatusChanged(EventBase, tag="session.status-changed"):
     error: StandardError | None = None
 
 
-class Linked(EventBase, tag="session.linked"):
+class Linked(EventBase, frozen=True, tag="session.linked"):
     """A module linked its own session to the workflow session."""
 
     module_id: ModuleId
@@ -76,7 +76,7 @@ class Linked(EventBase, tag="session.linked"):
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class Unlinked(EventBase, tag="session.unlinked"):
+class Unlinked(EventBase, frozen=True, tag="session.unlinked"):
     """A module's session was unlinked (the module destroyed it, or cleanup gave up)."""
 
     module_id: ModuleId
@@ -84,20 +84,20 @@ class Unlinked(EventBase, tag="session.unlinked"):
     reason: str | None = None
 
 
-class ActivityRecorded(EventBase, tag="session.activity-recorded"):
+class ActivityRecorded(EventBase, frozen=True, tag="session.activity-recorded"):
     """Activity on the workflow session (``module_id`` None) or a module's session."""
 
     module_id: ModuleId | None = None
 
 
-class ErrorReported(EventBase, tag="session.error-reported"):
+class ErrorReported(EventBase, frozen=True, tag="session.error-reported"):
     """An error on the session, reported by a module or raised by the coordinator."""
 
     error: StandardError
     module_id: ModuleId | None = None
 
 
-class Destroyed(EventBase, tag="session.destroyed"):
+class Destroyed(EventBase, frozen=True, tag="session.destroyed"):
     """The workflow session ended. ``orphaned`` lists module sessions that did not
     unlink within the cleanup timeout (module id -> module session id)."""
 
@@ -105,7 +105,7 @@ class Destroyed(EventBase, tag="session.destroyed"):
     orphaned: dict[ModuleId, uuid.UUID] = msgspec.field(default_factory=dict)
 
 
-class ModuleRegistered(EventBase, tag="module.registered"):
+class ModuleRegistered(EventBase, frozen=True, tag="module.registered"):
     """A module joined the registry (or changed its registration)."""
 
     module_id: ModuleId
@@ -113,14 +113,14 @@ class ModuleRegistered(EventBase, tag="module.registered"):
     capabilities: list[str] = msgspec.field(default_factory=list)
 
 
-class ModuleUnregistered(EventBase, tag="module.unregistered"):
+class ModuleUnregistered(EventBase, frozen=True, tag="module.unregistered"):
     """A module left the registry."""
 
     module_id: ModuleId
     reason: str | None = None
 
 
-class OrphanReported(EventBase, tag="module.orphan-reported"):
+class OrphanReported(EventBase, frozen=True, tag="module.orphan-reported"):
     """A module holds a session for a workflow session that is destroyed or unknown.
     Recorded on the registry stream, since the workflow stream may be closed."""
 
@@ -129,7 +129,7 @@ class OrphanReported(EventBase, tag="module.orphan-reported"):
     module_session_id: uuid.UUID
 
 
-class OrphanCleanupRequested(EventBase, tag="module.orphan-cleanup-requested"):
+class OrphanCleanupRequested(EventBase, frozen=True, tag="module.orphan-cleanup-requested"):
     """The coordinator asks a module to destroy an orphaned session of its own
     (integrity repair)."""
 
@@ -170,8 +170,7 @@ EVENT_TYPES: Final[tuple[type[EventBase], ...]] = (
 def event_type(event: EventBase | type[EventBase]) -> str:
     """The wire tag of an event (class or instance): also its routing key."""
     cls = event if isinstance(event, type) else type(event)
-    tag: str = cls.__struct_config__.tag
-    return tag
+    return str(cls.__struct_config__.tag)
 
 
 class EventEnvelope(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

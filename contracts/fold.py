@@ -25,7 +25,7 @@ from contracts.events import (
 from contracts.model import ModuleSessionInfo, WorkflowSession
 from contracts.status import SessionStatus
 
-__all__ = ["LINKED_ID_FIELDS", "fold_session", "fold_history"]
+__all__ = ["LINKED_ID_FIELDS", "fold_history", "fold_session"]
 
 # Modules whose linked session id the seed surfaces on WorkflowSession itself.
 LINKED_ID_FIELDS: Final[dict[str, str]] = {
@@ -130,7 +130,7 @@ def fold_session(state: WorkflowSession | None, env: EventEnvelope) -> WorkflowS
     if isinstance(event, Destroyed):
         # Module sessions that never unlinked are recorded in the event as orphans;
         # the destroyed session itself holds no links any more.
-        changes = {name: None for name in LINKED_ID_FIELDS.values()}
+        changes = dict.fromkeys(LINKED_ID_FIELDS.values())
         return _replace(state, destroyed=True, modules={}, version=env.version, **changes)
 
     raise ValidationError(

@@ -40,7 +40,7 @@ class Model(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     an older reader accepts a newer writer's message."""
 
 
-class ModuleSessionConfig(Model):
+class ModuleSessionConfig(Model, frozen=True):
     """Per-module options (seed: ModuleSessionConfig).
 
     ``timeout_ms`` is an inactivity timeout the coordinator enforces; ``retry_attempts``
@@ -52,7 +52,7 @@ class ModuleSessionConfig(Model):
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class WorkflowConfig(Model):
+class WorkflowConfig(Model, frozen=True):
     """Options of a workflow session (the seed's ``WorkflowConfig``).
 
     ``required_modules`` overrides the registry's required set for this session.
@@ -69,7 +69,7 @@ class WorkflowConfig(Model):
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class ModuleSessionInfo(Model):
+class ModuleSessionInfo(Model, frozen=True):
     """A module's session linked to a workflow session (seed: ModuleSessionInfo)."""
 
     module_id: ModuleId
@@ -82,7 +82,7 @@ class ModuleSessionInfo(Model):
     config: ModuleSessionConfig = msgspec.field(default_factory=ModuleSessionConfig)
 
 
-class WorkflowSession(Model):
+class WorkflowSession(Model, frozen=True):
     """The primary session entity (seed: WorkflowSession), as projected from its events.
 
     ``executor_session_id``, ``stream_id`` and ``ai_connection_id`` are the linked
@@ -107,7 +107,7 @@ class WorkflowSession(Model):
     failure: StandardError | None = None
 
 
-class SessionManagerHealth(Model):
+class SessionManagerHealth(Model, frozen=True):
     """A module's health as it reports it (seed: SessionManagerHealth)."""
 
     module_id: ModuleId
@@ -118,7 +118,7 @@ class SessionManagerHealth(Model):
     errors: list[StandardError] = msgspec.field(default_factory=list)
 
 
-class ModuleInfo(Model):
+class ModuleInfo(Model, frozen=True):
     """A registered module as the coordinator sees it."""
 
     module_id: ModuleId
@@ -129,7 +129,7 @@ class ModuleInfo(Model):
     active_sessions: int = 0
 
 
-class CoordinatorHealth(Model):
+class CoordinatorHealth(Model, frozen=True):
     """Seed: CoordinatorHealth. ``module_health_status`` is derived from heartbeat age."""
 
     total_workflow_sessions: int
@@ -141,7 +141,7 @@ class CoordinatorHealth(Model):
     published_position: int = 0
 
 
-class SessionIntegrityReport(Model):
+class SessionIntegrityReport(Model, frozen=True):
     """Seed: SessionIntegrityReport, for one workflow session."""
 
     workflow_session_id: uuid.UUID
@@ -156,7 +156,7 @@ class SessionIntegrityReport(Model):
 # The shapes passed to SessionLifecycleCallbacks (seed), one per callback.
 
 
-class SessionOpenedNotice(Model):
+class SessionOpenedNotice(Model, frozen=True):
     """onSessionCreated(moduleId, workflowSessionId, moduleSessionId)."""
 
     module_id: ModuleId
@@ -164,7 +164,7 @@ class SessionOpenedNotice(Model):
     module_session_id: uuid.UUID
 
 
-class SessionStatusChangedNotice(Model):
+class SessionStatusChangedNotice(Model, frozen=True):
     """onSessionStatusChanged(moduleId, workflowSessionId, oldStatus, newStatus)."""
 
     module_id: ModuleId
@@ -173,14 +173,14 @@ class SessionStatusChangedNotice(Model):
     new_status: SessionStatus
 
 
-class SessionDestroyedNotice(Model):
+class SessionDestroyedNotice(Model, frozen=True):
     """onSessionDestroyed(moduleId, workflowSessionId)."""
 
     module_id: ModuleId
     workflow_session_id: uuid.UUID
 
 
-class SessionErrorNotice(Model):
+class SessionErrorNotice(Model, frozen=True):
     """onSessionError(moduleId, workflowSessionId, error)."""
 
     module_id: ModuleId
@@ -188,7 +188,7 @@ class SessionErrorNotice(Model):
     error: StandardError
 
 
-class Heartbeat(Model):
+class Heartbeat(Model, frozen=True):
     """A module instance's periodic liveness signal; not event-sourced.
 
     The coordinator derives ``module_health_status`` from the age of the last one,

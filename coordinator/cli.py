@@ -7,6 +7,7 @@ import sys
 import click
 
 import contracts
+from contracts import schema as schema_mod
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +22,5 @@ def main() -> None:
 @click.option("--prefix", default=contracts.DEFAULT_PREFIX, show_default=True)
 def schema(kind: str, prefix: str) -> None:
     """Print the wire schema generated from the contracts."""
-    from contracts import schema as schema_mod
-
     doc = schema_mod.asyncapi(prefix) if kind == "asyncapi" else schema_mod.json_schema()
     sys.stdout.write(schema_mod.dumps(doc))

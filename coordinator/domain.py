@@ -49,9 +49,9 @@ from coordinator.errors import CommandRejected
 
 __all__ = [
     "COORDINATOR",
-    "Mark",
     "OPERATOR",
     "CommandContext",
+    "Mark",
     "ModuleRegistry",
     "Principal",
     "RegistryState",
@@ -600,15 +600,15 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
                 )
             return
         missing = self._missing()
-        if state.status is _S.INITIALIZING and missing:
-            if now >= state.created_at + _ms(config.link_timeout_ms):
-                self.fail(
-                    ctx,
-                    ErrorCode.LINK_TIMEOUT,
-                    f"required modules did not link within {config.link_timeout_ms} ms: "
-                    + ", ".join(missing),
-                )
-                return
+        link_deadline = state.created_at + _ms(config.link_timeout_ms)
+        if state.status is _S.INITIALIZING and missing and now >= link_deadline:
+            self.fail(
+                ctx,
+                ErrorCode.LINK_TIMEOUT,
+                f"required modules did not link within {config.link_timeout_ms} ms: "
+                + ", ".join(missing),
+            )
+            return
         if state.status not in (_S.INITIALIZING, _S.ACTIVE):
             return
         if config.timeout_ms and now >= state.last_activity + _ms(config.timeout_ms):

@@ -36,7 +36,7 @@ from contracts import (
     fold_session,
 )
 
-__all__ = ["Projections", "ProjectionSnapshot", "integrity_report"]
+__all__ = ["ProjectionSnapshot", "Projections", "integrity_report"]
 
 log = logging.getLogger("sessionbus.coordinator.projections")
 
@@ -285,9 +285,7 @@ def integrity_report(
             inconsistent[module_id] = info.status
     if missing:
         if session.status is _S.INITIALIZING:
-            recommendations.append(
-                "waiting for required modules to link: " + ", ".join(missing)
-            )
+            recommendations.append("waiting for required modules to link: " + ", ".join(missing))
         else:
             recommendations.append(
                 "fail the session: required modules are no longer linked: " + ", ".join(missing)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from contracts import (
     ACTIVE_STATUSES,
     WRITE_COMMANDS,
     Accepted,
+    ChainVerdict,
     Command,
     CommandReply,
     CommandRequest,
@@ -71,11 +73,12 @@ from contracts import (
     WorkflowSession,
     fold_history,
     new_id,
+    verify_chain_raw,
 )
 from coordinator.clock import Clock, SystemClock
 from coordinator.domain import OPERATOR, Principal, next_deadline
 from coordinator.errors import CommandRejected, CoordinatorError
-from coordinator.projections import Projections, ProjectionSnapshot
+from coordinator.projections import Projections, ProjectionSnapshot, integrity_report
 from coordinator.store import EventStore
 from coordinator.writer import Outcome, WriteJob, Writer
 
@@ -156,7 +159,9 @@ class SessionCoordinator:
         self._loop = asyncio.get_running_loop()
         self._commits = asyncio.Queue()
         if self.store is None:
-            self.store = await asyncio.to_thread(EventStore, self._store_arg)  # type: ignore[arg-type]
+            url = self._store_arg if isinstance(self._store_arg, str) else None
+            self.store = await asyncio.to_thread(EventStore, url)
+        store = self.store
         self.projections = await asyncio.to_thread(self._rebuild)
         self._checkpointed_at = self.projections.position
         self.projections.listeners.append(self._on_session_event)
@@ -167,7 +172,7 @@ class SessionCoordinator:
             if (deadline := next_deadline(session)) is not None
         ]
         self._writer = Writer(
-            self.store,
+            store,
             self.clock,
             self._deliver,
             max_batch=self.max_batch,
@@ -249,9 +254,7 @@ class SessionCoordinator:
         self.store.checkpoints.put(_CHECKPOINT, proj.position, data)
         self._checkpointed_at = proj.position
 
-    def _deliver(
-        self, saved: list[EventEnvelope], results: list[tuple[WriteJob, Outcome]]
-    ) -> None:
+    def _deliver(self, saved: list[EventEnvelope], results: list[tuple[WriteJob, Outcome]]) -> None:
         """Called on the writer thread after each pass."""
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results))
@@ -287,7 +290,7 @@ class SessionCoordinator:
         if not saved:
             return
         contiguous = saved[0].position == proj.position + 1 and all(
-            b.position == (a.position or 0) + 1 for a, b in zip(saved, saved[1:], strict=False)
+            b.position == (a.position or 0) + 1 for a, b in itertools.pairwise(saved)
         )
         if contiguous:
             proj.apply_all(saved)
@@ -376,7 +379,8 @@ class SessionCoordinator:
         command_id: uuid.UUID | None,
         correlation_id: uuid.UUID | None,
     ) -> tuple[Accepted, list[str]]:
-        assert self._writer is not None and self._loop is not None
+        assert self._writer is not None
+        assert self._loop is not None
         future: asyncio.Future[tuple[Accepted, list[str]]] = self._loop.create_future()
         self._writer.submit(
             WriteJob(
@@ -412,7 +416,9 @@ class SessionCoordinator:
                 return await self._history(command)
             case ReadEvents():
                 return await self._read_events(command)
-        raise CommandRejected(ErrorCode.INVALID_MESSAGE, f"unknown command {type(command).__name__}")
+        raise CommandRejected(
+            ErrorCode.INVALID_MESSAGE, f"unknown command {type(command).__name__}"
+        )
 
     # -- the seed's SessionCoordinator: workflow sessions ------------------------------
 
@@ -429,7 +435,8 @@ class SessionCoordinator:
                 steps=list(steps), config=config or WorkflowConfig(), session_id=session_id
             )
         )
-        assert isinstance(accepted, Accepted) and accepted.session_id is not None
+        assert isinstance(accepted, Accepted)
+        assert accepted.session_id is not None
         session = await self.get_workflow_session(accepted.session_id)
         assert session is not None
         return session
@@ -586,8 +593,6 @@ class SessionCoordinator:
         proj = self.projections
         if session_id in proj.sessions or session_id in proj.recently_destroyed:
             return proj.integrity(session_id)
-        from coordinator.projections import integrity_report
-
         session = await self.get_workflow_session(session_id)
         return integrity_report(
             session_id, session, dict(proj.orphans.get(session_id, {})), set(proj.modules)
@@ -601,7 +606,8 @@ class SessionCoordinator:
     async def run_timeouts(self) -> None:
         """Fire every timeout due by the clock now, and wait until it is committed."""
         self._require_running()
-        assert self._writer is not None and self._loop is not None
+        assert self._writer is not None
+        assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._writer.submit(WriteJob.barrier(future))
         await future
@@ -638,10 +644,8 @@ class SessionCoordinator:
             state = None
         return SessionHistory(events=events, state=state if events else None)
 
-    async def verify_history(self, session_id: uuid.UUID) -> Any:
+    async def verify_history(self, session_id: uuid.UUID) -> ChainVerdict:
         """Recompute the hash chain of one session as stored (``ChainVerdict``)."""
-        from contracts import verify_chain_raw
-
         assert self.store is not None
         raw = await asyncio.to_thread(self.store.raw_history, session_id)
         return verify_chain_raw(raw)
@@ -656,7 +660,9 @@ class SessionCoordinator:
     async def _read_events(self, command: ReadEvents) -> EventsPage:
         assert self.store is not None
         page = await asyncio.to_thread(self.store.read, command.after_position, command.limit)
-        next_position = page[-1].position or command.after_position if page else command.after_position
+        next_position = (
+            page[-1].position or command.after_position if page else command.after_position
+        )
         if command.session_id is not None:
             page = [e for e in page if e.session_id == command.session_id]
         return EventsPage(events=page, next_position=next_position)

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 import msgspec
+import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import (
@@ -343,7 +344,8 @@ class _SQLiteCheckpoints:
         with self._lock, self._conn:
             self._conn.execute(
                 "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET position = excluded.position, data = excluded.data",
+                "ON CONFLICT(name) DO UPDATE "
+                "SET position = excluded.position, data = excluded.data",
                 (name, position, data),
             )
 
@@ -354,14 +356,12 @@ class _SQLiteCheckpoints:
 
 class _PostgresCheckpoints:
     def __init__(self, dsn: str, schema: str | None) -> None:
-        import psycopg
-
         self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
         self._lock = threading.Lock()
         self._table = f'"{schema}".sessionbus_checkpoints' if schema else "sessionbus_checkpoints"
         with self._lock:
             self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self._table} "  # noqa: S608 - our own identifier
+                f"CREATE TABLE IF NOT EXISTS {self._table} "
                 "(name TEXT PRIMARY KEY, position BIGINT NOT NULL, data BYTEA NOT NULL)"
             )
 
@@ -377,7 +377,8 @@ class _PostgresCheckpoints:
         with self._lock:
             self._conn.execute(
                 f"INSERT INTO {self._table} (name, position, data) VALUES (%s, %s, %s) "  # noqa: S608
-                "ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, data = EXCLUDED.data",
+                "ON CONFLICT (name) DO UPDATE "
+                "SET position = EXCLUDED.position, data = EXCLUDED.data",
                 (name, position, data),
             )
 

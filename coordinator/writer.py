@@ -99,9 +99,7 @@ class _JobScope:
         self.marks[aggregate.id] = (aggregate, None)
 
     def events(self) -> int:
-        return sum(
-            len(a.pending_events) - (m.pending if m else 0) for a, m in self.marks.values()
-        )
+        return sum(len(a.pending_events) - (m.pending if m else 0) for a, m in self.marks.values())
 
     def rollback(self) -> list[uuid.UUID]:
         """Undo the command; returns the ids of aggregates it had created."""
@@ -235,7 +233,7 @@ class Writer:
                     )
                     outcomes = [error] * len(batch)
             except StoreUnavailable as exc:
-                log.error("store unavailable: %s", exc)
+                log.exception("store unavailable")
                 self._evict(touched)
                 error = CommandRejected(
                     ErrorCode.UNAVAILABLE, f"event store unavailable: {exc}", retryable=True
@@ -468,7 +466,9 @@ class Writer:
         )
         if exists:
             raise CommandRejected(
-                ErrorCode.SESSION_EXISTS, f"workflow session {sid} already exists", field="session_id"
+                ErrorCode.SESSION_EXISTS,
+                f"workflow session {sid} already exists",
+                field="session_id",
             )
         session = WorkflowSessionAggregate.create(ctx, sid, list(cmd.steps), cmd.config, registry)
         scope.enter_new(session)
@@ -534,4 +534,3 @@ class Writer:
         if not job.actions:
             job.actions.append("nothing to repair")
         return session
-

@@ -63,9 +63,7 @@ def pg_store_url(postgres_url: str, pg_schema: str) -> str:
 
 
 @pytest.fixture
-async def amqp_connection(
-    amqp_url: str, request: pytest.FixtureRequest
-) -> AsyncIterator[object]:
+async def amqp_connection(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[object]:
     """A robust aio-pika connection named after the test (visible in the broker UI)."""
     import aio_pika
 

@@ -63,7 +63,9 @@ def _tamper(envelope: EventEnvelope, field: str, data: st.DataObject) -> EventEn
     if field == "payload":
         changes = {"event": data.draw(from_type(Event).filter(lambda e: e != envelope.event))}
     elif field == "version":
-        changes = {"version": data.draw(st.integers(1, 10_000).filter(lambda v: v != envelope.version))}
+        changes = {
+            "version": data.draw(st.integers(1, 10_000).filter(lambda v: v != envelope.version))
+        }
     elif field == "prev_hash":
         changes = {"prev_hash": data.draw(HEX64.filter(lambda h: h != envelope.prev_hash))}
     else:
@@ -89,8 +91,7 @@ def test_store_positions_do_not_affect_the_chain(
 ) -> None:
     """position is assigned after sealing, so it is outside the hash."""
     placed = [
-        env.with_position(positions.draw(st.integers(1, 2**40), label="position"))
-        for env in chain
+        env.with_position(positions.draw(st.integers(1, 2**40), label="position")) for env in chain
     ]
     assert verify_chain(placed).ok
 
@@ -175,4 +176,3 @@ def test_a_chain_survives_a_codec_round_trip(codec: Codec, chain: list[EventEnve
     page = codec.decode(codec.encode(EventsPage(events=chain, next_position=1)), EventsPage)
     assert verify_chain(history.events).ok
     assert verify_chain(page.events).ok
-
