@@ -48,6 +48,7 @@ __all__ = [
     "LinkedSessions",
     "ListActiveWorkflowSessions",
     "ListModules",
+    "ListWorkflowSessions",
     "ModulesResult",
     "ReadEvents",
     "RecordActivity",
@@ -60,6 +61,7 @@ __all__ = [
     "SessionHistory",
     "SessionIds",
     "SessionResult",
+    "SessionsPage",
     "UnlinkModuleSession",
     "UnregisterModule",
     "UpdateSessionStatus",
@@ -189,6 +191,16 @@ class ListActiveWorkflowSessions(CommandBase, frozen=True, tag="list-active-work
     module_id: ModuleId | None = None
 
 
+class ListWorkflowSessions(CommandBase, frozen=True, tag="list-workflow-sessions"):
+    """Every session not yet destroyed, with full state, a page at a time (oldest
+    first): how a module catches up on start."""
+
+    module_id: ModuleId | None = None
+    status: SessionStatus | None = None
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    limit: PageSize = 500
+
+
 class GetLinkedSessions(CommandBase, frozen=True, tag="get-linked-sessions"):
     """Seed: getLinkedSessions(workflowSessionId)."""
 
@@ -239,6 +251,7 @@ Command = (
     | UnregisterModule
     | GetWorkflowSession
     | ListActiveWorkflowSessions
+    | ListWorkflowSessions
     | GetLinkedSessions
     | ListModules
     | GetCoordinatorHealth
@@ -261,6 +274,7 @@ COMMAND_TYPES: Final[tuple[type[CommandBase], ...]] = (
     UnregisterModule,
     GetWorkflowSession,
     ListActiveWorkflowSessions,
+    ListWorkflowSessions,
     GetLinkedSessions,
     ListModules,
     GetCoordinatorHealth,
@@ -307,6 +321,13 @@ class SessionResult(ResultBase, frozen=True, tag="session"):
     """A workflow session, or ``None`` when unknown (getWorkflowSession returns null)."""
 
     session: WorkflowSession | None
+
+
+class SessionsPage(ResultBase, frozen=True, tag="sessions"):
+    """A page of sessions; ``next_offset`` is ``None`` on the last page."""
+
+    sessions: list[WorkflowSession]
+    next_offset: int | None = None
 
 
 class SessionIds(ResultBase, frozen=True, tag="session-ids"):
@@ -364,6 +385,7 @@ Result = (
     Accepted
     | SessionResult
     | SessionIds
+    | SessionsPage
     | LinkedSessions
     | ModulesResult
     | HealthResult

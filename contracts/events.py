@@ -41,7 +41,9 @@ SCHEMA_VERSION: Final = 1
 # prev_hash of the first event of every stream.
 GENESIS_HASH: Final = "0" * 64
 
-Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+# "$(?!\n)": msgspec matches with re.search, where a bare "$" also matches before a
+# trailing newline.
+Sha256Hex = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$(?!\n)")]
 
 
 class EventBase(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):

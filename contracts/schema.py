@@ -293,7 +293,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
     messages: JsonDict = {}
     channels: JsonDict = {}
     operations: JsonDict = {}
-    event_messages: list[tuple[str, str]] = []  # (message key, routing key)
+    event_messages: list[str] = []
 
     for cls in EVENT_TYPES:
         name, tag = names[cls], event_type(cls)
@@ -317,7 +317,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
             description=f"Published with routing key `{topo.routing_key(tag)}`; "
             f"also encodable as {MSGPACK}.",
         )
-        event_messages.append((name, tag))
+        event_messages.append(name)
         channel = _ident(tag)
         channels[channel] = {
             "address": topo.routing_key(tag),
@@ -349,7 +349,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
     )
 
     def all_events() -> JsonDict:
-        return {key: _ref("components", "messages", key) for key, _ in event_messages}
+        return {key: _ref("components", "messages", key) for key in event_messages}
 
     module_queue = topo.module_queue(_SAMPLE_MODULE_ID)
     module_address = module_queue.removesuffix(_SAMPLE_MODULE_ID) + f"{{{_MODULE_PARAM}}}"
@@ -477,7 +477,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
                 "channel": _ref("channels", "moduleQueue"),
                 "summary": "A module applies its sessions' events in version order.",
                 "messages": [
-                    _ref("channels", "moduleQueue", "messages", key) for key, _ in event_messages
+                    _ref("channels", "moduleQueue", "messages", key) for key in event_messages
                 ],
                 "tags": [{"name": "module"}],
                 "bindings": ack,
@@ -486,9 +486,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
                 "action": "receive",
                 "channel": _ref("channels", "audit"),
                 "summary": "An auditor replays the event history.",
-                "messages": [
-                    _ref("channels", "audit", "messages", key) for key, _ in event_messages
-                ],
+                "messages": [_ref("channels", "audit", "messages", key) for key in event_messages],
                 "tags": [{"name": "auditor"}],
             },
             "readDeadLetters": {

@@ -13,8 +13,23 @@ from typing import Final
 from contracts.errors import ValidationError
 from contracts.events import EVENT_TYPES, event_type
 from contracts.ids import PREFIX_PATTERN, parse_module_id
+from contracts.transport import Delivery, ExchangeSpec, QueueSpec, Transport
 
-__all__ = ["DEFAULT_PREFIX", "HEADERS", "Topology"]
+__all__ = [
+    "DEFAULT_AUDIT_RETENTION",
+    "DEFAULT_PREFIX",
+    "HEADERS",
+    "MODULE_ROUTING_KEYS",
+    "Topology",
+    "dead_letter",
+]
+
+# How long the audit stream keeps events (RabbitMQ x-max-age syntax).
+DEFAULT_AUDIT_RETENTION: Final = "30D"
+# What a module's queue receives: every session event and orphan clean-up requests.
+MODULE_ROUTING_KEYS: Final = ("session.#", "module.orphan-cleanup-requested")
+# Redeliveries before a quorum queue dead-letters a message that keeps failing.
+DELIVERY_LIMIT: Final = 10
 
 DEFAULT_PREFIX: Final = "sessionbus"
 
@@ -63,6 +78,16 @@ class Topology:
         return f"{self.prefix}.heartbeats.coordinator"
 
     @property
+    def unroutable_exchange(self) -> str:
+        """Alternate exchange of the events exchange: an event no queue is bound for
+        lands here instead of being dropped."""
+        return f"{self.prefix}.unroutable"
+
+    @property
+    def unroutable_queue(self) -> str:
+        return f"{self.prefix}.unroutable"
+
+    @property
     def dead_letter_exchange(self) -> str:
         """Where rejected messages go, with their reason in headers."""
         return f"{self.prefix}.dlx"
@@ -96,6 +121,79 @@ class Topology:
         """Every event routing key."""
         return tuple(event_type(cls) for cls in EVENT_TYPES)
 
+    def heartbeats_queue_for(self, instance: str) -> str:
+        """A coordinator instance's own heartbeat queue (each replica sees them all)."""
+        return f"{self.prefix}.heartbeats.{instance}"
+
+    # -- declarations -----------------------------------------------------------------
+
+    def exchange_specs(self) -> list[ExchangeSpec]:
+        """Exchanges the coordinator owns, in declaration order."""
+        return [
+            ExchangeSpec(self.unroutable_exchange, "fanout"),
+            ExchangeSpec(self.dead_letter_exchange, "fanout"),
+            ExchangeSpec(
+                self.events_exchange,
+                "topic",
+                arguments={"alternate-exchange": self.unroutable_exchange},
+            ),
+            ExchangeSpec(self.heartbeats_exchange, "fanout"),
+        ]
+
+    def _quorum(self, **extra: object) -> dict[str, object]:
+        return {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            **extra,
+        }
+
+    def commands_queue_spec(self, partition: int | None = None) -> QueueSpec:
+        """Commands: quorum, dead-lettered; one owner at a time per partition."""
+        return QueueSpec(
+            self.commands_queue(partition),
+            arguments=self._quorum(**{"x-single-active-consumer": True}),
+        )
+
+    def module_queue_spec(self, module_id: str) -> QueueSpec:
+        """A module's events: quorum, dead-lettered, single active consumer so one
+        replica at a time sees a session's events, in order."""
+        return QueueSpec(
+            self.module_queue(module_id),
+            arguments=self._quorum(**{"x-single-active-consumer": True}),
+            bindings=[(self.events_exchange, key) for key in MODULE_ROUTING_KEYS],
+        )
+
+    def queue_specs(self, *, audit_retention: str = DEFAULT_AUDIT_RETENTION) -> list[QueueSpec]:
+        """Queues the coordinator owns (commands, dead letters, unroutable, audit)."""
+        return [
+            QueueSpec(
+                self.dead_letter_queue,
+                arguments={"x-queue-type": "quorum"},
+                bindings=[(self.dead_letter_exchange, "")],
+            ),
+            QueueSpec(
+                self.unroutable_queue,
+                arguments={"x-queue-type": "quorum"},
+                bindings=[(self.unroutable_exchange, "")],
+            ),
+            QueueSpec(
+                self.audit_stream,
+                arguments={"x-queue-type": "stream", "x-max-age": audit_retention},
+                bindings=[(self.events_exchange, "#")],
+            ),
+            self.commands_queue_spec(),
+        ]
+
+    async def declare(
+        self, transport: Transport, *, audit_retention: str = DEFAULT_AUDIT_RETENTION
+    ) -> None:
+        """Declare everything the coordinator owns (idempotent)."""
+        for exchange in self.exchange_specs():
+            await transport.declare_exchange(exchange)
+        for queue in self.queue_specs(audit_retention=audit_retention):
+            await transport.declare_queue(queue)
+
     def names(self) -> dict[str, str]:
         """Every fixed name, for display and for cleaning up a prefix."""
         return {
@@ -104,6 +202,38 @@ class Topology:
             "heartbeats_queue": self.heartbeats_queue,
             "dead_letter_exchange": self.dead_letter_exchange,
             "dead_letter_queue": self.dead_letter_queue,
+            "unroutable_exchange": self.unroutable_exchange,
+            "unroutable_queue": self.unroutable_queue,
             "audit_stream": self.audit_stream,
             "commands_queue": self.commands_queue(),
         }
+
+
+async def dead_letter(
+    transport: Transport,
+    topology: Topology,
+    delivery: Delivery,
+    *,
+    reason: str,
+    code: str,
+    rejected_by: str,
+    field: str | None = None,
+) -> None:
+    """Move a message that cannot be processed to the dead-letter queue with the reason
+    in its headers, then ack it. Publishing first (confirmed) means a crash in between
+    leaves a duplicate in the DLQ, never a loss."""
+    headers = dict(delivery.headers)
+    headers[HEADERS.REJECT_REASON] = reason[:1000]
+    headers[HEADERS.REJECT_CODE] = code
+    headers[HEADERS.REJECTED_BY] = rejected_by
+    headers["x-original-routing-key"] = delivery.routing_key
+    headers["x-original-exchange"] = delivery.exchange
+    if field is not None:
+        headers[HEADERS.REJECT_FIELD] = field
+    await transport.publish(
+        topology.dead_letter_exchange,
+        delivery.routing_key,
+        delivery.to_outgoing(headers=headers, user_id=None),
+        mandatory=False,
+    )
+    await delivery.ack()

@@ -31,6 +31,7 @@ from contracts import (
     OrphanCleanupRequested,
     OrphanReported,
     SessionIntegrityReport,
+    SessionsPage,
     SessionStatus,
     WorkflowSession,
     fold_session,
@@ -194,6 +195,24 @@ class Projections:
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
         return sorted(ids, key=lambda sid: self.sessions[sid].created_at)
+
+    def sessions_page(
+        self, status: SessionStatus | None, module_id: str | None, offset: int, limit: int
+    ) -> SessionsPage:
+        """Sessions not destroyed, oldest first, optionally filtered."""
+        if status is not None:
+            ids = set(self.by_status[status])
+        else:
+            ids = set(self.sessions)
+        if module_id is not None:
+            ids &= self.by_module.get(module_id, set())
+        ordered = sorted(ids, key=lambda sid: (self.sessions[sid].created_at, sid))
+        page = ordered[offset : offset + limit]
+        more = offset + limit < len(ordered)
+        return SessionsPage(
+            sessions=[self.sessions[sid] for sid in page],
+            next_offset=offset + limit if more else None,
+        )
 
     def linked_sessions(self, session_id: uuid.UUID) -> dict[str, uuid.UUID]:
         session = self.sessions.get(session_id)

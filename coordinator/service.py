@@ -47,6 +47,7 @@ from contracts import (
     LinkModuleSession,
     ListActiveWorkflowSessions,
     ListModules,
+    ListWorkflowSessions,
     ModuleInfo,
     ModuleSessionConfig,
     ModulesResult,
@@ -189,13 +190,12 @@ class SessionCoordinator:
             proj.position,
         )
 
-    async def close(self) -> None:
-        """Finish queued writes, checkpoint the projections, close the store. Safe to
-        call twice."""
-        if self._state in {"closed", "new"}:
-            self._state = "closed"
+    async def drain(self) -> None:
+        """Stop taking writes: finish what is queued and apply it to the projections.
+        The store stays open (the relay still publishes from it). Safe to call twice."""
+        if self._state != "running":
             return
-        self._state = "closed"
+        self._state = "draining"
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
         if self._applier is not None:
@@ -204,6 +204,14 @@ class SessionCoordinator:
             await asyncio.gather(self._applier, return_exceptions=True)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain, checkpoint the projections, close the store. Safe to call twice."""
+        if self._state in {"closed", "new"}:
+            self._state = "closed"
+            return
+        await self.drain()
+        self._state = "closed"
         if self.store is not None:
             await asyncio.to_thread(self._checkpoint)
             if self._owns_store:
@@ -401,6 +409,10 @@ class SessionCoordinator:
             case ListActiveWorkflowSessions():
                 return SessionIds(
                     session_ids=proj.active_session_ids(command.status, command.module_id)
+                )
+            case ListWorkflowSessions():
+                return proj.sessions_page(
+                    command.status, command.module_id, command.offset, command.limit
                 )
             case GetLinkedSessions():
                 return LinkedSessions(links=proj.linked_sessions(command.session_id))

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import urllib.parse
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Protocol
@@ -402,6 +402,19 @@ class _App(Application[uuid.UUID]):
         return self._mapper
 
 
+def _project_registry(
+    aggregate: ModuleRegistry | None, events: Iterable[Any]
+) -> ModuleRegistry | None:
+    """Replay the registry stream. The registry starts empty at version 0 and its first
+    stored event is a plain ``Event``, not a ``Created``, so eventsourcing's default
+    projector (which applies the first event to ``None``) cannot rebuild it."""
+    for event in events:
+        if aggregate is None and not isinstance(event, Snapshot):
+            aggregate = ModuleRegistry.empty()
+        aggregate = event.mutate(aggregate)
+    return aggregate
+
+
 class EventStore:
     """The coordinator's event store. Synchronous: used from the writer thread and from
     worker threads, never from the event loop."""
@@ -452,7 +465,11 @@ class EventStore:
     def load(self, aggregate_id: uuid.UUID) -> EnvelopeAggregate | None:
         """The aggregate from its latest snapshot plus later events, or ``None``."""
         try:
-            aggregate: EnvelopeAggregate = self._app.repository.get(aggregate_id)
+            aggregate: EnvelopeAggregate = (
+                self._app.repository.get(aggregate_id, projector_func=_project_registry)
+                if aggregate_id == ModuleRegistry.ID
+                else self._app.repository.get(aggregate_id)
+            )
         except AggregateNotFoundError:
             return None
         except PersistenceError as exc:

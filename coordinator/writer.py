@@ -374,8 +374,10 @@ class Writer:
         for aggregate, _mark in scope.marks.values():
             if aggregate.pending_events:
                 touched[aggregate.id] = aggregate
+        # A registry write names no workflow session: the same reply the projections
+        # rebuild from the events (so a retry after a restart is answered identically).
         return Accepted(
-            session_id=primary.id if primary is not None else None,
+            session_id=primary.id if isinstance(primary, WorkflowSessionAggregate) else None,
             version=primary.version if primary is not None else 0,
             events=scope.events(),
         )

@@ -1,0 +1,125 @@
+"""The machine and software a run measured: versions, services, memory."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgres_base_url() -> str:
+    return os.environ.get("SESSIONBUS_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def postgres_server_version(url: str) -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            row = conn.execute("SHOW server_version").fetchone()
+            return str(row[0]) if row else None
+    except Exception:  # any failure means "not measured"
+        return None
+
+
+def rabbitmq_version() -> str | None:
+    """``rabbitmqctl version``, or ``None`` when the tool is absent or fails."""
+    tool = shutil.which("rabbitmqctl")
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run(
+            [tool, "version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[-1].strip() if done.returncode == 0 and lines else None
+
+
+def versions(postgres_url: str) -> dict[str, str | None]:
+    return {
+        "python": platform.python_version(),
+        "sessionbus": _package_version("sessionbus"),
+        "eventsourcing": _package_version("eventsourcing"),
+        "msgspec": _package_version("msgspec"),
+        "aio-pika": _package_version("aio-pika"),
+        "psycopg": _package_version("psycopg"),
+        "sqlite": sqlite3.sqlite_version,
+        "postgresql": postgres_server_version(postgres_url),
+        "rabbitmq": rabbitmq_version(),
+    }
+
+
+def host() -> dict[str, Any]:
+    mem_total = None
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_total = int(line.split()[1]) * 1024
+                break
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem_total,
+        "implementation": platform.python_implementation(),
+    }
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current RSS, peak RSS) of this process, from /proc/self/status."""
+    rss = peak = 0
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+            elif line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) * 1024
+    return rss, peak
+
+
+def postgres_reachable(url: str) -> str | None:
+    """``None`` when PostgreSQL answers, else why not."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def postgres_schema(base_url: str, prefix: str = "bench") -> Iterator[str]:
+    """A fresh schema, dropped afterwards; yields the store URL pointing at it."""
+    import psycopg
+
+    schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(base_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    parts = urllib.parse.urlsplit(base_url)
+    query = urllib.parse.urlencode({"schema": schema})
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(query=query))
+    finally:
+        with psycopg.connect(base_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -1,0 +1,141 @@
+"""Coordinator RSS with many active sessions in its read models.
+
+The parent writes a SQLite store of N live sessions (created, required and optional
+modules linked, ACTIVE, a little activity; none ended). A fresh child process then
+imports sessionbus, reads its RSS, starts ``SessionCoordinator`` on the store (rebuild
+from scratch: every session lands in the projections), reads RSS again, then records
+activity on as many sessions as the writer's aggregate cache holds (so the cache is
+full, as in a coordinator that has been serving those sessions) and reads RSS a third
+time. RSS is /proc/self/status VmRSS; peak is VmHWM.
+
+Child: ``python -m benchmarks.memory STORE_URL EXPECTED_SESSIONS`` prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.environment import rss_bytes
+from benchmarks.registry import Context, Figure, Trial, measurement, target
+
+MB = 1024 * 1024
+_PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _sessions(ctx: Context) -> int:
+    return ctx.size(20_000, 100_000)
+
+
+@measurement(
+    "memory.sessions",
+    "coordinator RSS after start with N active sessions in the read models (child process)",
+    repeats=(1, 1),
+    budget_s=(120.0, 600.0),
+)
+@contextlib.contextmanager
+def memory_sessions(ctx: Context) -> Iterator[Trial]:
+    from benchmarks.workload import generate
+    from coordinator.store import EventStore
+
+    count = _sessions(ctx)
+    path = ctx.tmpdir("memory-") / "active.sqlite"
+    url = f"sqlite:///{path}"
+    ctx.log(f"writing {count:,} active sessions into {path}")
+    with EventStore(url) as store:
+        made = generate(store, sessions=count, may_end=False, activity=(1, 3), max_seconds=600.0)
+    ctx.log(f"wrote {made.events:,} events in {made.seconds:.1f}s")
+    ctx.params.update(
+        sessions=made.sessions,
+        live_sessions=made.live_sessions,
+        events=made.events,
+        generation_seconds=round(made.seconds, 2),
+    )
+
+    def trial() -> dict[str, Figure]:
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.memory", url, str(made.live_sessions)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+            cwd=_PROJECT,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"memory child failed ({done.returncode}): {done.stderr[-2000:]}")
+        got: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        sessions = got["active_sessions"]
+        grown = got["rss_after_start"] - got["rss_before"]
+        return {
+            "rss_before_mb": Figure(got["rss_before"] / MB, "MB", "lower"),
+            "rss_after_start_mb": Figure(got["rss_after_start"] / MB, "MB", "lower"),
+            "rss_after_commands_mb": Figure(got["rss_after_commands"] / MB, "MB", "lower"),
+            "rss_peak_mb": Figure(got["rss_peak"] / MB, "MB", "lower"),
+            "bytes_per_session": Figure(grown / sessions, "B", "lower"),
+            "active_sessions": Figure(sessions, "sessions", None),
+            "cached_aggregates": Figure(got["cached_aggregates"], "aggregates", None),
+            "start_seconds": Figure(got["start_seconds"], "s", "lower"),
+        }
+
+    yield trial
+
+
+target(
+    "RSS with 100k active sessions (after commands)",
+    "memory.sessions",
+    "rss_after_commands_mb",
+    "<=",
+    300,
+    "MB",
+    at_size=("live_sessions", 100_000),
+)
+
+
+async def _child(url: str, expected: int) -> dict[str, Any]:
+    import time
+
+    from coordinator.service import SessionCoordinator
+
+    before, _ = rss_bytes()
+    coordinator = SessionCoordinator(url)
+    started = time.perf_counter()
+    await coordinator.start()
+    start_seconds = time.perf_counter() - started
+    try:
+        after_start, _ = rss_bytes()
+        active = coordinator.list_active_workflow_sessions()
+        if len(active) != expected:
+            raise RuntimeError(f"expected {expected} active sessions, found {len(active)}")
+        writer = coordinator._writer
+        assert writer is not None
+        touch = active[: writer.cache_size]
+        for offset in range(0, len(touch), 256):
+            wave = touch[offset : offset + 256]
+            await asyncio.gather(*(coordinator.record_activity(sid) for sid in wave))
+        after_commands, peak = rss_bytes()
+        cached = len(writer._cache)
+    finally:
+        await coordinator.close()
+    return {
+        "rss_before": before,
+        "rss_after_start": after_start,
+        "rss_after_commands": after_commands,
+        "rss_peak": peak,
+        "active_sessions": len(active),
+        "cached_aggregates": cached,
+        "start_seconds": start_seconds,
+    }
+
+
+if __name__ == "__main__":
+    # Import what a coordinator imports before the first reading, so "before" is the
+    # interpreter plus code, and the difference is data.
+    import coordinator.service  # noqa: F401
+
+    print(json.dumps(asyncio.run(_child(sys.argv[1], int(sys.argv[2])))))

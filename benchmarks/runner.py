@@ -1,0 +1,308 @@
+"""Run measurements, repeat their trials, summarize, print, and write the JSON record."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import environment
+from benchmarks.registry import (
+    RATIOS,
+    REGISTRY,
+    TARGETS,
+    Context,
+    Figure,
+    Measurement,
+    remove_tree,
+)
+
+# Modules that register measurements, in the order they run.
+MODULES = (
+    "benchmarks.raw",
+    "benchmarks.commands",
+    "benchmarks.rebuild",
+    "benchmarks.memory",
+)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load() -> dict[str, Measurement]:
+    for name in MODULES:
+        importlib.import_module(name)
+    return REGISTRY
+
+
+def select(names: list[str]) -> list[Measurement]:
+    """Measurements named exactly, or by a dotted prefix (``rebuild`` → ``rebuild.*``)."""
+    registry = load()
+    if not names:
+        return list(registry.values())
+    chosen: list[Measurement] = []
+    for wanted in names:
+        hits = [m for n, m in registry.items() if n == wanted or n.startswith(wanted + ".")]
+        if not hits:
+            raise SystemExit(f"no measurement {wanted!r}; known: {', '.join(registry)}")
+        chosen.extend(m for m in hits if m not in chosen)
+    return chosen
+
+
+@dataclass
+class Outcome:
+    measurement: Measurement
+    params: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    trials: list[dict[str, Figure]] = field(default_factory=list)
+    error: str | None = None
+    setup_seconds: float = 0.0
+    trial_seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        names: list[str] = []
+        for trial in self.trials:
+            names.extend(n for n in trial if n not in names)
+        out: dict[str, dict[str, Any]] = {}
+        for name in names:
+            got = [t[name] for t in self.trials if name in t]
+            values = [f.value for f in got]
+            out[name] = {
+                "unit": got[0].unit,
+                "better": got[0].better,
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+                "values": values,
+            }
+        return out
+
+    def median(self, figure: str) -> float | None:
+        summary = self.summary().get(figure)
+        return None if summary is None else float(summary["median"])
+
+
+def run_one(
+    m: Measurement, *, quick: bool, postgres_url: str, shared: dict[str, Any], workdir: Path,
+    repeats: int | None,
+) -> Outcome:
+    outcome = Outcome(m)
+    ctx = Context(quick=quick, postgres_url=postgres_url, shared=shared, workdir=workdir)
+    wanted = repeats or (m.repeats[0] if quick else m.repeats[1])
+    budget = m.budget_s[0] if quick else m.budget_s[1]
+    if "postgres" in m.needs:
+        why = environment.postgres_reachable(postgres_url)
+        if why is not None:
+            outcome.error = f"PostgreSQL unreachable at {postgres_url}: {why}"
+            return outcome
+    print(f"▶ {m.name}: {m.description}", file=sys.stderr, flush=True)
+    began = time.perf_counter()
+    try:
+        with m.setup(ctx) as trial:
+            outcome.setup_seconds = time.perf_counter() - began
+            started = time.perf_counter()
+            for i in range(wanted):
+                t0 = time.perf_counter()
+                figures = trial()
+                outcome.trial_seconds.append(time.perf_counter() - t0)
+                outcome.trials.append(figures)
+                ctx.log(f"trial {i + 1}/{wanted} done in {outcome.trial_seconds[-1]:.1f}s")
+                if time.perf_counter() - started > budget and i + 1 < wanted:
+                    ctx.note(
+                        f"{m.name}: stopped after {i + 1} of {wanted} repetitions "
+                        f"(time budget {budget:.0f}s)"
+                    )
+                    break
+    except Exception as exc:
+        outcome.error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc(file=sys.stderr)
+    outcome.params = dict(ctx.params)
+    outcome.notes = list(ctx.notes)
+    return outcome
+
+
+def evaluate(outcomes: dict[str, Outcome]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    targets = []
+    for t in TARGETS:
+        outcome = outcomes.get(t.measurement)
+        if outcome is None:
+            continue
+        measured = outcome.median(t.figure)
+        verdict: str
+        if measured is None:
+            verdict = "not measured"
+        elif t.at_size and int(outcome.params.get(t.at_size[0], 0)) < t.at_size[1]:
+            verdict = (
+                f"not comparable: measured at {t.at_size[0]}="
+                f"{outcome.params.get(t.at_size[0])}, target is for {t.at_size[1]:,}"
+            )
+        else:
+            verdict = "met" if t.met(measured) else "MISSED"
+        targets.append(
+            {
+                "label": t.label,
+                "measurement": t.measurement,
+                "figure": t.figure,
+                "target": f"{t.op} {t.value:,} {t.unit}",
+                "measured": measured,
+                "unit": t.unit,
+                "measured_over_target": (measured / t.value) if measured is not None else None,
+                "verdict": verdict,
+            }
+        )
+    ratios: dict[str, Any] = {}
+    for r in RATIOS:
+        num_o, den_o = outcomes.get(r.numerator[0]), outcomes.get(r.denominator[0])
+        if num_o is None or den_o is None:
+            continue
+        num, den = num_o.median(r.numerator[1]), den_o.median(r.denominator[1])
+        if num is None or den is None or den == 0:
+            continue
+        ratios[r.name] = {
+            "value": num / den,
+            "numerator": f"{r.numerator[0]}/{r.numerator[1]}",
+            "denominator": f"{r.denominator[0]}/{r.denominator[1]}",
+            "meaning": r.meaning,
+        }
+    return targets, ratios
+
+
+def _fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "nan"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    if magnitude >= 100:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def render(record: dict[str, Any], *, plain: bool) -> None:
+    rows = []
+    for name, m in record["measurements"].items():
+        if m["error"]:
+            rows.append((name, "ERROR", m["error"][:80], "", "", "", ""))
+            continue
+        for fig, s in m["figures"].items():
+            rows.append(
+                (name, fig, _fmt(s["median"]), _fmt(s["min"]), _fmt(s["max"]), s["unit"],
+                 str(s["n"]))
+            )
+    target_rows = [
+        (
+            t["label"],
+            t["target"],
+            "-" if t["measured"] is None else f"{_fmt(t['measured'])} {t['unit']}",
+            t["verdict"],
+        )
+        for t in record["targets"]
+    ]
+    ratio_rows = [(k, f"{v['value']:.3f}", v["meaning"]) for k, v in record["ratios"].items()]
+    title = f"sessionbus benchmarks ({record['mode']}, {record['started_at']})"
+    if not plain:
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            plain = True
+    if not plain:
+        console = Console(width=max(120, Console().width))
+        table = Table(title=title)
+        for col, justify in (
+            ("measurement", "left"), ("figure", "left"), ("median", "right"), ("min", "right"),
+            ("max", "right"), ("unit", "left"), ("n", "right"),
+        ):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        if target_rows:
+            tt = Table(title="issue targets")
+            for col in ("target", "wanted", "measured (median)", "verdict"):
+                tt.add_column(col)
+            for row in target_rows:
+                tt.add_row(*row)
+            console.print(tt)
+        if ratio_rows:
+            rt = Table(title="ratios (of medians)")
+            for col in ("ratio", "value", "meaning"):
+                rt.add_column(col)
+            for row in ratio_rows:
+                rt.add_row(*row)
+            console.print(rt)
+    else:
+        print(title)
+        widths = [max(len(r[i]) for r in [*rows, ("measurement", "figure", "median", "min",
+                                                   "max", "unit", "n")]) for i in range(7)]
+        header = ("measurement", "figure", "median", "min", "max", "unit", "n")
+        for row in (header, *rows):
+            print("  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        for row in target_rows:
+            print(f"target  {row[0]}: wanted {row[1]}, measured {row[2]}: {row[3]}")
+        for row in ratio_rows:
+            print(f"ratio   {row[0]} = {row[1]}  ({row[2]})")
+    for name, m in record["measurements"].items():
+        for note in m["notes"]:
+            print(f"note: {note}")
+        if m["error"]:
+            print(f"error in {name}: {m['error']}")
+
+
+def main(
+    *, quick: bool, only: list[str], plain: bool, repeats: int | None, output: Path | None
+) -> Path:
+    chosen = select(only)
+    postgres_url = environment.postgres_base_url()
+    started_at = datetime.now(UTC)
+    began = time.perf_counter()
+    shared: dict[str, Any] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="sessionbus-bench-"))
+    outcomes: dict[str, Outcome] = {}
+    try:
+        for m in chosen:
+            outcomes[m.name] = run_one(
+                m, quick=quick, postgres_url=postgres_url, shared=shared, workdir=workdir,
+                repeats=repeats,
+            )
+    finally:
+        remove_tree(workdir)
+    targets, ratios = evaluate(outcomes)
+    record: dict[str, Any] = {
+        "mode": "quick" if quick else "full",
+        "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "seconds": round(time.perf_counter() - began, 1),
+        "argv": sys.argv,
+        "host": environment.host(),
+        "versions": environment.versions(postgres_url),
+        "measurements": {
+            name: {
+                "description": o.measurement.description,
+                "params": o.params,
+                "notes": o.notes,
+                "error": o.error,
+                "setup_seconds": round(o.setup_seconds, 2),
+                "trial_seconds": [round(s, 2) for s in o.trial_seconds],
+                "figures": o.summary(),
+            }
+            for name, o in outcomes.items()
+        },
+        "targets": targets,
+        "ratios": ratios,
+    }
+    directory = output or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    render(record, plain=plain)
+    return path

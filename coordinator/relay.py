@@ -1,0 +1,175 @@
+"""The outbox relay: publishes what the store committed, and only then moves on.
+
+The notification log is the outbox. The relay reads it after its tracked position,
+publishes each event to the events exchange with publisher confirms (the whole page
+pipelined), and saves the new position only once every confirm is in. A crash between
+publish and save re-publishes that page: delivery is at-least-once, and consumers skip
+what they already applied by per-session version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Final
+
+from contracts import HEADERS, Codec, EventEnvelope, Topology
+from contracts.transport import OutgoingMessage, Transport, TransportError
+from coordinator.store import EventStore
+
+__all__ = ["OutboxRelay", "event_message", "traceparent"]
+
+log = logging.getLogger("sessionbus.coordinator.relay")
+
+# Without a wake-up (another coordinator wrote), look at the log this often.
+POLL_SECONDS: Final = 1.0
+MAX_BACKOFF: Final = 5.0
+
+
+def traceparent(env: EventEnvelope) -> str | None:
+    """W3C trace context for an event: the command's correlation id is the trace, the
+    event id the span, so every event of one request shares a trace."""
+    if env.correlation_id is None:
+        return None
+    return f"00-{env.correlation_id.hex}-{env.event_id.hex[:16]}-01"
+
+
+def event_message(
+    env: EventEnvelope, codec: Codec, app_id: str = "sessionbus-coordinator"
+) -> OutgoingMessage:
+    """The AMQP message for one event: message_id is the event id (brokers and
+    consumers dedupe on it), persistent, typed, with schema and order in headers."""
+    headers: dict[str, object] = {
+        HEADERS.SCHEMA_VERSION: env.schema_version,
+        HEADERS.SESSION_ID: str(env.session_id),
+        HEADERS.VERSION: env.version,
+        HEADERS.POSITION: env.position or 0,
+    }
+    parent = traceparent(env)
+    if parent is not None:
+        headers[HEADERS.TRACEPARENT] = parent
+    return OutgoingMessage(
+        body=codec.encode(env),
+        content_type=codec.content_type,
+        headers=headers,
+        message_id=str(env.event_id),
+        correlation_id=str(env.correlation_id) if env.correlation_id else None,
+        type=env.type,
+        timestamp=env.occurred_at,
+        persistent=True,
+    )
+
+
+class OutboxRelay:
+    """Publishes committed events in store order; at-least-once, never past a gap."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        transport: Transport,
+        topology: Topology,
+        *,
+        codec: Codec | None = None,
+        page: int = 500,
+        name: str | None = None,
+    ) -> None:
+        self.store = store
+        self.transport = transport
+        self.topology = topology
+        self.codec = codec or Codec("json")
+        self.page = page
+        self.checkpoint = name or f"relay:{topology.prefix}"
+        self.position = 0
+        self.published = 0
+        self.batches = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._caught_up = asyncio.Event()
+
+    async def start(self) -> None:
+        saved = await asyncio.to_thread(self.store.checkpoints.get, self.checkpoint)
+        self.position = saved[0] if saved else 0
+        self._task = asyncio.create_task(self._run(), name="sessionbus-relay")
+        self.wake()
+
+    def wake(self, *_: object) -> None:
+        """Something was committed: publish it now (the coordinator's commit hook)."""
+        self._caught_up.clear()
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Publish what is committed (bounded), then stop. Safe to call twice."""
+        if self._task is None or self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), 10)
+        except TimeoutError:
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until everything committed so far is published."""
+        target = await asyncio.to_thread(self.store.max_position)
+        deadline = time.monotonic() + timeout
+        while self.position < target:
+            self.wake()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"relay at {self.position}, store at {target}")
+            try:
+                await asyncio.wait_for(self._caught_up.wait(), remaining)
+            except TimeoutError:
+                continue
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._drain()
+                backoff = 0.1
+            except (TransportError, OSError) as exc:
+                log.warning("relay publish failed at position %d: %s", self.position, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                self._wake.set()
+                continue
+            except Exception:
+                log.exception("relay failed at position %d", self.position)
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                self._wake.set()
+                continue
+            if self._stopping:
+                return
+
+    async def _drain(self) -> None:
+        while True:
+            notifications = await asyncio.to_thread(
+                self.store.read_notifications, self.position, self.page
+            )
+            if not notifications:
+                self._caught_up.set()
+                return
+            decode = self.store.mapper.decode_envelope
+            items = []
+            for n in notifications:
+                env = decode(n.state).with_position(n.id)
+                items.append((self.topology.routing_key(env.type), event_message(env, self.codec)))
+            await self.transport.publish_many(self.topology.events_exchange, items)
+            last = notifications[-1].id
+            await asyncio.to_thread(self.store.checkpoints.put, self.checkpoint, last)
+            self.position = last
+            self.published += len(items)
+            self.batches += 1
+            if len(notifications) < self.page:
+                self._caught_up.set()
+                return

@@ -1,0 +1,356 @@
+"""``CoordinatorClient``: every SessionCoordinator method of the seed, over the bus.
+
+Requests are msgspec-encoded ``CommandRequest``s sent to the commands queue with a
+direct reply-to. A request that times out is sent again with the same command id (the
+coordinator applies it once and answers every copy the same), up to ``attempts``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from contracts import (
+    Accepted,
+    Codec,
+    Command,
+    CommandRequest,
+    CoordinatorHealth,
+    CreateWorkflowSession,
+    DecodeError,
+    DestroyWorkflowSession,
+    EventsPage,
+    GetCoordinatorHealth,
+    GetLinkedSessions,
+    GetSessionHistory,
+    GetWorkflowSession,
+    HealthResult,
+    IntegrityResult,
+    LinkedSessions,
+    LinkModuleSession,
+    ListActiveWorkflowSessions,
+    ListModules,
+    ListWorkflowSessions,
+    ModuleInfo,
+    ModuleSessionConfig,
+    ModulesResult,
+    ReadEvents,
+    RecordActivity,
+    RegisterModule,
+    RepairResult,
+    RepairSessionIntegrity,
+    ReportError,
+    ReportOrphan,
+    Result,
+    SessionHistory,
+    SessionIds,
+    SessionIntegrityReport,
+    SessionResult,
+    SessionsPage,
+    SessionStatus,
+    StandardError,
+    Topology,
+    UnlinkModuleSession,
+    UnregisterModule,
+    UpdateSessionStatus,
+    ValidateSessionIntegrity,
+    WorkflowConfig,
+    WorkflowSession,
+    new_id,
+)
+from contracts.transport import OutgoingMessage, Transport, TransportError
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
+
+__all__ = ["CoordinatorClient"]
+
+R = TypeVar("R")
+
+
+class _Retryable(SdkError):
+    pass
+
+
+class CoordinatorClient:
+    """Typed calls to the coordinator. ``user_id`` (default: the transport's user) is
+    stamped on every request; the broker refuses one that does not match the
+    connection, so the coordinator knows who is asking."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        topology: Topology | None = None,
+        *,
+        timeout: float = 10.0,
+        attempts: int = 3,
+        codec: Codec | None = None,
+    ) -> None:
+        self.transport = transport
+        self.topology = topology or Topology()
+        self.timeout = timeout
+        self.attempts = max(1, attempts)
+        self.codec = codec or Codec("json")
+        self.queue = self.topology.commands_queue()
+
+    async def call(
+        self,
+        command: Command,
+        *,
+        timeout: float | None = None,
+        command_id: uuid.UUID | None = None,
+        correlation_id: uuid.UUID | None = None,
+    ) -> Result:
+        """Send one command and return its result; ``CommandFailed`` carries a refusal."""
+        request = CommandRequest(
+            command_id=command_id or new_id(),
+            issued_at=datetime.now(UTC),
+            command=command,
+            correlation_id=correlation_id,
+        )
+        body = self.codec.encode(request)
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.attempts),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                retry=retry_if_exception_type(_Retryable),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._once(request, body, timeout or self.timeout)
+        except _Retryable as exc:
+            raise CoordinatorUnavailable(
+                f"{type(command).__name__} got no reply after {self.attempts} attempts: {exc}"
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _once(self, request: CommandRequest, body: bytes, timeout: float) -> Result:
+        message = OutgoingMessage(
+            body=body,
+            content_type=self.codec.content_type,
+            correlation_id=str(new_id()),
+            message_id=str(request.command_id),
+            user_id=self.transport.user,
+            type=type(request.command).__name__,
+            persistent=False,
+        )
+        try:
+            delivery = await self.transport.request(self.queue, message, timeout=timeout)
+        except TimeoutError as exc:
+            raise _Retryable(f"no reply within {timeout} s") from exc
+        except TransportError as exc:
+            if exc.retryable:
+                raise _Retryable(str(exc)) from exc
+            raise
+        try:
+            reply = self.codec.decode_reply(delivery.body)
+        except DecodeError as exc:
+            raise SdkError(f"undecodable reply from the coordinator: {exc}") from exc
+        if reply.error is not None:
+            if reply.error.retryable:
+                raise _Retryable(f"{reply.error.code}: {reply.error.message}")
+            raise CommandFailed(reply.error)
+        assert reply.result is not None
+        return reply.result
+
+    async def _expect(self, command: Command, kind: type[R], **kwargs: Any) -> R:
+        result = await self.call(command, **kwargs)
+        if not isinstance(result, kind):
+            raise SdkError(
+                f"expected {kind.__name__}, the coordinator answered {type(result).__name__}"
+            )
+        return result
+
+    # -- the seed's SessionCoordinator ------------------------------------------------
+
+    async def create_workflow_session(
+        self,
+        steps: Sequence[str] = (),
+        config: WorkflowConfig | None = None,
+        *,
+        session_id: uuid.UUID | None = None,
+    ) -> WorkflowSession:
+        """Create a workflow session. The id is chosen here so a retried create cannot
+        make two sessions."""
+        sid = session_id or new_id()
+        await self._expect(
+            CreateWorkflowSession(
+                steps=list(steps), config=config or WorkflowConfig(), session_id=sid
+            ),
+            Accepted,
+        )
+        session = await self.get_workflow_session(sid)
+        if session is None:
+            raise SdkError(f"session {sid} was created but cannot be read back")
+        return session
+
+    async def destroy_workflow_session(
+        self, session_id: uuid.UUID, reason: str | None = None
+    ) -> None:
+        await self._expect(DestroyWorkflowSession(session_id=session_id, reason=reason), Accepted)
+
+    async def get_workflow_session(self, session_id: uuid.UUID) -> WorkflowSession | None:
+        result = await self._expect(GetWorkflowSession(session_id=session_id), SessionResult)
+        return result.session
+
+    async def list_active_workflow_sessions(
+        self, status: SessionStatus | None = None, module_id: str | None = None
+    ) -> list[uuid.UUID]:
+        result = await self._expect(
+            ListActiveWorkflowSessions(status=status, module_id=module_id), SessionIds
+        )
+        return result.session_ids
+
+    async def list_workflow_sessions(
+        self,
+        *,
+        status: SessionStatus | None = None,
+        module_id: str | None = None,
+        page_size: int = 500,
+    ) -> list[WorkflowSession]:
+        """Every session not destroyed, with full state, fetched page by page."""
+        sessions: list[WorkflowSession] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = await self._expect(
+                ListWorkflowSessions(
+                    status=status, module_id=module_id, offset=offset, limit=page_size
+                ),
+                SessionsPage,
+            )
+            sessions.extend(page.sessions)
+            offset = page.next_offset
+        return sessions
+
+    async def register_module(
+        self, module_id: str, *, required: bool = True, capabilities: Sequence[str] = ()
+    ) -> Accepted:
+        return await self._expect(
+            RegisterModule(module_id=module_id, required=required, capabilities=list(capabilities)),
+            Accepted,
+        )
+
+    async def unregister_module(self, module_id: str, reason: str | None = None) -> Accepted:
+        return await self._expect(UnregisterModule(module_id=module_id, reason=reason), Accepted)
+
+    async def list_modules(self) -> list[ModuleInfo]:
+        return (await self._expect(ListModules(), ModulesResult)).modules
+
+    async def get_module(self, module_id: str) -> ModuleInfo | None:
+        """Seed: getModuleSessionManager — over the bus, what the coordinator knows."""
+        for info in await self.list_modules():
+            if info.module_id == module_id:
+                return info
+        return None
+
+    async def link_module_session(
+        self,
+        workflow_session_id: uuid.UUID,
+        module_id: str,
+        module_session_id: uuid.UUID,
+        *,
+        config: ModuleSessionConfig | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Accepted:
+        return await self._expect(
+            LinkModuleSession(
+                session_id=workflow_session_id,
+                module_id=module_id,
+                module_session_id=module_session_id,
+                config=config or ModuleSessionConfig(),
+                metadata=metadata or {},
+            ),
+            Accepted,
+        )
+
+    async def unlink_module_session(
+        self, workflow_session_id: uuid.UUID, module_id: str, reason: str | None = None
+    ) -> Accepted:
+        return await self._expect(
+            UnlinkModuleSession(session_id=workflow_session_id, module_id=module_id, reason=reason),
+            Accepted,
+        )
+
+    async def get_linked_sessions(self, workflow_session_id: uuid.UUID) -> dict[str, uuid.UUID]:
+        result = await self._expect(
+            GetLinkedSessions(session_id=workflow_session_id), LinkedSessions
+        )
+        return result.links
+
+    async def update_session_status(
+        self,
+        session_id: uuid.UUID,
+        status: SessionStatus,
+        *,
+        module_id: str | None = None,
+        reason: str | None = None,
+    ) -> Accepted:
+        return await self._expect(
+            UpdateSessionStatus(
+                session_id=session_id, status=status, module_id=module_id, reason=reason
+            ),
+            Accepted,
+        )
+
+    async def record_activity(
+        self, session_id: uuid.UUID, module_id: str | None = None
+    ) -> Accepted:
+        return await self._expect(
+            RecordActivity(session_id=session_id, module_id=module_id), Accepted
+        )
+
+    async def report_error(
+        self,
+        session_id: uuid.UUID,
+        error: StandardError,
+        *,
+        module_id: str | None = None,
+        fatal: bool = True,
+    ) -> Accepted:
+        return await self._expect(
+            ReportError(session_id=session_id, error=error, module_id=module_id, fatal=fatal),
+            Accepted,
+        )
+
+    async def report_orphan(
+        self, session_id: uuid.UUID, module_id: str, module_session_id: uuid.UUID
+    ) -> Accepted:
+        return await self._expect(
+            ReportOrphan(
+                session_id=session_id, module_id=module_id, module_session_id=module_session_id
+            ),
+            Accepted,
+        )
+
+    async def get_coordinator_health(self) -> CoordinatorHealth:
+        return (await self._expect(GetCoordinatorHealth(), HealthResult)).health
+
+    async def validate_session_integrity(self, session_id: uuid.UUID) -> SessionIntegrityReport:
+        return (
+            await self._expect(ValidateSessionIntegrity(session_id=session_id), IntegrityResult)
+        ).report
+
+    async def repair_session_integrity(self, session_id: uuid.UUID) -> RepairResult:
+        return await self._expect(RepairSessionIntegrity(session_id=session_id), RepairResult)
+
+    async def get_session_history(
+        self, session_id: uuid.UUID, *, as_of: datetime | None = None, version: int | None = None
+    ) -> SessionHistory:
+        return await self._expect(
+            GetSessionHistory(session_id=session_id, as_of=as_of, version=version), SessionHistory
+        )
+
+    async def read_events(
+        self, after_position: int = 0, limit: int = 1000, session_id: uuid.UUID | None = None
+    ) -> EventsPage:
+        return await self._expect(
+            ReadEvents(after_position=after_position, limit=limit, session_id=session_id),
+            EventsPage,
+        )

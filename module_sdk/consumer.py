@@ -1,0 +1,236 @@
+"""The consumer runtime: a module's queue, applied once per session version, in order.
+
+aio-pika (and the in-process broker) run each delivery as its own task, so ordering is
+ours to keep: deliveries of one session wait on that session's lock (FIFO, so arrival
+order), a version at or below what was applied is a duplicate and is acked unseen, and
+a version past a gap first fetches the missing ones from the coordinator. Sessions run
+concurrently up to ``concurrency``. Ack policy: ack after the event is applied; a
+failure to apply requeues (the broker's delivery limit dead-letters a message that
+keeps failing); an undecodable message goes to the dead-letter queue with its reason
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from contracts import (
+    REGISTRY_ID,
+    DecodeError,
+    ErrorCode,
+    EventEnvelope,
+    MessageTooLarge,
+    Topology,
+    codec_for,
+)
+from contracts.topology import dead_letter
+from contracts.transport import ConsumerHandle, Delivery, Transport, TransportError
+
+__all__ = ["ConsumerStats", "EventConsumer"]
+
+log = logging.getLogger("sessionbus.module_sdk.consumer")
+
+Apply = Callable[[EventEnvelope], Awaitable[None]]
+CurrentVersion = Callable[[uuid.UUID], int]
+FillGap = Callable[[uuid.UUID, int, int], Awaitable[list[EventEnvelope]]]
+
+# Registry events (orphan clean-up) are not a per-module sequence: remember this many
+# event ids to drop duplicates.
+_SEEN_REGISTRY: Final = 10_000
+
+
+@dataclass
+class ConsumerStats:
+    received: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    gaps_filled: int = 0
+    dead_lettered: int = 0
+    requeued: int = 0
+    versions: dict[uuid.UUID, list[int]] = field(default_factory=dict)
+    record_versions: bool = False
+
+
+class _SessionLocks:
+    """One FIFO lock per session, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: uuid.UUID) -> asyncio.Lock:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        await lock.acquire()
+        return lock
+
+    def release(self, key: uuid.UUID) -> None:
+        lock, users = self._locks[key]
+        lock.release()
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
+class EventConsumer:
+    """Consumes one module's queue and calls ``apply`` exactly once per event."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        topology: Topology,
+        module_id: str,
+        *,
+        apply: Apply,
+        current_version: CurrentVersion,
+        fill_gap: FillGap,
+        prefetch: int = 128,
+        concurrency: int = 64,
+    ) -> None:
+        self.transport = transport
+        self.topology = topology
+        self.module_id = module_id
+        self.queue = topology.module_queue(module_id)
+        self._apply = apply
+        self._current = current_version
+        self._fill_gap = fill_gap
+        self.prefetch = prefetch
+        self._slots = asyncio.Semaphore(concurrency)
+        self._locks = _SessionLocks()
+        self._seen_registry: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._handle: ConsumerHandle | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.stats = ConsumerStats()
+
+    async def start(self) -> None:
+        self._handle = await self.transport.consume(
+            self.queue, self._on_delivery, prefetch=self.prefetch
+        )
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop consuming, wait (bounded) for events being applied; what was prefetched
+        and not started is returned to the queue."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            await handle.cancel()
+        current = asyncio.current_task()
+        running = {t for t in self._inflight if t is not current}
+        if running:
+            done, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+        if handle is not None:
+            await handle.close()
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            await self._handle_delivery(delivery)
+        except asyncio.CancelledError:
+            if not delivery.settled:
+                await _quietly(delivery.requeue())
+            raise
+        except TransportError as exc:
+            log.warning("delivery not settled (%s); the broker will redeliver it", exc)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _handle_delivery(self, delivery: Delivery) -> None:
+        self.stats.received += 1
+        try:
+            env = codec_for(delivery.content_type).decode_envelope(delivery.body)
+        except DecodeError as exc:
+            self.stats.dead_lettered += 1
+            code = (
+                ErrorCode.MESSAGE_TOO_LARGE
+                if isinstance(exc, MessageTooLarge)
+                else ErrorCode.INVALID_MESSAGE
+            )
+            log.warning("dead-lettering an undecodable message on %s: %s", self.queue, exc)
+            await dead_letter(
+                self.transport,
+                self.topology,
+                delivery,
+                reason=str(exc),
+                code=code,
+                field=exc.field,
+                rejected_by=self.module_id,
+            )
+            return
+        if env.session_id == REGISTRY_ID:
+            await self._registry_event(env, delivery)
+            return
+        sid = env.session_id
+        await self._locks.acquire(sid)
+        try:
+            async with self._slots:
+                await self._in_order(env, delivery)
+        finally:
+            self._locks.release(sid)
+
+    async def _in_order(self, env: EventEnvelope, delivery: Delivery) -> None:
+        sid = env.session_id
+        current = self._current(sid)
+        if env.version <= current:
+            self.stats.duplicates += 1
+            await delivery.ack()
+            return
+        try:
+            if env.version > current + 1:
+                missing = await self._fill_gap(sid, current, env.version)
+                for earlier in missing:
+                    if current < earlier.version < env.version:
+                        await self._applied(earlier)
+                        current = earlier.version
+                        self.stats.gaps_filled += 1
+                if current != env.version - 1:
+                    raise LookupError(
+                        f"session {sid}: versions {current + 1}..{env.version - 1} are missing"
+                    )
+            await self._applied(env)
+        except Exception:
+            log.exception("applying %s v%d of %s failed; requeued", env.type, env.version, sid)
+            self.stats.requeued += 1
+            await delivery.requeue()
+            return
+        await delivery.ack()
+
+    async def _applied(self, env: EventEnvelope) -> None:
+        await self._apply(env)
+        self.stats.applied += 1
+        if self.stats.record_versions:
+            self.stats.versions.setdefault(env.session_id, []).append(env.version)
+
+    async def _registry_event(self, env: EventEnvelope, delivery: Delivery) -> None:
+        if env.event_id in self._seen_registry:
+            self.stats.duplicates += 1
+            await delivery.ack()
+            return
+        try:
+            await self._apply(env)
+        except Exception:
+            log.exception("applying registry event %s failed; requeued", env.type)
+            self.stats.requeued += 1
+            await delivery.requeue()
+            return
+        self._seen_registry[env.event_id] = None
+        if len(self._seen_registry) > _SEEN_REGISTRY:
+            self._seen_registry.popitem(last=False)
+        self.stats.applied += 1
+        await delivery.ack()
+
+
+async def _quietly(awaitable: Awaitable[None]) -> None:
+    try:
+        await awaitable
+    except TransportError:
+        pass

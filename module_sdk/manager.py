@@ -1,0 +1,544 @@
+"""``SessionManager``: the seed's ISessionManager for one module, on the bus.
+
+A module subclasses it, sets ``module_id`` and writes two hooks: ``on_create`` (make the
+module's own session for a workflow session) and ``on_destroy`` (tear it down). The
+manager registers the module, keeps a local projection of every session from the
+events it consumes (so reads are synchronous and local), and calls the hooks when the
+coordinator's events ask for them: a new workflow session → create and link; CLEANUP →
+destroy and unlink; an orphan clean-up request → destroy. Writes go to the coordinator
+(seed rule 3). Lifecycle callbacks are always wired (seed rule 5): the defaults log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Final, Self
+
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
+
+from contracts import (
+    ACTIVE_STATUSES,
+    REGISTRY_ID,
+    Codec,
+    Destroyed,
+    ErrorCode,
+    ErrorReported,
+    EventEnvelope,
+    Heartbeat,
+    Linked,
+    ModuleSessionConfig,
+    ModuleSessionInfo,
+    OrphanCleanupRequested,
+    SessionCreated,
+    SessionManagerHealth,
+    SessionStatus,
+    StandardError,
+    StatusChanged,
+    Topology,
+    Unlinked,
+    WorkflowSession,
+    fold_session,
+    new_id,
+    parse_module_id,
+)
+from contracts.transport import OutgoingMessage, Transport, TransportError
+from module_sdk.client import CoordinatorClient
+from module_sdk.consumer import EventConsumer
+from module_sdk.errors import CommandFailed, SdkError
+
+__all__ = ["SessionLifecycleCallbacks", "SessionManager"]
+
+log = logging.getLogger("sessionbus.module_sdk")
+
+_S = SessionStatus
+_DESTROYED_MEMORY: Final = 100_000
+_ERROR_MEMORY: Final = 20
+
+CreatedCallback = Callable[[str, uuid.UUID, uuid.UUID], Awaitable[None]]
+StatusCallback = Callable[[str, uuid.UUID, SessionStatus, SessionStatus], Awaitable[None]]
+DestroyedCallback = Callable[[str, uuid.UUID], Awaitable[None]]
+ErrorCallback = Callable[[str, uuid.UUID, StandardError], Awaitable[None]]
+
+
+async def _log_created(module_id: str, wsid: uuid.UUID, module_session_id: uuid.UUID) -> None:
+    log.info("%s: session %s linked to workflow session %s", module_id, module_session_id, wsid)
+
+
+async def _log_status(
+    module_id: str, wsid: uuid.UUID, old: SessionStatus, new: SessionStatus
+) -> None:
+    log.info("%s: workflow session %s %s -> %s", module_id, wsid, old, new)
+
+
+async def _log_destroyed(module_id: str, wsid: uuid.UUID) -> None:
+    log.info("%s: workflow session %s destroyed", module_id, wsid)
+
+
+async def _log_error(module_id: str, wsid: uuid.UUID, error: StandardError) -> None:
+    log.warning("%s: workflow session %s error %s: %s", module_id, wsid, error.code, error.message)
+
+
+@dataclass
+class SessionLifecycleCallbacks:
+    """The seed's SessionLifecycleCallbacks. Every one is always set."""
+
+    on_session_created: CreatedCallback = _log_created
+    on_session_status_changed: StatusCallback = _log_status
+    on_session_destroyed: DestroyedCallback = _log_destroyed
+    on_session_error: ErrorCallback = _log_error
+
+
+class SessionManager:
+    """Base class of a module's session manager (seed: ISessionManager).
+
+    ``async with MyModule.connect(url) as manager: await manager.run_until(stop)``.
+    """
+
+    module_id: str = ""
+    required: ClassVar[bool] = True
+    capabilities: ClassVar[Sequence[str]] = ()
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        module_id: str | None = None,
+        topology: Topology | None = None,
+        retry_attempts: int = 3,
+        client_timeout: float = 10.0,
+        heartbeat_interval: float = 5.0,
+        prefetch: int = 128,
+        concurrency: int = 64,
+        own_transport: bool = False,
+        register: bool = True,
+    ) -> None:
+        self.module_id = parse_module_id(module_id or type(self).module_id)
+        self.transport = transport
+        self.topology = topology or Topology()
+        self.retry_attempts = retry_attempts
+        self.heartbeat_interval = heartbeat_interval
+        self.own_transport = own_transport
+        self.register = register
+        self.instance_id = new_id()
+        self.client = CoordinatorClient(transport, self.topology, timeout=client_timeout)
+        self.callbacks = SessionLifecycleCallbacks()
+        self.sessions: dict[uuid.UUID, WorkflowSession] = {}
+        self._destroyed: OrderedDict[uuid.UUID, int] = OrderedDict()
+        self._owned: dict[uuid.UUID, uuid.UUID] = {}  # workflow session -> module session
+        self._errors: deque[StandardError] = deque(maxlen=_ERROR_MEMORY)
+        self._created_total = 0
+        self._codec = Codec("json")
+        self.consumer = EventConsumer(
+            transport,
+            self.topology,
+            self.module_id,
+            apply=self._apply,
+            current_version=self._version,
+            fill_gap=self._fill_gap,
+            prefetch=prefetch,
+            concurrency=concurrency,
+        )
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._running = False
+        self._closed = False
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def connect(cls, url: str, *, prefix: str | None = None, **options: Any) -> Self:
+        """A manager on its own RabbitMQ connection (closed with the manager)."""
+        from contracts.amqp import AmqpTransport
+
+        module_id = options.get("module_id") or cls.module_id
+        transport = AmqpTransport(url, connection_name=f"sessionbus-module-{module_id}")
+        topology = Topology(prefix) if prefix else options.pop("topology", None)
+        return cls(transport, topology=topology, own_transport=True, **options)
+
+    # -- hooks a module overrides -----------------------------------------------------
+
+    async def on_create(
+        self,
+        session: WorkflowSession,
+        module_session_id: uuid.UUID,
+        config: ModuleSessionConfig,
+    ) -> dict[str, Any] | None:
+        """Create this module's own session for ``session``; return its metadata.
+        Raising fails the attempt (retried up to ``retry_attempts``)."""
+        return None
+
+    async def on_destroy(self, info: ModuleSessionInfo) -> None:
+        """Tear down this module's session ``info.session_id``."""
+
+    def should_join(self, session: WorkflowSession) -> bool:
+        """Whether to take part in a new workflow session (default: always)."""
+        return True
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, declare the module queue, register, catch up, then consume."""
+        if self.own_transport:
+            await self.transport.connect()
+        await self.transport.declare_queue(self.topology.module_queue_spec(self.module_id))
+        if self.register:
+            await self.client.register_module(
+                self.module_id, required=self.required, capabilities=list(self.capabilities)
+            )
+        await self._catch_up()
+        await self.consumer.start()
+        self._running = True
+        if self.heartbeat_interval > 0:
+            self._heartbeat_task = asyncio.create_task(
+                self._heartbeats(), name=f"heartbeat-{self.module_id}"
+            )
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop consuming → finish running handlers (bounded) → requeue the prefetched
+        → stop heartbeats → close the connection. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._running = False
+        await self.consumer.stop(grace)
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(self._background, timeout=grace)
+        if self.own_transport:
+            await self.transport.close()
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set (a signal handler sets it)."""
+        await stop.wait()
+
+    async def _catch_up(self) -> None:
+        """Load every live session from the coordinator, then reconcile: create and
+        link where this module is expected, finish clean-ups it missed."""
+        for session in await self.client.list_workflow_sessions():
+            self.sessions[session.session_id] = session
+            info = session.modules.get(self.module_id)
+            if info is not None:
+                self._owned[session.session_id] = info.session_id
+        for session in list(self.sessions.values()):
+            await self._react_to_state(session)
+
+    async def _react_to_state(self, session: WorkflowSession) -> None:
+        sid = session.session_id
+        linked = self.module_id in session.modules
+        if session.status is _S.CLEANUP and linked:
+            await self._safe(self.destroy_session(sid, reason="workflow session cleanup"), sid)
+        elif session.status is _S.INITIALIZING and not linked and self.should_join(session):
+            await self._safe(self.create_session(sid), sid)
+
+    # -- ISessionManager: lifecycle ---------------------------------------------------
+
+    async def create_session(
+        self, workflow_session_id: uuid.UUID, config: ModuleSessionConfig | None = None
+    ) -> str:
+        """Create this module's session for a workflow session and link it. Returns the
+        module session id (an existing link's id if already linked)."""
+        session = self.sessions.get(workflow_session_id)
+        if session is None:
+            session = await self.client.get_workflow_session(workflow_session_id)
+            if session is None:
+                raise CommandFailed(
+                    StandardError(
+                        code=ErrorCode.UNKNOWN_SESSION,
+                        message=f"no workflow session {workflow_session_id}",
+                        module_id=self.module_id,
+                    )
+                )
+        existing = session.modules.get(self.module_id)
+        if existing is not None:
+            return str(existing.session_id)
+        config = (
+            config or session.config.module_configs.get(self.module_id) or ModuleSessionConfig()
+        )
+        attempts = (
+            config.retry_attempts if config.retry_attempts is not None else self.retry_attempts
+        )
+        module_session_id = new_id()
+        try:
+            metadata = await self._retry(
+                attempts, lambda: self.on_create(session, module_session_id, config)
+            )
+        except Exception as exc:
+            error = StandardError(
+                code=ErrorCode.MODULE_ERROR,
+                message=f"{self.module_id} could not create its session after "
+                f"{attempts + 1} attempts: {type(exc).__name__}: {exc}",
+                module_id=self.module_id,
+            )
+            self._errors.append(error)
+            await self.client.report_error(
+                workflow_session_id, error, module_id=self.module_id, fatal=True
+            )
+            raise SdkError(error.message) from exc
+        self._owned[workflow_session_id] = module_session_id
+        self._created_total += 1
+        try:
+            await self.client.link_module_session(
+                workflow_session_id,
+                self.module_id,
+                module_session_id,
+                config=config,
+                metadata=metadata or {},
+            )
+        except CommandFailed:
+            # The workflow session moved on (cleanup, failure) before the link: what was
+            # just created belongs to nobody, so it goes.
+            self._owned.pop(workflow_session_id, None)
+            await self._destroy_internal(workflow_session_id, module_session_id)
+            raise
+        return str(module_session_id)
+
+    async def destroy_session(
+        self, workflow_session_id: uuid.UUID, *, reason: str | None = None
+    ) -> None:
+        """Destroy this module's session of a workflow session and unlink it. If the
+        module's hook fails, the link stays: the coordinator's cleanup timeout then
+        records the session as orphaned rather than pretending it is gone."""
+        module_session_id = self._owned.get(workflow_session_id)
+        session = self.sessions.get(workflow_session_id)
+        if module_session_id is None and session is not None:
+            info = session.modules.get(self.module_id)
+            module_session_id = info.session_id if info is not None else None
+        if module_session_id is None:
+            return
+        await self._destroy_internal(workflow_session_id, module_session_id)
+        self._owned.pop(workflow_session_id, None)
+        await self.client.unlink_module_session(workflow_session_id, self.module_id, reason)
+
+    async def _destroy_internal(
+        self, workflow_session_id: uuid.UUID, module_session_id: uuid.UUID
+    ) -> None:
+        info = self._info(workflow_session_id, module_session_id)
+        try:
+            await self._retry(self.retry_attempts, lambda: self.on_destroy(info))
+        except Exception as exc:
+            error = StandardError(
+                code=ErrorCode.MODULE_ERROR,
+                message=f"{self.module_id} could not destroy session {module_session_id}: {exc}",
+                module_id=self.module_id,
+            )
+            self._errors.append(error)
+            raise SdkError(error.message) from exc
+
+    def _info(
+        self, workflow_session_id: uuid.UUID, module_session_id: uuid.UUID
+    ) -> ModuleSessionInfo:
+        session = self.sessions.get(workflow_session_id)
+        if session is not None:
+            info = session.modules.get(self.module_id)
+            if info is not None and info.session_id == module_session_id:
+                return info
+        now = datetime.now(UTC)
+        return ModuleSessionInfo(
+            module_id=self.module_id,
+            session_id=module_session_id,
+            linked_workflow_session_id=workflow_session_id,
+            status=_S.CLEANUP,
+            created_at=now,
+            last_activity=now,
+        )
+
+    # -- ISessionManager: reads (local, synchronous) ----------------------------------
+
+    def get_session(self, workflow_session_id: uuid.UUID) -> ModuleSessionInfo | None:
+        session = self.sessions.get(workflow_session_id)
+        return session.modules.get(self.module_id) if session is not None else None
+
+    def session_exists(self, workflow_session_id: uuid.UUID) -> bool:
+        return self.get_session(workflow_session_id) is not None
+
+    def get_session_status(self, workflow_session_id: uuid.UUID) -> SessionStatus | None:
+        info = self.get_session(workflow_session_id)
+        return info.status if info is not None else None
+
+    def get_last_activity(self, workflow_session_id: uuid.UUID) -> datetime | None:
+        info = self.get_session(workflow_session_id)
+        return info.last_activity if info is not None else None
+
+    # -- ISessionManager: writes (through the coordinator) ----------------------------
+
+    async def update_session_status(
+        self, workflow_session_id: uuid.UUID, status: SessionStatus
+    ) -> None:
+        await self.client.update_session_status(
+            workflow_session_id, status, module_id=self.module_id
+        )
+
+    async def record_activity(self, workflow_session_id: uuid.UUID) -> None:
+        await self.client.record_activity(workflow_session_id, self.module_id)
+
+    def set_lifecycle_callbacks(self, callbacks: SessionLifecycleCallbacks) -> None:
+        self.callbacks = callbacks
+
+    async def health_check(self) -> SessionManagerHealth:
+        active = sum(
+            1
+            for sid in self._owned
+            if (s := self.sessions.get(sid)) is not None and s.status in ACTIVE_STATUSES
+        )
+        return SessionManagerHealth(
+            module_id=self.module_id,
+            is_healthy=self._running,
+            active_sessions=active,
+            total_sessions=self._created_total,
+            errors=list(self._errors),
+            last_health_check=datetime.now(UTC),
+        )
+
+    # -- applying events --------------------------------------------------------------
+
+    def _version(self, session_id: uuid.UUID) -> int:
+        session = self.sessions.get(session_id)
+        if session is not None:
+            return session.version
+        return self._destroyed.get(session_id, 0)
+
+    async def _fill_gap(
+        self, session_id: uuid.UUID, after: int, before: int
+    ) -> list[EventEnvelope]:
+        history = await self.client.get_session_history(session_id)
+        return [e for e in history.events if after < e.version < before]
+
+    async def _apply(self, env: EventEnvelope) -> None:
+        if env.session_id == REGISTRY_ID:
+            await self._apply_registry(env)
+            return
+        sid = env.session_id
+        before = self.sessions.get(sid)
+        state = fold_session(before, env)
+        if state.destroyed:
+            self.sessions.pop(sid, None)
+            self._destroyed[sid] = state.version
+            if len(self._destroyed) > _DESTROYED_MEMORY:
+                self._destroyed.popitem(last=False)
+        else:
+            self.sessions[sid] = state
+        await self._react(env, before, state)
+
+    async def _react(
+        self, env: EventEnvelope, before: WorkflowSession | None, state: WorkflowSession
+    ) -> None:
+        event = env.event
+        sid = env.session_id
+        cb = self.callbacks
+        if isinstance(event, SessionCreated):
+            if self.should_join(state):
+                await self._safe(self.create_session(sid), sid)
+        elif isinstance(event, Linked):
+            if event.module_id == self.module_id:
+                self._owned[sid] = event.module_session_id
+                await self._callback(
+                    cb.on_session_created(self.module_id, sid, event.module_session_id)
+                )
+        elif isinstance(event, StatusChanged):
+            if event.module_id is None or event.module_id == self.module_id:
+                await self._callback(
+                    cb.on_session_status_changed(
+                        self.module_id, sid, event.old_status, event.new_status
+                    )
+                )
+            if (
+                event.module_id is None
+                and event.new_status is _S.CLEANUP
+                and self.module_id in state.modules
+            ):
+                await self._safe(self.destroy_session(sid, reason="workflow session cleanup"), sid)
+        elif isinstance(event, Unlinked):
+            if (
+                event.module_id == self.module_id
+                and self._owned.get(sid) == event.module_session_id
+            ):
+                # Unlinked by someone else (integrity repair): release what we hold.
+                self._owned.pop(sid, None)
+                await self._safe(self._destroy_internal(sid, event.module_session_id), sid)
+        elif isinstance(event, ErrorReported):
+            await self._callback(
+                cb.on_session_error(event.module_id or self.module_id, sid, event.error)
+            )
+        elif isinstance(event, Destroyed):
+            orphaned = event.orphaned.get(self.module_id)
+            if orphaned is not None and self._owned.get(sid) == orphaned:
+                self._owned.pop(sid, None)
+                await self._safe(self._destroy_internal(sid, orphaned), sid)
+            await self._callback(cb.on_session_destroyed(self.module_id, sid))
+
+    async def _apply_registry(self, env: EventEnvelope) -> None:
+        event = env.event
+        if isinstance(event, OrphanCleanupRequested) and event.module_id == self.module_id:
+            self._owned.pop(event.workflow_session_id, None)
+            await self._safe(
+                self._destroy_internal(event.workflow_session_id, event.module_session_id),
+                event.workflow_session_id,
+            )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _retry(self, attempts: int, call: Callable[[], Awaitable[Any]]) -> Any:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(max(1, attempts + 1)),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _safe(self, awaitable: Awaitable[Any], session_id: uuid.UUID) -> None:
+        """Run a reaction whose failure is already reported (or is the coordinator's
+        refusal, e.g. a session that moved on): log it, do not stop the consumer."""
+        try:
+            await awaitable
+        except (SdkError, TransportError) as exc:
+            log.warning("%s: session %s: %s", self.module_id, session_id, exc)
+
+    async def _callback(self, awaitable: Awaitable[None]) -> None:
+        try:
+            await awaitable
+        except Exception:
+            log.exception("%s: lifecycle callback failed", self.module_id)
+
+    async def _heartbeats(self) -> None:
+        interval_ms = max(1, int(self.heartbeat_interval * 1000))
+        while True:
+            try:
+                heartbeat = Heartbeat(
+                    module_id=self.module_id,
+                    instance_id=self.instance_id,
+                    sent_at=datetime.now(UTC),
+                    interval_ms=interval_ms,
+                    health=await self.health_check(),
+                )
+                await self.transport.publish(
+                    self.topology.heartbeats_exchange,
+                    "",
+                    OutgoingMessage(
+                        body=self._codec.encode(heartbeat),
+                        content_type=self._codec.content_type,
+                        user_id=self.transport.user,
+                        persistent=False,
+                        expiration_ms=interval_ms * 3,
+                    ),
+                    mandatory=False,
+                )
+            except TransportError as exc:
+                log.debug("%s: heartbeat not sent: %s", self.module_id, exc)
+            await asyncio.sleep(self.heartbeat_interval)
