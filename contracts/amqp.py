@@ -86,7 +86,8 @@ def _mapped(what: str) -> Iterator[None]:
         raise AccessRefused(f"{what}: {exc}") from exc
     except aiormq.exceptions.DeliveryError as exc:
         raise TransportError(f"{what}: the broker did not accept the message ({exc})") from exc
-    except RECONNECT_ERRORS as exc:
+    except (*RECONNECT_ERRORS, RuntimeError) as exc:
+        # aio-pika raises RuntimeError("... closed") on a connection being restored.
         raise TransportError(f"{what}: connection lost ({type(exc).__name__}: {exc})") from exc
     except aiormq.exceptions.AMQPError as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
@@ -182,8 +183,12 @@ class AmqpTransport(Transport):
         connection_name: str = "sessionbus",
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
+        restore_timeout: float = 15.0,
+        reconnect_interval: float = 1.0,
     ) -> None:
         self.url = url
+        self.restore_timeout = restore_timeout
+        self.reconnect_interval = reconnect_interval
         self.connection_name = connection_name
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
@@ -216,6 +221,7 @@ class AmqpTransport(Transport):
                     client_properties={"connection_name": self.connection_name},
                     timeout=self.connect_timeout,
                     ssl_context=self.ssl_context,
+                    reconnect_interval=self.reconnect_interval,
                 )
             except (OSError, TimeoutError) as exc:
                 raise TransportError(
@@ -269,18 +275,25 @@ class AmqpTransport(Transport):
                 for exchange, key in spec.bindings:
                     await queue.bind(exchange, routing_key=key)
 
+    async def _ready(self, channel: AbstractChannel | None) -> AbstractChannel:
+        """A channel that is open, waiting (bounded) while aio-pika restores it after a
+        lost connection or a channel the broker closed (a refused publish)."""
+        if self._closed or channel is None:
+            raise TransportClosed("transport is closed")
+        if channel.is_closed:
+            ready = getattr(channel, "ready", None)
+            if ready is None:
+                raise TransportError("channel closed")
+            try:
+                await asyncio.wait_for(ready(), self.restore_timeout)
+            except TimeoutError as exc:
+                raise TransportError(
+                    f"broker connection not restored within {self.restore_timeout} s"
+                ) from exc
+        return channel
+
     async def _exchange(self, name: str) -> AbstractExchange:
-        channel = self._publish_channel
-        if channel is None or channel.is_closed:
-            # The broker closes a channel on a refused publish (a forged user_id, a
-            # missing exchange); a new one serves the next publish.
-            if channel is not None:
-                with contextlib.suppress(*_CHANNEL_ERRORS):
-                    await channel.close()
-            channel = self._publish_channel = await self.connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            self._exchanges.clear()
+        channel = await self._ready(self._publish_channel)
         exchange = self._exchanges.get(name)
         if exchange is None:
             exchange = await channel.get_exchange(name, ensure=False)
@@ -288,16 +301,7 @@ class AmqpTransport(Transport):
         return exchange
 
     async def _sender(self) -> AbstractChannel:
-        channel = self._send_channel
-        if self._closed:
-            raise TransportClosed("transport is closed")
-        if channel is None or channel.is_closed:
-            if channel is not None:
-                with contextlib.suppress(*_CHANNEL_ERRORS):
-                    await channel.close()
-            channel = self._send_channel = await self.connection.channel(publisher_confirms=False)
-            self._reply_consumer = None
-        return channel
+        return await self._ready(self._send_channel)
 
     async def publish(
         self, exchange: str, routing_key: str, message: OutgoingMessage, *, mandatory: bool = True
@@ -326,7 +330,9 @@ class AmqpTransport(Transport):
         with _mapped(f"consume {queue}"):
             channel = await self.connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            target = await channel.get_queue(queue, ensure=False)
+            # A passive declare (not get_queue) registers the queue with the robust
+            # channel, which re-consumes after a reconnect.
+            target = await channel.declare_queue(queue, passive=True)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await handler(AmqpDelivery(message))
@@ -341,7 +347,7 @@ class AmqpTransport(Transport):
             channel = await self._sender()
             if self._reply_consumer is not None:
                 return
-            queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+            queue = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
 
             async def on_reply(message: AbstractIncomingMessage) -> None:
                 waiter = self._waiting.get(message.correlation_id or "")
