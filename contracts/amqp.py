@@ -58,6 +58,8 @@ RECONNECT_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelClosed,
     asyncio.IncompleteReadError,
 )
+# aio-pika raises RuntimeError("... closed") while a robust connection is restored.
+_LOST: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, RuntimeError)
 _CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, aiormq.exceptions.AMQPError)
 
 
@@ -86,8 +88,7 @@ def _mapped(what: str) -> Iterator[None]:
         raise AccessRefused(f"{what}: {exc}") from exc
     except aiormq.exceptions.DeliveryError as exc:
         raise TransportError(f"{what}: the broker did not accept the message ({exc})") from exc
-    except (*RECONNECT_ERRORS, RuntimeError) as exc:
-        # aio-pika raises RuntimeError("... closed") on a connection being restored.
+    except _LOST as exc:
         raise TransportError(f"{what}: connection lost ({type(exc).__name__}: {exc})") from exc
     except aiormq.exceptions.AMQPError as exc:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
