@@ -38,9 +38,7 @@ def _run_seconds(ctx: Context, in_flight: int) -> float:
     return 2.0 if ctx.quick else 5.0
 
 
-async def _cycle(
-    coordinator: SessionCoordinator, in_flight: int, latencies: list[float]
-) -> int:
+async def _cycle(coordinator: SessionCoordinator, in_flight: int, latencies: list[float]) -> int:
     """One life of ``in_flight`` sessions in waves; returns how many commands."""
 
     async def timed(call: Awaitable[Any]) -> Any:

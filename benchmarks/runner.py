@@ -90,7 +90,12 @@ class Outcome:
 
 
 def run_one(
-    m: Measurement, *, quick: bool, postgres_url: str, shared: dict[str, Any], workdir: Path,
+    m: Measurement,
+    *,
+    quick: bool,
+    postgres_url: str,
+    shared: dict[str, Any],
+    workdir: Path,
     repeats: int | None,
 ) -> Outcome:
     outcome = Outcome(m)
@@ -195,8 +200,15 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
             continue
         for fig, s in m["figures"].items():
             rows.append(
-                (name, fig, _fmt(s["median"]), _fmt(s["min"]), _fmt(s["max"]), s["unit"],
-                 str(s["n"]))
+                (
+                    name,
+                    fig,
+                    _fmt(s["median"]),
+                    _fmt(s["min"]),
+                    _fmt(s["max"]),
+                    s["unit"],
+                    str(s["n"]),
+                )
             )
     target_rows = [
         (
@@ -219,8 +231,13 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
         console = Console(width=max(120, Console().width))
         table = Table(title=title)
         for col, justify in (
-            ("measurement", "left"), ("figure", "left"), ("median", "right"), ("min", "right"),
-            ("max", "right"), ("unit", "left"), ("n", "right"),
+            ("measurement", "left"),
+            ("figure", "left"),
+            ("median", "right"),
+            ("min", "right"),
+            ("max", "right"),
+            ("unit", "left"),
+            ("n", "right"),
         ):
             table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for row in rows:
@@ -242,12 +259,21 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
             console.print(rt)
     else:
         print(title)
-        widths = [max(len(r[i]) for r in [*rows, ("measurement", "figure", "median", "min",
-                                                   "max", "unit", "n")]) for i in range(7)]
+        widths = [
+            max(
+                len(r[i])
+                for r in [*rows, ("measurement", "figure", "median", "min", "max", "unit", "n")]
+            )
+            for i in range(7)
+        ]
         header = ("measurement", "figure", "median", "min", "max", "unit", "n")
         for row in (header, *rows):
-            print("  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
-                            for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+            print(
+                "  ".join(
+                    c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
+                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
         for row in target_rows:
             print(f"target  {row[0]}: wanted {row[1]}, measured {row[2]}: {row[3]}")
         for row in ratio_rows:
@@ -272,7 +298,11 @@ def main(
     try:
         for m in chosen:
             outcomes[m.name] = run_one(
-                m, quick=quick, postgres_url=postgres_url, shared=shared, workdir=workdir,
+                m,
+                quick=quick,
+                postgres_url=postgres_url,
+                shared=shared,
+                workdir=workdir,
                 repeats=repeats,
             )
     finally:

@@ -208,9 +208,7 @@ def generate(
 
     for _round in range(100_000_000):  # bounded by count (the sizes) and by time below
         while len(scripts) < in_flight and more_sessions():
-            scripts.append(
-                _session(rng, clock, registry, may_end=may_end, activity=activity)
-            )
+            scripts.append(_session(rng, clock, registry, may_end=may_end, activity=activity))
             started += 1
         if not scripts or (events is not None and written + pending >= events):
             break

@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
 import sys
 
 import click
 
 import contracts
 from contracts import schema as schema_mod
+from contracts.amqp import AmqpTransport, redact_url
+from contracts.transport import TransportError
+from coordinator.errors import CoordinatorError
+from coordinator.identity import IdentityMap
+from coordinator.runtime import CoordinatorRuntime
+from coordinator.store import DEFAULT_STORE_URL
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"sessionctl: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sessionbus")
-def main() -> None:
+@click.option(
+    "--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "INFO"), show_default=True
+)
+def main(log_level: str) -> None:
     """Session lifecycle coordination over RabbitMQ."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
@@ -24,3 +47,64 @@ def schema(kind: str, prefix: str) -> None:
     """Print the wire schema generated from the contracts."""
     doc = schema_mod.asyncapi(prefix) if kind == "asyncapi" else schema_mod.json_schema()
     sys.stdout.write(schema_mod.dumps(doc))
+
+
+@main.command()
+@click.option(
+    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+)
+@click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
+@click.option(
+    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
+)
+@click.option(
+    "--identity", envvar="SESSIONBUS_IDENTITY", default=None, help="user=module[,…];user=*"
+)
+@click.option(
+    "--audit-retention", envvar="SESSIONBUS_AUDIT_RETENTION", default="30D", show_default=True
+)
+def coordinator(
+    amqp_url: str, store: str, prefix: str, identity: str | None, audit_retention: str
+) -> None:
+    """Run the coordinator service until SIGTERM or SIGINT."""
+    try:
+        topology = contracts.Topology(prefix)
+        transport = AmqpTransport(amqp_url, connection_name="sessionbus-coordinator")
+        idmap = IdentityMap.parse(identity) if identity else IdentityMap.from_env(transport.user)
+    except (contracts.ContractsError, CoordinatorError) as exc:
+        _fail(str(exc), 2)
+        return
+    try:
+        asyncio.run(_serve(transport, store, topology, idmap, audit_retention))
+    except TransportError as exc:
+        _fail(f"broker at {redact_url(amqp_url)}: {exc}", 3)
+    except CoordinatorError as exc:
+        _fail(str(exc), 4)
+
+
+async def _serve(
+    transport: AmqpTransport,
+    store: str,
+    topology: contracts.Topology,
+    identity: IdentityMap,
+    audit_retention: str,
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runtime = CoordinatorRuntime(
+        transport,
+        store=store,
+        topology=topology,
+        identity=identity,
+        audit_retention=audit_retention,
+    )
+    async with runtime:
+        click.echo(
+            f"sessionbus coordinator: store {store}, broker {redact_url(transport.url)}, "
+            f"prefix {topology.prefix!r}; ready",
+            err=True,
+        )
+        await runtime.serve_forever(stop)
+    click.echo("sessionbus coordinator: stopped", err=True)

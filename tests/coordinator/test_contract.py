@@ -181,7 +181,9 @@ async def test_every_invalid_workflow_transition_is_rejected_and_stores_nothing(
             if new is old or new in TRANSITIONS[old]:
                 continue
             before = store.max_position()
-            expected = ErrorCode.SESSION_CLOSED if old is S.CLEANUP else ErrorCode.INVALID_TRANSITION
+            expected = (
+                ErrorCode.SESSION_CLOSED if old is S.CLEANUP else ErrorCode.INVALID_TRANSITION
+            )
             rejected = await rejection(coordinator.update_session_status(sid, new), expected)
             if expected is ErrorCode.INVALID_TRANSITION:
                 assert rejected.field == "status"
@@ -376,9 +378,7 @@ async def test_destroy_goes_through_cleanup_and_twice_is_a_no_op(
     assert isinstance(third, Accepted)
     assert third.events == 0
     assert store.max_position() == before
-    await rejection(
-        coordinator.update_session_status(sid, S.ACTIVE), ErrorCode.SESSION_DESTROYED
-    )
+    await rejection(coordinator.update_session_status(sid, S.ACTIVE), ErrorCode.SESSION_DESTROYED)
     await rejection(coordinator.destroy_workflow_session(uuid.uuid4()), ErrorCode.UNKNOWN_SESSION)
 
 
@@ -396,7 +396,9 @@ async def test_a_session_with_nothing_linked_is_destroyed_at_once(
     assert session.destroyed
 
 
-async def _replies(coordinator: SessionCoordinator, requests: list[CommandRequest]) -> list[CommandReply]:
+async def _replies(
+    coordinator: SessionCoordinator, requests: list[CommandRequest]
+) -> list[CommandReply]:
     return [await coordinator.execute(r) for r in requests]
 
 

@@ -58,7 +58,9 @@ async def test_concurrent_commands_share_transactions_and_get_their_own_replies(
             case 1:
                 links[sid] = uuid.uuid4()
                 commands.append(
-                    LinkModuleSession(session_id=sid, module_id="executor", module_session_id=links[sid])
+                    LinkModuleSession(
+                        session_id=sid, module_id="executor", module_session_id=links[sid]
+                    )
                 )
                 expected.append(Accepted(session_id=sid, version=3, events=1))
             case 2:

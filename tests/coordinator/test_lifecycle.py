@@ -80,9 +80,7 @@ async def test_active_immediately_when_nothing_is_required(
     bare = await coordinator.create_workflow_session()
     assert bare.status is S.ACTIVE
     await _modules(coordinator)
-    override = await coordinator.create_workflow_session(
-        config=WorkflowConfig(required_modules=[])
-    )
+    override = await coordinator.create_workflow_session(config=WorkflowConfig(required_modules=[]))
     assert override.status is S.ACTIVE
     assert override.required_modules == []
 

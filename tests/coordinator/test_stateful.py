@@ -60,6 +60,8 @@ REGISTERED = {"executor": True, "task-loop": False, "step-processor": False}
 MODULES = [*REGISTERED, "frontend-api"]
 LINK_TIMEOUT_MS = 1_000
 CLEANUP_TIMEOUT_MS = 1_500
+# Few sessions per run, so random commands pile up on each and reach deep states.
+MAX_SESSIONS = 3
 
 
 class Rejected(Exception):
@@ -141,8 +143,8 @@ class Model:
 
     def _fail(self, s: ModelSession, code: ErrorCode, now: datetime) -> int:
         s.failure = code
-        return self._status(s, S.FAILED, now) + self._status(s, S.CLEANUP, now) + self._settle(
-            s, now
+        return (
+            self._status(s, S.FAILED, now) + self._status(s, S.CLEANUP, now) + self._settle(s, now)
         )
 
     def create(
@@ -192,7 +194,9 @@ class Model:
         s.last_activity = now
         return 1 + self._settle(s, now)
 
-    def unlink(self, sid: uuid.UUID, module_id: str, principal: set[str] | None, now: datetime) -> int:
+    def unlink(
+        self, sid: uuid.UUID, module_id: str, principal: set[str] | None, now: datetime
+    ) -> int:
         s = self.session(sid)
         self._allowed(principal, module_id)
         self._open(s, cleanup_ok=True)
@@ -355,7 +359,11 @@ class SessionMachine(RuleBasedStateMachine):
     def _principal(self, kind: str | None, module_id: str) -> tuple[Principal | None, Any]:
         if kind is None:
             return None, None  # the default operator may act for every module
-        allowed = {module_id} if kind == "own" else {"step-processor" if module_id != "step-processor" else "task-loop"}
+        allowed = (
+            {module_id}
+            if kind == "own"
+            else {"step-processor" if module_id != "step-processor" else "task-loop"}
+        )
         return Principal(f"{kind}-principal", frozenset(allowed)), allowed
 
     def _sid(self, sid: uuid.UUID, unknown: bool) -> uuid.UUID:
@@ -363,9 +371,12 @@ class SessionMachine(RuleBasedStateMachine):
 
     # -- rules ----------------------------------------------------------------------------
 
+    @precondition(lambda self: len(self.model.sessions) < MAX_SESSIONS)
     @rule(
         target=sessions,
-        required=st.sampled_from([None, [], ["task-loop"], ["executor", "step-processor"], ["frontend-api"]]),
+        required=st.sampled_from(
+            [None, [], ["task-loop"], ["executor", "step-processor"], ["frontend-api"]]
+        ),
         timeout_ms=st.sampled_from([None, 2_000]),
     )
     def create(self, required: list[str] | None, timeout_ms: int | None) -> Any:
@@ -383,8 +394,12 @@ class SessionMachine(RuleBasedStateMachine):
         self.both(command, None, lambda: self.model.create(sid, required, timeout_ms, now))
         return sid if sid in self.model.sessions else multiple()
 
-    @rule(sid=sessions, module_id=modules, choice=link_choice, who=principals, unknown=st.booleans())
-    def link(self, sid: uuid.UUID, module_id: str, choice: int, who: str | None, unknown: bool) -> None:
+    @rule(
+        sid=sessions, module_id=modules, choice=link_choice, who=principals, unknown=st.booleans()
+    )
+    def link(
+        self, sid: uuid.UUID, module_id: str, choice: int, who: str | None, unknown: bool
+    ) -> None:
         from contracts import LinkModuleSession
 
         sid = self._sid(sid, unknown and choice == 1 and who is None)
@@ -392,7 +407,9 @@ class SessionMachine(RuleBasedStateMachine):
         principal, allowed = self._principal(who, module_id)
         now = self.clock.now()
         self.both(
-            LinkModuleSession(session_id=sid, module_id=module_id, module_session_id=module_session),
+            LinkModuleSession(
+                session_id=sid, module_id=module_id, module_session_id=module_session
+            ),
             principal,
             lambda: self.model.link(sid, module_id, module_session, allowed, now),
         )
@@ -495,7 +512,9 @@ class SessionMachine(RuleBasedStateMachine):
                 m: (i.session_id, i.status) for m, i in expected.modules.items()
             }
             assert (actual.failure.code if actual.failure else None) == expected.failure
-        live = {sid for sid, s in self.model.sessions.items() if not s.destroyed and s.status in LIVE}
+        live = {
+            sid for sid, s in self.model.sessions.items() if not s.destroyed and s.status in LIVE
+        }
         assert set(self.coordinator.list_active_workflow_sessions()) == live
 
 
