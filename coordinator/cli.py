@@ -108,3 +108,55 @@ async def _serve(
         )
         await runtime.serve_forever(stop)
     click.echo("sessionbus coordinator: stopped", err=True)
+
+
+@main.command()
+@click.option(
+    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+)
+@click.option(
+    "--broker",
+    type=click.Choice(["auto", "rabbitmq", "memory"]),
+    default="auto",
+    show_default=True,
+    help="auto: RabbitMQ if reachable, else the in-process bus.",
+)
+@click.option("--sessions", default=40, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--store", default=None, help="Event store URL (default: a temporary SQLite file).")
+@click.option("--keep-running", is_flag=True, help="Keep everything running after the sessions.")
+@click.option("--seed", type=int, default=None, help="Random seed for the sample sessions.")
+def demo(
+    amqp_url: str,
+    broker: str,
+    sessions: int,
+    concurrency: int,
+    store: str | None,
+    keep_running: bool,
+    seed: int | None,
+) -> None:
+    """Coordinator + the seven reference modules + sample workflow sessions, end to end."""
+    from rich.console import Console
+
+    from coordinator.demo import DemoOptions, run_demo, summary_table
+
+    console = Console()
+    options = DemoOptions(
+        amqp_url=amqp_url,
+        broker=broker,
+        sessions=sessions,
+        concurrency=concurrency,
+        store=store,
+        keep_running=keep_running,
+        seed=seed,
+    )
+    try:
+        result = asyncio.run(run_demo(options, console))
+    except TransportError as exc:
+        _fail(f"broker at {redact_url(amqp_url)}: {exc}", 3)
+        return
+    console.print(summary_table(result))
+    if result.errors or result.chains_bad:
+        for line in result.errors[:10]:
+            console.print(f"[red]{line}[/]")
+        sys.exit(1)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     RuleBasedStateMachine,
-    consumes,
+    initialize,
     invariant,
     multiple,
     precondition,
@@ -29,9 +29,17 @@ from hypothesis.stateful import (
 from contracts import (
     REGISTRY_ID,
     Accepted,
+    Command,
+    CreateWorkflowSession,
+    DestroyWorkflowSession,
     ErrorCode,
+    LinkModuleSession,
+    RecordActivity,
+    ReportError,
     SessionStatus,
     StandardError,
+    UnlinkModuleSession,
+    UpdateSessionStatus,
     WorkflowConfig,
 )
 from coordinator.clock import ManualClock
@@ -58,7 +66,7 @@ TABLE: dict[SessionStatus, set[SessionStatus]] = {
 # frontend-api is never registered.
 REGISTERED = {"executor": True, "task-loop": False, "step-processor": False}
 MODULES = [*REGISTERED, "frontend-api"]
-LINK_TIMEOUT_MS = 1_000
+LINK_TIMEOUT_MS = 2_500
 CLEANUP_TIMEOUT_MS = 1_500
 # Few sessions per run, so random commands pile up on each and reach deep states.
 MAX_SESSIONS = 3
@@ -296,13 +304,20 @@ class Model:
 
 modules = st.sampled_from(MODULES)
 statuses = st.sampled_from(list(SessionStatus))
-# A small pool of module session ids per (session, module), so the same link comes again.
+# Two module session ids per (session, module), so the same link comes round again.
 link_choice = st.integers(0, 1)
-principals = st.sampled_from([None, "own", "other"])
+# Who sends a module's command: the operator (any module), the module itself, or
+# another module (FORBIDDEN). Weighted towards commands that may succeed.
+principals = st.sampled_from([None, None, "own", "other"])
+requirements = st.sampled_from(
+    [None, None, [], ["task-loop"], ["executor", "step-processor"], ["frontend-api"]]
+)
+timeouts = st.sampled_from([None, 2_000])
 
 
 class SessionMachine(RuleBasedStateMachine):
-    """Drives the coordinator and the model with the same commands."""
+    """Drives the coordinator and the model with the same commands; after each step
+    every session must look the same on both sides."""
 
     sessions = Bundle("sessions")
 
@@ -340,9 +355,10 @@ class SessionMachine(RuleBasedStateMachine):
 
     # -- one command, run on both sides ------------------------------------------------
 
-    def both(self, command: Any, principal: Principal | None, model_call: Any) -> None:
-        """Run ``command`` on the coordinator and ``model_call()`` on the model; both
-        accept with the same event count, or both reject with the same code."""
+    def both(self, command: Command, principal: Principal | None, model_call: Any) -> None:
+        """Run ``command`` on the coordinator and ``model_call()`` on the model: both
+        accept it appending the same number of events, or both reject it with the same
+        error code."""
         try:
             expected: int | ErrorCode = model_call()
         except Rejected as rejected:
@@ -356,32 +372,14 @@ class SessionMachine(RuleBasedStateMachine):
             actual = result.events
         assert actual == expected, f"{command}: coordinator {actual!r}, model {expected!r}"
 
-    def _principal(self, kind: str | None, module_id: str) -> tuple[Principal | None, Any]:
+    @staticmethod
+    def _principal(kind: str | None, module_id: str) -> tuple[Principal | None, set[str] | None]:
         if kind is None:
-            return None, None  # the default operator may act for every module
-        allowed = (
-            {module_id}
-            if kind == "own"
-            else {"step-processor" if module_id != "step-processor" else "task-loop"}
-        )
-        return Principal(f"{kind}-principal", frozenset(allowed)), allowed
+            return None, None  # the coordinator's default operator acts for every module
+        allowed = {module_id} if kind == "own" else {m for m in MODULES if m != module_id}
+        return Principal(f"{kind}-module", frozenset(allowed)), allowed
 
-    def _sid(self, sid: uuid.UUID, unknown: bool) -> uuid.UUID:
-        return self.unknown if unknown else sid
-
-    # -- rules ----------------------------------------------------------------------------
-
-    @precondition(lambda self: len(self.model.sessions) < MAX_SESSIONS)
-    @rule(
-        target=sessions,
-        required=st.sampled_from(
-            [None, [], ["task-loop"], ["executor", "step-processor"], ["frontend-api"]]
-        ),
-        timeout_ms=st.sampled_from([None, 2_000]),
-    )
-    def create(self, required: list[str] | None, timeout_ms: int | None) -> Any:
-        from contracts import CreateWorkflowSession
-
+    def _create(self, required: list[str] | None, timeout_ms: int | None) -> uuid.UUID | None:
         sid = uuid.uuid4()
         config = WorkflowConfig(
             required_modules=required,
@@ -389,20 +387,32 @@ class SessionMachine(RuleBasedStateMachine):
             link_timeout_ms=LINK_TIMEOUT_MS,
             cleanup_timeout_ms=CLEANUP_TIMEOUT_MS,
         )
-        command = CreateWorkflowSession(steps=["s"], config=config, session_id=sid)
         now = self.clock.now()
-        self.both(command, None, lambda: self.model.create(sid, required, timeout_ms, now))
-        return sid if sid in self.model.sessions else multiple()
+        self.both(
+            CreateWorkflowSession(steps=["s"], config=config, session_id=sid),
+            None,
+            lambda: self.model.create(sid, required, timeout_ms, now),
+        )
+        return sid if sid in self.model.sessions else None
 
-    @rule(
-        sid=sessions, module_id=modules, choice=link_choice, who=principals, unknown=st.booleans()
+    # -- rules ----------------------------------------------------------------------------
+
+    @initialize(
+        target=sessions, configs=st.lists(st.tuples(requirements, timeouts), min_size=2, max_size=2)
     )
-    def link(
-        self, sid: uuid.UUID, module_id: str, choice: int, who: str | None, unknown: bool
-    ) -> None:
-        from contracts import LinkModuleSession
+    def first_sessions(self, configs: list[tuple[list[str] | None, int | None]]) -> Any:
+        """Every run starts with sessions to work on."""
+        created = [self._create(required, timeout_ms) for required, timeout_ms in configs]
+        return multiple(*(sid for sid in created if sid is not None))
 
-        sid = self._sid(sid, unknown and choice == 1 and who is None)
+    @precondition(lambda self: len(self.model.sessions) < MAX_SESSIONS)
+    @rule(target=sessions, required=requirements, timeout_ms=timeouts)
+    def create(self, required: list[str] | None, timeout_ms: int | None) -> Any:
+        sid = self._create(required, timeout_ms)
+        return multiple() if sid is None else sid
+
+    @rule(sid=sessions, module_id=modules, choice=link_choice, who=principals)
+    def link(self, sid: uuid.UUID, module_id: str, choice: int, who: str | None) -> None:
         module_session = uuid.uuid5(sid, f"{module_id}/{choice}")
         principal, allowed = self._principal(who, module_id)
         now = self.clock.now()
@@ -416,8 +426,6 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(sid=sessions, module_id=modules, who=principals)
     def unlink(self, sid: uuid.UUID, module_id: str, who: str | None) -> None:
-        from contracts import UnlinkModuleSession
-
         principal, allowed = self._principal(who, module_id)
         now = self.clock.now()
         self.both(
@@ -426,11 +434,8 @@ class SessionMachine(RuleBasedStateMachine):
             lambda: self.model.unlink(sid, module_id, allowed, now),
         )
 
-    @rule(sid=sessions, status=statuses, unknown=st.booleans())
-    def set_status(self, sid: uuid.UUID, status: SessionStatus, unknown: bool) -> None:
-        from contracts import UpdateSessionStatus
-
-        sid = self._sid(sid, unknown and status is S.ACTIVE)
+    @rule(sid=sessions, status=statuses)
+    def set_status(self, sid: uuid.UUID, status: SessionStatus) -> None:
         now = self.clock.now()
         self.both(
             UpdateSessionStatus(session_id=sid, status=status),
@@ -442,8 +447,6 @@ class SessionMachine(RuleBasedStateMachine):
     def set_module_status(
         self, sid: uuid.UUID, module_id: str, status: SessionStatus, who: str | None
     ) -> None:
-        from contracts import UpdateSessionStatus
-
         principal, allowed = self._principal(who, module_id)
         now = self.clock.now()
         self.both(
@@ -454,8 +457,6 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(sid=sessions, module_id=st.none() | modules, who=principals)
     def activity(self, sid: uuid.UUID, module_id: str | None, who: str | None) -> None:
-        from contracts import RecordActivity
-
         principal, allowed = self._principal(who, module_id or "executor")
         now = self.clock.now()
         self.both(
@@ -466,8 +467,6 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(sid=sessions, module_id=st.none() | modules, fatal=st.booleans())
     def error(self, sid: uuid.UUID, module_id: str | None, fatal: bool) -> None:
-        from contracts import ReportError
-
         error = StandardError(code=ErrorCode.INTERNAL, message="boom", module_id=module_id)
         now = self.clock.now()
         self.both(
@@ -478,15 +477,30 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(sid=sessions)
     def destroy(self, sid: uuid.UUID) -> None:
-        from contracts import DestroyWorkflowSession
-
         now = self.clock.now()
         self.both(
             DestroyWorkflowSession(session_id=sid), None, lambda: self.model.destroy(sid, now)
         )
 
-    @rule(ms=st.sampled_from([100, 600, 1_000, 1_600, 2_100]))
+    @rule(module_id=modules, status=statuses)
+    def unknown_session(self, module_id: str, status: SessionStatus) -> None:
+        """Commands naming a session nobody created."""
+        now = self.clock.now()
+        sid = self.unknown
+        self.both(
+            LinkModuleSession(session_id=sid, module_id=module_id, module_session_id=sid),
+            None,
+            lambda: self.model.link(sid, module_id, sid, None, now),
+        )
+        self.both(
+            UpdateSessionStatus(session_id=sid, status=status),
+            None,
+            lambda: self.model.set_status(sid, status, now),
+        )
+
+    @rule(ms=st.sampled_from([300, 1_000, 1_600, 2_100]))
     def advance_clock(self, ms: int) -> None:
+        """Time passes; every due timeout fires on both sides."""
         now = self.clock.advance(milliseconds=ms)
         self.model.timeouts(now)
         self.run(self.coordinator.run_timeouts())
@@ -494,7 +508,8 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.restarts < 2)
     @rule()
     def restart(self) -> None:
-        """Close the coordinator and start a new one on the same store."""
+        """Close the coordinator and start a new one on the same store: projections,
+        applied commands and timers carry over."""
         self.run(self.coordinator.close())
         self.restarts += 1
         self.coordinator = self._start()
@@ -519,8 +534,8 @@ class SessionMachine(RuleBasedStateMachine):
 
 
 SessionMachine.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=30,
+    max_examples=60,
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
