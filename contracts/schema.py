@@ -20,6 +20,7 @@ from typing import Any, Final
 import msgspec
 
 from contracts import model
+from contracts import topology as topology_module
 from contracts.codec import JSON, MSGPACK
 from contracts.commands import COMMAND_TYPES, CommandReply, CommandRequest, Result
 from contracts.errors import ErrorCode, StandardError
@@ -353,7 +354,6 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
 
     module_queue = topo.module_queue(_SAMPLE_MODULE_ID)
     module_address = module_queue.removesuffix(_SAMPLE_MODULE_ID) + f"{{{_MODULE_PARAM}}}"
-    dead_lettered = {"x-dead-letter-exchange": topo.dead_letter_exchange}
     command_request = names[CommandRequest]
     command_reply = names[CommandReply]
     heartbeat = names[Heartbeat]
@@ -368,7 +368,7 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
         ),
         "messages": {command_request: _ref("components", "messages", command_request)},
         "bindings": _queue_binding(
-            topo.commands_queue(), {"x-queue-type": "quorum", **dead_lettered}
+            topo.commands_queue(), dict(topo.commands_queue_spec().arguments)
         ),
     }
     channels["commandReplies"] = {
@@ -392,8 +392,8 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
         "address": topo.heartbeats_exchange,
         "title": "Heartbeats",
         "description": (
-            f"Module liveness, not event-sourced. The coordinator consumes them from "
-            f"`{topo.heartbeats_queue}`."
+            "Module liveness, not event-sourced. Each coordinator consumes them from an "
+            f"exclusive queue of its own, `{topo.heartbeats_queue_for('<instance>')}`."
         ),
         "messages": {heartbeat: _ref("components", "messages", heartbeat)},
         "bindings": _exchange_binding(topo.heartbeats_exchange, "fanout"),
@@ -408,6 +408,17 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
         "messages": {"DeadLetter": _ref("components", "messages", "DeadLetter")},
         "bindings": _queue_binding(topo.dead_letter_queue, {}),
     }
+    channels["unroutable"] = {
+        "address": topo.unroutable_queue,
+        "title": "Unroutable events",
+        "description": (
+            f"`{topo.unroutable_exchange}` is the alternate exchange of "
+            f"`{topo.events_exchange}`: an event no queue is bound for lands here "
+            "instead of being dropped."
+        ),
+        "messages": all_events(),
+        "bindings": _queue_binding(topo.unroutable_queue, {"x-queue-type": "quorum"}),
+    }
     channels["audit"] = {
         "address": topo.audit_stream,
         "title": "Audit stream",
@@ -416,18 +427,24 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
             "replayable from the first offset or a timestamp."
         ),
         "messages": all_events(),
-        "bindings": _queue_binding(topo.audit_stream, {"x-queue-type": "stream"}),
+        "bindings": _queue_binding(
+            topo.audit_stream,
+            {"x-queue-type": "stream", "x-max-age": topology_module.DEFAULT_AUDIT_RETENTION},
+        ),
     }
     channels["moduleQueue"] = {
         "address": module_address,
         "title": "Module queue",
         "description": (
-            f"A module's own queue, bound to `{topo.events_exchange}` with the routing "
-            "keys of the events it needs; shared by the module's replicas."
+            f"A module's own queue, bound to `{topo.events_exchange}` with "
+            f"{', '.join(topology_module.MODULE_ROUTING_KEYS)}; single active consumer, so "
+            "one replica of a module at a time sees a session's events, in order."
         ),
         "parameters": {_MODULE_PARAM: _ref("components", "parameters", _MODULE_PARAM)},
         "messages": all_events(),
-        "bindings": _queue_binding(module_address, {"x-queue-type": "quorum", **dead_lettered}),
+        "bindings": _queue_binding(
+            module_address, dict(topo.module_queue_spec(_SAMPLE_MODULE_ID).arguments)
+        ),
     }
 
     reply = {

@@ -73,15 +73,10 @@ class Topology:
         return f"{self.prefix}.heartbeats"
 
     @property
-    def heartbeats_queue(self) -> str:
-        """The coordinator's heartbeat queue."""
-        return f"{self.prefix}.heartbeats.coordinator"
-
-    @property
     def unroutable_exchange(self) -> str:
         """Alternate exchange of the events exchange: an event no queue is bound for
         lands here instead of being dropped."""
-        return f"{self.prefix}.unroutable"
+        return f"{self.prefix}.events.unroutable"
 
     @property
     def unroutable_queue(self) -> str:
@@ -199,7 +194,6 @@ class Topology:
         return {
             "events_exchange": self.events_exchange,
             "heartbeats_exchange": self.heartbeats_exchange,
-            "heartbeats_queue": self.heartbeats_queue,
             "dead_letter_exchange": self.dead_letter_exchange,
             "dead_letter_queue": self.dead_letter_queue,
             "unroutable_exchange": self.unroutable_exchange,

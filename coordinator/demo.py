@@ -76,6 +76,9 @@ async def _pick_broker(options: DemoOptions, console: Console) -> tuple[str, Mem
     probe = AmqpTransport(
         options.amqp_url, connection_name="sessionbus-demo-probe", connect_timeout=3
     )
+    quiet = logging.getLogger("aiormq.connection")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the answer is printed below, once
     try:
         await probe.connect()
     except TransportError as exc:

@@ -312,7 +312,7 @@ principals = st.sampled_from([None, None, "own", "other"])
 requirements = st.sampled_from(
     [None, None, [], ["task-loop"], ["executor", "step-processor"], ["frontend-api"]]
 )
-timeouts = st.sampled_from([None, 2_000])
+timeouts = st.sampled_from([None, 2_000, 2_000])
 
 
 class SessionMachine(RuleBasedStateMachine):
@@ -534,8 +534,8 @@ class SessionMachine(RuleBasedStateMachine):
 
 
 SessionMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=100,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -241,7 +241,11 @@ def test_asyncapi_amqp_bindings(spec: dict[str, Any]) -> None:
     assert amqp("moduleQueue")["x-arguments"] == {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": "x.dlx",
+        "x-delivery-limit": 10,
+        "x-single-active-consumer": True,
     }
+    assert amqp("commands")["x-arguments"]["x-single-active-consumer"] is True
+    assert amqp("unroutable")["queue"]["name"] == "x.unroutable"
     assert amqp("audit")["x-arguments"]["x-queue-type"] == "stream"
     assert amqp("audit")["queue"]["name"] == "x.audit"
     assert amqp("deadLetters")["queue"]["name"] == "x.dlq"

@@ -43,9 +43,10 @@ def test_the_default_topology_has_the_designed_names() -> None:
     assert topology.names() == {
         "events_exchange": "sessionbus.events",
         "heartbeats_exchange": "sessionbus.heartbeats",
-        "heartbeats_queue": "sessionbus.heartbeats.coordinator",
         "dead_letter_exchange": "sessionbus.dlx",
         "dead_letter_queue": "sessionbus.dlq",
+        "unroutable_exchange": "sessionbus.events.unroutable",
+        "unroutable_queue": "sessionbus.unroutable",
         "audit_stream": "sessionbus.audit",
         "commands_queue": "sessionbus.commands",
     }

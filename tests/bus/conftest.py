@@ -1,0 +1,132 @@
+"""Fixtures of the bus suite: one ``Bus`` per test, on the in-process broker or on the
+real RabbitMQ under the test's own topology prefix.
+
+Tests that take ``bus`` run on both brokers (the RabbitMQ run is marked ``broker``);
+tests that take ``amqp_bus`` are RabbitMQ only and carry the ``broker`` mark themselves.
+Every RabbitMQ connection is named after the test (``<node id> <role>``), so the broker
+UI and the fault tests can tell them apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import pytest
+
+from contracts import Topology
+from contracts.amqp import AmqpTransport
+from contracts.transport import Transport
+from coordinator.identity import IdentityMap
+from coordinator.runtime import CoordinatorRuntime
+from module_sdk import CoordinatorClient, SessionManager
+from module_sdk.testing import InProcessBus
+from tests.support.broker_admin import user_url
+
+M = TypeVar("M", bound=SessionManager)
+
+BUS_KINDS = ["memory", pytest.param("amqp", marks=pytest.mark.broker)]
+
+
+@dataclass
+class Bus:
+    """One test's broker: transports, a coordinator runtime and modules on it."""
+
+    kind: Literal["memory", "amqp"]
+    prefix: str
+    test_id: str
+    url: str | None = None
+    memory: InProcessBus | None = None
+    opened: list[Transport] = field(default_factory=list)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.prefix)
+
+    def connection_name(self, role: str) -> str:
+        return f"{self.test_id} {role}"
+
+    def transport(self, role: str, *, user: str = "guest", password: str = "guest") -> Transport:
+        """A transport (not connected) for one party of the test."""
+        if self.memory is not None:
+            return self.memory.transport(user)
+        assert self.url is not None
+        url = self.url if user == "guest" else user_url(self.url, user, password)
+        return AmqpTransport(url, connection_name=self.connection_name(role))
+
+    async def connect(self, role: str, **credentials: str) -> Transport:
+        """A connected transport, closed at the end of the test."""
+        transport = self.transport(role, **credentials)
+        await transport.connect()
+        self.opened.append(transport)
+        return transport
+
+    async def client(self, role: str = "client", **options: Any) -> CoordinatorClient:
+        """A coordinator client on its own connection."""
+        return CoordinatorClient(await self.connect(role), self.topology, **options)
+
+    def runtime(
+        self, *, store: str = "memory://", identity: str = "guest=*", **options: Any
+    ) -> CoordinatorRuntime:
+        """A coordinator on this bus (on its own connection), not yet started."""
+        return CoordinatorRuntime(
+            self.transport("coordinator"),
+            store=store,
+            topology=self.topology,
+            identity=IdentityMap.parse(identity),
+            **options,
+        )
+
+    def module(self, cls: type[M], role: str | None = None, **options: Any) -> M:
+        """A module's manager on its own connection (closed with it), not yet started."""
+        options.setdefault("heartbeat_interval", 0.5)
+        module_id = options.get("module_id") or cls.module_id
+        credentials = options.pop("credentials", {})
+        return cls(
+            self.transport(role or f"module {module_id}", **credentials),
+            topology=self.topology,
+            own_transport=True,
+            **options,
+        )
+
+    async def aclose(self) -> None:
+        for transport in reversed(self.opened):
+            with contextlib.suppress(Exception):
+                await transport.close()
+
+
+def _test_id(request: pytest.FixtureRequest) -> str:
+    return request.node.nodeid[-180:]
+
+
+@pytest.fixture(params=BUS_KINDS)
+async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    """The in-process broker, then the real RabbitMQ under the test's own prefix."""
+    if request.param == "memory":
+        value = Bus("memory", f"m{uuid.uuid4().hex[:8]}", _test_id(request), memory=InProcessBus())
+    else:
+        value = Bus(
+            "amqp",
+            request.getfixturevalue("prefix"),
+            _test_id(request),
+            url=request.getfixturevalue("amqp_url"),
+        )
+    try:
+        yield value
+    finally:
+        await value.aclose()
+
+
+@pytest.fixture
+async def amqp_bus(
+    request: pytest.FixtureRequest, amqp_url: str, prefix: str
+) -> AsyncIterator[Bus]:
+    """The real RabbitMQ under the test's own prefix."""
+    value = Bus("amqp", prefix, _test_id(request), url=amqp_url)
+    try:
+        yield value
+    finally:
+        await value.aclose()
