@@ -53,25 +53,29 @@ REQUIRED = ("executor", "ai-integration", "executor-streamer")
 OPTIONAL = tuple(m for m in MODULES if m not in REQUIRED)
 _S = SessionStatus
 _PRINCIPALS = {m: Principal(m, frozenset({m})) for m in MODULES}
-_START = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+# Timeouts long enough that none falls due while a benchmark runs on the data: the
+# synthetic history ends within the last hour and a coordinator started on it must not
+# spend its first minutes failing sessions.
+_HOURS = 3_600_000
 
 
 class _Clock:
-    """Synthetic time: each command a few milliseconds after the previous one."""
+    """Synthetic time, starting an hour ago: each command a fraction of a millisecond
+    after the previous one (a million events span under four minutes)."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.now = _START
+        self.now = datetime.now(UTC) - timedelta(hours=1)
 
     def tick(self) -> datetime:
-        self.now += timedelta(microseconds=self.rng.randint(200, 5000))
+        self.now += timedelta(microseconds=self.rng.randint(20, 400))
         return self.now
 
 
 def register_modules(store: EventStore) -> ModuleRegistry:
     """The seed's seven modules, three of them required (saved once)."""
     registry = store.load_registry()
-    ctx = CommandContext(OPERATOR, _START, uuid.uuid4())
+    ctx = CommandContext(OPERATOR, datetime.now(UTC) - timedelta(hours=2), uuid.uuid4())
     for module_id in MODULES:
         registry.register(ctx, module_id, module_id in REQUIRED, ["sessions"])
     if registry.pending_events:
@@ -95,7 +99,7 @@ def _session(
         return CommandContext(principal, clock.tick(), uuid.uuid4(), correlation)
 
     config = WorkflowConfig(
-        timeout_ms=rng.choice((None, 600_000, 1_800_000)),
+        timeout_ms=rng.choice((None, 4 * _HOURS, 24 * _HOURS)),
         metadata={"tenant": f"t{rng.randint(1, 40)}", "user": f"u{rng.randint(1, 5000)}"},
     )
     steps = [f"step-{i}" for i in range(rng.randint(1, 6))]
@@ -108,7 +112,7 @@ def _session(
             ctx(module_id),
             module_id,
             uuid.uuid4(),
-            ModuleSessionConfig(timeout_ms=300_000, retry_attempts=3),
+            ModuleSessionConfig(timeout_ms=4 * _HOURS, retry_attempts=3),
             {"worker": f"{module_id}-{rng.randint(1, 8)}"},
             registry,
         )

@@ -61,6 +61,8 @@ RECONNECT_ERRORS: tuple[type[BaseException], ...] = (
 # aio-pika raises RuntimeError("... closed") while a robust connection is restored.
 _LOST: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, RuntimeError)
 _CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, aiormq.exceptions.AMQPError)
+# How long to give aio-pika's close callback before looking at a closed channel again.
+_RESTORE_PAUSE = 0.01
 
 
 def redact_url(url: str) -> str:
@@ -281,16 +283,30 @@ class AmqpTransport(Transport):
         lost connection or a channel the broker closed (a refused publish)."""
         if self._closed or channel is None:
             raise TransportClosed("transport is closed")
-        if channel.is_closed:
-            ready = getattr(channel, "ready", None)
-            if ready is None:
-                raise TransportError("channel closed")
+        if not channel.is_closed:
+            return channel
+        ready = getattr(channel, "ready", None)
+        if ready is None:
+            raise TransportError("channel closed")
+        # aio-pika reopens a robust channel from its close callback, a task of its own:
+        # until that task runs, ``ready()`` still answers for the old channel and returns
+        # at once. So wait until the channel is really open again, not just for ready().
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.restore_timeout
+        while channel.is_closed:
+            remaining = deadline - loop.time()
+            if self._closed:
+                raise TransportClosed("transport is closed")
             try:
-                await asyncio.wait_for(ready(), self.restore_timeout)
+                if remaining <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(ready(), remaining)
             except TimeoutError as exc:
                 raise TransportError(
                     f"broker connection not restored within {self.restore_timeout} s"
                 ) from exc
+            if channel.is_closed:
+                await asyncio.sleep(_RESTORE_PAUSE)
         return channel
 
     async def _exchange(self, name: str) -> AbstractExchange:

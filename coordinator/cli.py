@@ -3,23 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import json
 import logging
 import os
 import signal
 import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import click
+import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.tree import Tree
 
 import contracts
 from contracts import schema as schema_mod
 from contracts.amqp import AmqpTransport, redact_url
+from contracts.audit import read_audit_stream
 from contracts.transport import TransportError
+from coordinator import admin
 from coordinator.errors import CoordinatorError
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
-from coordinator.store import DEFAULT_STORE_URL
+from coordinator.service import SessionCoordinator
+from coordinator.store import DEFAULT_STORE_URL, EventStore
+from module_sdk.client import CoordinatorClient
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+# Exit codes: 0 done; 1 the answer is "no" (unknown session, failed verification,
+# refused command); 2 bad usage; 3 broker unreachable; 4 coordinator not answering or
+# failing.
+EXIT_NO, EXIT_USAGE, EXIT_BROKER, EXIT_COORDINATOR = 1, 2, 3, 4
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -160,3 +183,606 @@ def demo(
         for line in result.errors[:10]:
             console.print(f"[red]{line}[/]")
         sys.exit(1)
+
+
+# --- operations over the bus ---------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _bus_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+    f = click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds.")(f)
+    f = click.option(
+        "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
+    )(f)
+    return click.option(
+        "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+    )(f)
+
+
+def _topology(prefix: str) -> contracts.Topology:
+    try:
+        return contracts.Topology(prefix)
+    except contracts.ValidationError as exc:
+        raise click.BadParameter(str(exc), param_hint="--prefix") from exc
+
+
+def _run_bus(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    action: Callable[[CoordinatorClient, AmqpTransport, contracts.Topology], Awaitable[T]],
+) -> T:
+    """Connect, run ``action`` with a client, and turn every failure into one line and
+    a meaningful exit code."""
+    topology = _topology(prefix)
+
+    async def go() -> T:
+        transport = AmqpTransport(amqp_url, connection_name="sessionctl", connect_timeout=timeout)
+        quiet = logging.getLogger("aiormq.connection")
+        quiet.setLevel(logging.CRITICAL)
+        async with transport:
+            client = CoordinatorClient(transport, topology, timeout=timeout, attempts=1)
+            return await action(client, transport, topology)
+
+    try:
+        return asyncio.run(go())
+    except CommandFailed as exc:
+        _fail(f"{exc.error.code}: {exc.error.message}", EXIT_NO)
+    except CoordinatorUnavailable:
+        _fail(
+            f"no reply from a coordinator on prefix {prefix!r} within {timeout:g} s "
+            "(is `sessionctl coordinator` running?)",
+            EXIT_COORDINATOR,
+        )
+    except TransportError as exc:
+        _fail(f"broker at {redact_url(amqp_url)}: {exc}", EXIT_BROKER)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _uuid(value: str, what: str = "SESSION_ID") -> uuid.UUID:
+    try:
+        return contracts.parse_session_id(value)
+    except contracts.ValidationError as exc:
+        raise click.BadParameter(f"{value!r} is not a UUID", param_hint=what) from exc
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(msgspec.to_builtins(value), indent=2, sort_keys=True))
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if value else "-"
+
+
+# Tables stay readable when piped (rich assumes 80 columns off a terminal).
+_console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+@main.group()
+def sessions() -> None:
+    """Workflow sessions: list, show, history, integrity, destroy."""
+
+
+@sessions.command("list")
+@_bus_options
+@click.option(
+    "--status", type=click.Choice([s.value for s in contracts.SessionStatus]), default=None
+)
+@click.option("--module", "module_id", default=None, help="Only sessions this module linked.")
+def sessions_list(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    status: str | None,
+    module_id: str | None,
+) -> None:
+    """Sessions not yet destroyed."""
+
+    async def action(client: CoordinatorClient, *_: Any) -> list[contracts.WorkflowSession]:
+        return await client.list_workflow_sessions(
+            status=contracts.SessionStatus(status) if status else None, module_id=module_id
+        )
+
+    found = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json(found)
+        return
+    table = Table(title=f"{len(found)} sessions")
+    for column in ("session", "status", "linked", "created", "last activity", "version"):
+        table.add_column(column)
+    for s in found:
+        table.add_row(
+            str(s.session_id),
+            s.status.value,
+            f"{len(s.modules)}/{len(s.required_modules)} required",
+            _when(s.created_at),
+            _when(s.last_activity),
+            str(s.version),
+        )
+    _console.print(table)
+
+
+@sessions.command("show")
+@_bus_options
+@click.argument("session_id")
+def sessions_show(
+    amqp_url: str, prefix: str, timeout: float, as_json: bool, session_id: str
+) -> None:
+    """The session tree: the workflow session and each linked module session."""
+    sid = _uuid(session_id)
+
+    async def action(client: CoordinatorClient, *_: Any) -> contracts.WorkflowSession | None:
+        return await client.get_workflow_session(sid)
+
+    session = _run_bus(amqp_url, prefix, timeout, action)
+    if session is None:
+        _fail(f"no workflow session {sid}", EXIT_NO)
+        return
+    if as_json:
+        _emit_json(session)
+        return
+    tree = Tree(
+        f"[bold]{session.session_id}[/] {session.status.value}"
+        + (" (destroyed)" if session.destroyed else "")
+        + f"  created {_when(session.created_at)}  last activity {_when(session.last_activity)}"
+    )
+    if session.failure is not None:
+        tree.add(f"[red]failure {session.failure.code}: {session.failure.message}[/]")
+    for module_id in session.required_modules:
+        if module_id not in session.modules:
+            tree.add(f"[yellow]{module_id}: not linked (required)[/]")
+    for module_id, info in sorted(session.modules.items()):
+        tree.add(
+            f"{module_id}: {info.session_id} {info.status.value}  "
+            f"last activity {_when(info.last_activity)}"
+        )
+    _console.print(tree)
+
+
+@sessions.command("destroy")
+@_bus_options
+@click.argument("session_id")
+@click.option("--reason", default="destroyed by an operator", show_default=True)
+def sessions_destroy(
+    amqp_url: str, prefix: str, timeout: float, as_json: bool, session_id: str, reason: str
+) -> None:
+    """Start CLEANUP; the session is destroyed once its modules unlink."""
+    sid = _uuid(session_id)
+
+    async def action(client: CoordinatorClient, *_: Any) -> None:
+        await client.destroy_workflow_session(sid, reason)
+
+    _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json({"session_id": str(sid), "cleanup": True})
+    else:
+        click.echo(f"{sid}: cleanup started")
+
+
+@sessions.command("history")
+@_bus_options
+@click.argument("session_id")
+@click.option("--as-of", "as_of", type=click.DateTime(), default=None, help="UTC time.")
+@click.option("--version", "version", type=click.IntRange(1), default=None)
+@click.option("--verify", is_flag=True, help="Verify the hash chain.")
+@click.option("--store", default=None, help="Read the event store directly (offline audit).")
+def sessions_history(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    session_id: str,
+    as_of: datetime | None,
+    version: int | None,
+    verify: bool,
+    store: str | None,
+) -> None:
+    """The events of one session, the state as of a point, and the chain verdict."""
+    sid = _uuid(session_id)
+    as_of_utc = as_of.replace(tzinfo=UTC) if as_of is not None and as_of.tzinfo is None else as_of
+    verdict: contracts.ChainVerdict | None = None
+    if store is not None:
+        with _open_store(store) as event_store:
+            events = event_store.history(sid)
+            if verify:
+                verdict = contracts.verify_chain_raw(event_store.raw_history(sid))
+        if not events:
+            _fail(f"no history for session {sid} in {store}", EXIT_NO)
+        events = [
+            e
+            for e in events
+            if (version is None or e.version <= version)
+            and (as_of_utc is None or e.occurred_at <= as_of_utc)
+        ]
+        history = contracts.SessionHistory(events=events, state=contracts.fold_history(events))
+    else:
+
+        async def action(client: CoordinatorClient, *_: Any) -> contracts.SessionHistory:
+            full = await client.get_session_history(sid)
+            return full
+
+        full = _run_bus(amqp_url, prefix, timeout, action)
+        if verify:
+            verdict = contracts.verify_chain(full.events)
+        events = [
+            e
+            for e in full.events
+            if (version is None or e.version <= version)
+            and (as_of_utc is None or e.occurred_at <= as_of_utc)
+        ]
+        history = contracts.SessionHistory(events=events, state=contracts.fold_history(events))
+    if as_json:
+        _emit_json({"history": history, "verdict": verdict})
+    else:
+        table = Table(title=f"history of {sid}")
+        for column in ("v", "time", "event", "actor", "detail"):
+            table.add_column(column)
+        for e in history.events:
+            table.add_row(str(e.version), _when(e.occurred_at), e.type, e.actor, _detail(e.event))
+        _console.print(table)
+        if history.state is not None:
+            state = history.state
+            click.echo(
+                f"state at version {state.version}: {state.status.value}"
+                + (" (destroyed)" if state.destroyed else "")
+                + f", linked: {', '.join(sorted(state.modules)) or 'none'}"
+            )
+        if verdict is not None:
+            if verdict.ok:
+                click.echo(f"hash chain: ok ({verdict.events_checked} events)")
+            else:
+                click.echo(
+                    f"hash chain: BROKEN at version {verdict.first_bad_version}: {verdict.reason}"
+                )
+    if verdict is not None and not verdict.ok:
+        sys.exit(EXIT_NO)
+
+
+def _detail(event: Any) -> str:
+    data = msgspec.to_builtins(event)
+    data.pop("type", None)
+    text = ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, {}, []))
+    return text[:100]
+
+
+@contextlib.contextmanager
+def _open_store(url: str) -> Iterator[EventStore]:
+    try:
+        store = EventStore(url)
+    except CoordinatorError as exc:
+        _fail(f"store {url}: {exc}", EXIT_USAGE)
+        raise AssertionError("unreachable") from exc  # pragma: no cover
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@sessions.command("integrity")
+@_bus_options
+@click.argument("session_id", required=False)
+@click.option("--all", "all_sessions", is_flag=True, help="Every session not destroyed.")
+@click.option("--repair", is_flag=True, help="Fix what can be fixed, and say what was done.")
+def sessions_integrity(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    session_id: str | None,
+    all_sessions: bool,
+    repair: bool,
+) -> None:
+    """The seed's SessionIntegrityReport, and repair."""
+    if (session_id is None) == (not all_sessions):
+        raise click.UsageError("give a SESSION_ID or --all (not both)")
+    target = _uuid(session_id) if session_id else None
+
+    async def action(client: CoordinatorClient, *_: Any) -> list[tuple[Any, list[str]]]:
+        ids = [target] if target else [s.session_id for s in await client.list_workflow_sessions()]
+        out: list[tuple[Any, list[str]]] = []
+        for sid in ids:
+            assert sid is not None
+            if repair:
+                repaired = await client.repair_session_integrity(sid)
+                out.append((repaired.report, repaired.actions))
+            else:
+                out.append((await client.validate_session_integrity(sid), []))
+        return out
+
+    reports = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json([{"report": r, "actions": a} for r, a in reports])
+    else:
+        for report, actions in reports:
+            mark = "[green]valid[/]" if report.is_valid else "[red]NOT valid[/]"
+            _console.print(f"{report.workflow_session_id}: {mark}")
+            for label, value in (
+                ("linked", report.linked_modules),
+                ("missing links", report.missing_links),
+                ("orphaned", report.orphaned_sessions),
+                ("inconsistent", report.inconsistent_statuses),
+            ):
+                if value:
+                    _console.print(f"  {label}: {value}")
+            for line in report.recommendations:
+                _console.print(f"  recommendation: {line}")
+            for line in actions:
+                _console.print(f"  repaired: {line}")
+        click.echo(f"{sum(r.is_valid for r, _ in reports)} of {len(reports)} sessions valid")
+    if not repair and not all(r.is_valid for r, _ in reports):
+        sys.exit(EXIT_NO)
+
+
+@main.command()
+@_bus_options
+def modules(amqp_url: str, prefix: str, timeout: float, as_json: bool) -> None:
+    """Registered modules: required or not, health from heartbeats, active sessions."""
+
+    async def action(client: CoordinatorClient, *_: Any) -> list[contracts.ModuleInfo]:
+        return await client.list_modules()
+
+    found = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json(found)
+        return
+    table = Table(title=f"{len(found)} modules")
+    for column in ("module", "required", "healthy", "last heartbeat", "active sessions"):
+        table.add_column(column)
+    for m in found:
+        table.add_row(
+            m.module_id,
+            "yes" if m.required else "no",
+            "[green]yes[/]" if m.healthy else "[red]no[/]",
+            _when(m.last_heartbeat),
+            str(m.active_sessions),
+        )
+    _console.print(table)
+
+
+@main.command()
+@_bus_options
+@click.option("--management-url", envvar="SESSIONBUS_MANAGEMENT_URL", default=None)
+def queues(
+    amqp_url: str, prefix: str, timeout: float, as_json: bool, management_url: str | None
+) -> None:
+    """Every sessionbus queue: depth, ready/unacked, consumers, rates."""
+
+    async def action(
+        client: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
+    ) -> list[admin.QueueInfo]:
+        try:
+            module_ids = [m.module_id for m in await client.list_modules()]
+        except (CoordinatorUnavailable, CommandFailed):
+            module_ids = list(_SEED_MODULES)
+        return await admin.list_queues(transport, topology, amqp_url, management_url, module_ids)
+
+    found = _run_bus(amqp_url, prefix, min(timeout, 3.0), action)
+    if as_json:
+        _emit_json([dataclasses.asdict(q) for q in found])
+        return
+    table = Table(title=f"queues under {prefix}.")
+    for column in ("queue", "type", "messages", "ready", "unacked", "consumers", "in/s", "out/s"):
+        table.add_column(column)
+
+    def num(value: float | int | None) -> str:
+        return "-" if value is None else f"{value:g}"
+
+    for q in found:
+        table.add_row(
+            q.name,
+            q.kind or "-",
+            str(q.messages),
+            num(q.ready),
+            num(q.unacked),
+            str(q.consumers),
+            num(q.publish_rate),
+            num(q.deliver_rate),
+        )
+    _console.print(table)
+    if found and found[0].source != "management":
+        click.echo("(management API not reachable: depth and consumers from passive declares)")
+
+
+_SEED_MODULES = (
+    "ai-context-manager",
+    "ai-integration",
+    "executor",
+    "task-loop",
+    "step-processor",
+    "executor-streamer",
+    "frontend-api",
+)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: list them with their reasons, replay them after a fix."""
+
+
+@dlq.command("list")
+@_bus_options
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+def dlq_list(amqp_url: str, prefix: str, timeout: float, as_json: bool, limit: int) -> None:
+    """Dead letters with their reasons (left in the queue)."""
+
+    async def action(
+        _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
+    ) -> list[admin.DeadLetter]:
+        return await admin.browse_dead_letters(transport, topology, limit)
+
+    letters = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json([dataclasses.asdict(d) for d in letters])
+        return
+    table = Table(title=f"{len(letters)} dead letters in {prefix}.dlq")
+    for column in ("message id", "rejected by", "code", "field", "reason", "from", "bytes"):
+        table.add_column(column)
+    for d in letters:
+        table.add_row(
+            d.message_id or "-",
+            d.rejected_by or "-",
+            d.code or "-",
+            d.reject_field or "-",
+            (d.reason or "-")[:80],
+            f"{d.original_exchange or ''} {d.original_routing_key or ''}".strip() or "-",
+            str(d.size),
+        )
+    _console.print(table)
+
+
+@dlq.command("replay")
+@_bus_options
+@click.option("--id", "message_id", default=None, help="Only the dead letter with this message id.")
+@click.option("--all", "replay_all", is_flag=True, help="Every dead letter.")
+def dlq_replay(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    message_id: str | None,
+    replay_all: bool,
+) -> None:
+    """Publish dead letters back to where they came from."""
+    if (message_id is None) == (not replay_all):
+        raise click.UsageError("give --id MESSAGE_ID or --all")
+
+    async def action(
+        _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
+    ) -> tuple[int, int]:
+        return await admin.replay_dead_letters(transport, topology, message_id=message_id)
+
+    replayed, kept = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json({"replayed": replayed, "kept": kept})
+    else:
+        click.echo(f"replayed {replayed} dead letter(s); {kept} left in the queue")
+    if message_id is not None and replayed == 0:
+        sys.exit(EXIT_NO)
+
+
+@main.command()
+@click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--page", default=1000, show_default=True, type=click.IntRange(10, 100_000))
+def replay(store: str, as_json: bool, page: int) -> None:
+    """Rebuild the projections from the whole history, with progress, and save them as
+    the checkpoint a coordinator starts from."""
+    with _open_store(store) as event_store:
+        total = event_store.max_position()
+        with Progress(
+            TextColumn("replaying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=as_json,
+        ) as progress:
+            task = progress.add_task("events", total=total)
+
+            def report(position: int, _total: int) -> None:
+                progress.update(task, completed=position)
+
+            coordinator = SessionCoordinator(event_store, progress=report, rebuild_page=page)
+            coordinator.store = event_store
+            started = time.perf_counter()
+            coordinator.projections = coordinator.rebuild_from_scratch()
+            seconds = time.perf_counter() - started
+            coordinator.save_checkpoint()
+    proj = coordinator.projections
+    figures = {
+        "events": proj.events_applied,
+        "seconds": round(seconds, 3),
+        "events_per_second": round(proj.events_applied / seconds) if seconds > 0 else None,
+        "live_sessions": len(proj.sessions),
+        "destroyed_sessions": len(proj.destroyed),
+        "position": proj.position,
+    }
+    if as_json:
+        _emit_json(figures)
+    else:
+        click.echo(
+            f"replayed {figures['events']} events in {seconds:.2f} s "
+            f"({figures['events_per_second'] or 0:,} events/s): {figures['live_sessions']} live and "
+            f"{figures['destroyed_sessions']} destroyed sessions, position {proj.position}"
+        )
+
+
+@main.group()
+def audit() -> None:
+    """Auditor tools."""
+
+
+@audit.command("export")
+@click.option("--since", type=click.DateTime(), default=None, help="UTC time.")
+@click.option("--session", "session_id", default=None)
+@click.option("--from-stream", is_flag=True, help="Read the RabbitMQ audit stream, not the store.")
+@click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
+@click.option(
+    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+)
+@click.option(
+    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
+)
+@click.option("--output", "-o", type=click.File("wb"), default="-", show_default=True)
+def audit_export(
+    since: datetime | None,
+    session_id: str | None,
+    from_stream: bool,
+    store: str,
+    amqp_url: str,
+    prefix: str,
+    output: Any,
+) -> None:
+    """Events as JSON Lines, from the store or from the audit stream."""
+    since_utc = since.replace(tzinfo=UTC) if since is not None and since.tzinfo is None else since
+    sid = _uuid(session_id, "--session") if session_id else None
+    err = Console(stderr=True)
+    written = 0
+    if from_stream:
+        topology = _topology(prefix)
+
+        async def go() -> tuple[int, int]:
+            count = bad = 0
+            async with AmqpTransport(amqp_url, connection_name="sessionctl-audit") as transport:
+                async for item in read_audit_stream(transport, topology, since=since_utc):
+                    if isinstance(item, contracts.DecodeError):
+                        bad += 1
+                        continue
+                    if sid is not None and item.session_id != sid:
+                        continue
+                    output.write(admin.to_json_line(item))
+                    count += 1
+            return count, bad
+
+        try:
+            written, bad = asyncio.run(go())
+        except TransportError as exc:
+            _fail(f"broker at {redact_url(amqp_url)}: {exc}", EXIT_BROKER)
+            return
+        if bad:
+            err.print(f"{bad} undecodable entries in the audit stream were skipped")
+    else:
+        with _open_store(store) as event_store:
+            for env in admin.export_from_store(event_store, since=since_utc, session_id=sid):
+                output.write(admin.to_json_line(env))
+                written += 1
+    output.flush()
+    err.print(f"exported {written} events")
+
+
+@main.command("module")
+@click.argument("name", type=click.Choice(sorted(_SEED_MODULES)))
+@click.option(
+    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+)
+@click.option(
+    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
+)
+def module_command(name: str, amqp_url: str, prefix: str) -> None:
+    """Run one of the seven reference modules until SIGTERM or SIGINT."""
+    from module_sdk.reference.__main__ import main as run_module
+
+    sys.exit(run_module([name, "--amqp-url", amqp_url, "--prefix", prefix]))

@@ -223,14 +223,23 @@ class SessionCoordinator:
 
     # -- projections ------------------------------------------------------------------
 
-    def _rebuild(self) -> Projections:
+    def rebuild_from_scratch(self) -> Projections:
+        """Fold the whole history into fresh projections, ignoring any checkpoint
+        (``sessionctl replay``). Needs the store open; does not start anything."""
+        return self._rebuild(from_checkpoint=False)
+
+    def save_checkpoint(self) -> None:
+        """Persist the projections as the checkpoint the next start resumes from."""
+        self._checkpoint()
+
+    def _rebuild(self, *, from_checkpoint: bool = True) -> Projections:
         """Load the projection checkpoint if any, then fold everything after it.
         GC is paused: the objects made here live long and a collection pass over them
         costs a large share of a bulk replay."""
         assert self.store is not None
         started = time.perf_counter()
         proj = Projections()
-        saved = self.store.checkpoints.get(_CHECKPOINT)
+        saved = self.store.checkpoints.get(_CHECKPOINT) if from_checkpoint else None
         if saved is not None:
             try:
                 proj = Projections.restore(_snapshot_decoder.decode(saved[1]))

@@ -103,17 +103,24 @@ def _test_id(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(params=BUS_KINDS)
-async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
-    """The in-process broker, then the real RabbitMQ under the test's own prefix."""
+def bus_target(request: pytest.FixtureRequest) -> tuple[str, str, str | None]:
+    """(kind, prefix, url): resolved outside the event loop, since the broker fixtures
+    check the broker with their own ``asyncio.run``."""
     if request.param == "memory":
-        value = Bus("memory", f"m{uuid.uuid4().hex[:8]}", _test_id(request), memory=InProcessBus())
+        return "memory", f"m{uuid.uuid4().hex[:8]}", None
+    return "amqp", request.getfixturevalue("prefix"), request.getfixturevalue("amqp_url")
+
+
+@pytest.fixture
+async def bus(
+    request: pytest.FixtureRequest, bus_target: tuple[str, str, str | None]
+) -> AsyncIterator[Bus]:
+    """The in-process broker, then the real RabbitMQ under the test's own prefix."""
+    kind, prefix_, url = bus_target
+    if kind == "memory":
+        value = Bus("memory", prefix_, _test_id(request), memory=InProcessBus())
     else:
-        value = Bus(
-            "amqp",
-            request.getfixturevalue("prefix"),
-            _test_id(request),
-            url=request.getfixturevalue("amqp_url"),
-        )
+        value = Bus("amqp", prefix_, _test_id(request), url=url)
     try:
         yield value
     finally:
@@ -121,9 +128,7 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
 
 
 @pytest.fixture
-async def amqp_bus(
-    request: pytest.FixtureRequest, amqp_url: str, prefix: str
-) -> AsyncIterator[Bus]:
+async def amqp_bus(request: pytest.FixtureRequest, amqp_url: str, prefix: str) -> AsyncIterator[Bus]:
     """The real RabbitMQ under the test's own prefix."""
     value = Bus("amqp", prefix, _test_id(request), url=amqp_url)
     try:

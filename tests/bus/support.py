@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
+
 from contracts import (
     ModuleSessionConfig,
     ModuleSessionInfo,
@@ -184,3 +186,26 @@ class RecordingModule(SessionManager):
 
     def events_of(self, kind: str, wsid: uuid.UUID) -> list[tuple[Any, ...]]:
         return [e for e in self.events if e[0] == kind and e[2] == wsid]
+
+
+class Observer:
+    """A plain aio-pika queue bound ``#`` to an exchange: what the broker really routed,
+    with every AMQP property, seen independently of the transport under test."""
+
+    def __init__(self, queue: AbstractQueue) -> None:
+        self.queue = queue
+
+    @classmethod
+    async def bind(cls, connection: object, exchange: str, name: str) -> Observer:
+        assert isinstance(connection, AbstractConnection)
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, durable=True)
+        await queue.bind(exchange, "#")
+        return cls(queue)
+
+    async def drain(self) -> list[AbstractIncomingMessage]:
+        """Every message in the queue now."""
+        taken: list[AbstractIncomingMessage] = []
+        while (msg := await self.queue.get(no_ack=True, fail=False)) is not None:
+            taken.append(msg)
+        return taken

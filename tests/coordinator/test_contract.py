@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
 from contracts import (
     TRANSITIONS,
     Accepted,

@@ -4,6 +4,7 @@ read while the chain is still verified on the stored form."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable
@@ -164,8 +165,6 @@ async def test_sessions_with_many_events_are_snapshotted_and_reload_equal(
 
 
 async def _load(store: EventStore, sid: uuid.UUID) -> WorkflowSessionAggregate:
-    import asyncio
-
     aggregate = await asyncio.to_thread(store.load, sid)
     assert isinstance(aggregate, WorkflowSessionAggregate)
     return aggregate
