@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import re
+import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -95,6 +99,54 @@ async def _pick_broker(options: DemoOptions, console: Console) -> tuple[str, Mem
     return "rabbitmq", None
 
 
+async def _start_module_processes(
+    url: str, topology: Topology
+) -> dict[str, asyncio.subprocess.Process]:
+    env = {**os.environ, "SESSIONBUS_LOG_LEVEL": "WARNING"}
+    return {
+        name: await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "module_sdk.reference",
+            name,
+            "--amqp-url",
+            url,
+            "--prefix",
+            topology.prefix,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        for name in MODULES
+    }
+
+
+_STOPPED = re.compile(
+    r"^(?P<name>[a-z-]+): stopped; created (?P<c>\d+) sessions, cleaned up (?P<d>\d+)"
+)
+
+
+async def _stop_module_processes(
+    processes: dict[str, asyncio.subprocess.Process],
+) -> dict[str, tuple[int, int]]:
+    """SIGTERM each module, wait (bounded) and read what it says it did."""
+    figures: dict[str, tuple[int, int]] = {}
+    for process in processes.values():
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+    for name, process in processes.items():
+        try:
+            _, err = await asyncio.wait_for(process.communicate(), 15)
+        except TimeoutError:
+            process.kill()
+            _, err = await process.communicate()
+        for line in (err or b"").decode(errors="replace").splitlines():
+            match = _STOPPED.match(line)
+            if match and match["name"] == name:
+                figures[name] = (int(match["c"]), int(match["d"]))
+    return figures
+
+
 def _transport(kind: str, broker: MemoryBroker | None, url: str, name: str) -> Transport:
     if broker is not None:
         return broker.transport("guest")
@@ -124,17 +176,25 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
         )
         started = time.perf_counter()
         async with runtime:
-            modules: list[ReferenceModule] = [
-                cls(
-                    _transport(kind, broker, options.amqp_url, name),
-                    topology=topology,
-                    own_transport=True,
-                    heartbeat_interval=0.5,
-                )
-                for name, cls in MODULES.items()
-            ]
-            for module in modules:
-                await module.start()
+            processes: dict[str, asyncio.subprocess.Process] = {}
+            modules: list[ReferenceModule] = []
+            if kind == "rabbitmq":
+                # Real module services: one OS process each, as in production.
+                processes = await _start_module_processes(options.amqp_url, topology)
+                registered = runtime.coordinator.projections.modules
+                await _until(lambda: set(MODULES) <= set(registered), 60)
+            else:
+                modules = [
+                    cls(
+                        _transport(kind, broker, options.amqp_url, name),
+                        topology=topology,
+                        own_transport=True,
+                        heartbeat_interval=0.5,
+                    )
+                    for name, cls in MODULES.items()
+                ]
+                for module in modules:
+                    await module.start()
             frontend = _transport(kind, broker, options.amqp_url, "driver")
             await frontend.connect()
             client = CoordinatorClient(frontend, topology)
@@ -148,8 +208,9 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> Demo
                 await _verify(runtime, result)
             finally:
                 for module in modules:
-                    result.modules[module.module_id] = (module._created_total, module.destroyed)
+                    result.modules[module.module_id] = (module.created_total, module.destroyed)
                     await module.close()
+                result.modules.update(await _stop_module_processes(processes))
                 await frontend.close()
         result.seconds = time.perf_counter() - started
         if kind == "rabbitmq":

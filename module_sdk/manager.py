@@ -386,6 +386,11 @@ class SessionManager:
     async def record_activity(self, workflow_session_id: uuid.UUID) -> None:
         await self.client.record_activity(workflow_session_id, self.module_id)
 
+    @property
+    def created_total(self) -> int:
+        """How many module sessions this instance created."""
+        return self._created_total
+
     def set_lifecycle_callbacks(self, callbacks: SessionLifecycleCallbacks) -> None:
         self.callbacks = callbacks
 

@@ -25,7 +25,11 @@ async def _run(name: str, url: str, prefix: str) -> None:
     async with cls(transport, topology=Topology(prefix), own_transport=True) as module:
         print(f"{name}: ready on prefix {prefix!r}", file=sys.stderr, flush=True)
         await module.run_until(stop)
-    print(f"{name}: stopped ({module.destroyed} sessions cleaned up)", file=sys.stderr, flush=True)
+    print(
+        f"{name}: stopped; created {module.created_total} sessions, cleaned up {module.destroyed}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
