@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,otel]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -40,7 +40,7 @@ bench-quick: $(STAMP)
 lock:
 	$(PYTHON) -m venv /tmp/sessionbus-lock
 	/tmp/sessionbus-lock/bin/python -m pip install --quiet --upgrade pip
-	/tmp/sessionbus-lock/bin/python -m pip install --quiet -e '.[dev]'
+	/tmp/sessionbus-lock/bin/python -m pip install --quiet -e '.[dev,otel]'
 	/tmp/sessionbus-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
 	rm -rf /tmp/sessionbus-lock
 

@@ -80,6 +80,10 @@ class _Queue:
         return self.spec.arguments.get("x-queue-type") == "stream"
 
     @property
+    def is_quorum(self) -> bool:
+        return self.spec.arguments.get("x-queue-type") == "quorum"
+
+    @property
     def single_active(self) -> bool:
         return bool(self.spec.arguments.get("x-single-active-consumer"))
 
@@ -430,6 +434,11 @@ class MemoryTransport(Transport):
     async def get(self, queue: str) -> Delivery | None:
         self._check()
         target = self.broker.queues.get(queue)
+        if target is not None and target.single_active and target.is_quorum:
+            raise TransportError(
+                f"RESOURCE_LOCKED - cannot obtain access to locked queue '{queue}'. basic.get "
+                "operations are not supported by quorum queues with single active consumer"
+            )
         if target is None or not target.ready:
             return None
         item = target.ready.popleft()

@@ -27,6 +27,7 @@ import contracts
 from contracts import schema as schema_mod
 from contracts.amqp import AmqpTransport, redact_url
 from contracts.audit import read_audit_stream
+from contracts.logs import configure_logging
 from contracts.transport import TransportError
 from coordinator import admin
 from coordinator.errors import CoordinatorError
@@ -53,13 +54,17 @@ def _fail(message: str, code: int = 1) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sessionbus")
 @click.option(
-    "--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "INFO"), show_default=True
+    "--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "WARNING"), show_default=True
 )
-def main(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=os.environ.get("SESSIONBUS_LOG_FORMAT", "text"),
+    show_default=True,
+)
+def main(log_level: str, log_format: str) -> None:
     """Session lifecycle coordination over RabbitMQ."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, log_format)
 
 
 @main.command()
@@ -86,8 +91,20 @@ def schema(kind: str, prefix: str) -> None:
 @click.option(
     "--audit-retention", envvar="SESSIONBUS_AUDIT_RETENTION", default="30D", show_default=True
 )
+@click.option(
+    "--metrics-port",
+    envvar="SESSIONBUS_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus /metrics on this port (0: any free port).",
+)
 def coordinator(
-    amqp_url: str, store: str, prefix: str, identity: str | None, audit_retention: str
+    amqp_url: str,
+    store: str,
+    prefix: str,
+    identity: str | None,
+    audit_retention: str,
+    metrics_port: int | None,
 ) -> None:
     """Run the coordinator service until SIGTERM or SIGINT."""
     try:
@@ -98,7 +115,7 @@ def coordinator(
         _fail(str(exc), 2)
         return
     try:
-        asyncio.run(_serve(transport, store, topology, idmap, audit_retention))
+        asyncio.run(_serve(transport, store, topology, idmap, audit_retention, metrics_port))
     except TransportError as exc:
         _fail(f"broker at {redact_url(amqp_url)}: {exc}", 3)
     except CoordinatorError as exc:
@@ -111,6 +128,7 @@ async def _serve(
     topology: contracts.Topology,
     identity: IdentityMap,
     audit_retention: str,
+    metrics_port: int | None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -122,11 +140,14 @@ async def _serve(
         topology=topology,
         identity=identity,
         audit_retention=audit_retention,
+        metrics_port=metrics_port,
     )
     async with runtime:
         click.echo(
             f"sessionbus coordinator: store {store}, broker {redact_url(transport.url)}, "
-            f"prefix {topology.prefix!r}; ready",
+            f"prefix {topology.prefix!r}"
+            + (f", metrics on :{runtime.metrics_port}/metrics" if metrics_port is not None else "")
+            + "; ready",
             err=True,
         )
         await runtime.serve_forever(stop)

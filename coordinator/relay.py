@@ -137,13 +137,13 @@ class OutboxRelay:
                 await self._drain()
                 backoff = 0.1
             except (TransportError, OSError) as exc:
-                log.warning("relay publish failed at position %d: %s", self.position, exc)
+                log.warning("relay publish failed: %s", exc, extra={"position": self.position})
                 await asyncio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 self._wake.set()
                 continue
             except Exception:
-                log.exception("relay failed at position %d", self.position)
+                log.exception("relay failed", extra={"position": self.position})
                 await asyncio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 self._wake.set()

@@ -12,6 +12,7 @@ from contracts.topology import DEFAULT_AUDIT_RETENTION
 from contracts.transport import Transport
 from coordinator.clock import Clock
 from coordinator.identity import IdentityMap
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.relay import OutboxRelay
 from coordinator.server import CommandServer, HealthMonitor, HeartbeatListener
 from coordinator.service import SessionCoordinator
@@ -42,6 +43,7 @@ class CoordinatorRuntime:
         health_interval: float = 1.0,
         prefetch: int = 256,
         own_transport: bool = True,
+        metrics_port: int | None = None,
         **coordinator_options: Any,
     ) -> None:
         self.transport = transport
@@ -58,6 +60,9 @@ class CoordinatorRuntime:
             self.coordinator, transport, self.topology, self.identity
         )
         self.health = HealthMonitor(self.coordinator, interval=health_interval)
+        self.metrics = CoordinatorMetrics(self)
+        self.server.metrics = self.metrics
+        self.metrics_port = metrics_port
         self._started = False
         self._closed = False
 
@@ -80,6 +85,10 @@ class CoordinatorRuntime:
         await self.server.start()
         await self.heartbeats.start()
         await self.health.start()
+        await self.metrics.start_sampling()
+        if self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         self._started = True
         log.info("coordinator running on prefix %r", self.topology.prefix)
 
@@ -89,6 +98,7 @@ class CoordinatorRuntime:
             return
         self._closed = True
         await self.server.stop()
+        await self.metrics.close()
         await self.health.stop()
         await self.heartbeats.stop()
         await self.coordinator.drain()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import timedelta
 from typing import Final
@@ -31,6 +32,7 @@ from contracts import (
     new_id,
 )
 from contracts.topology import dead_letter
+from contracts.tracing import correlation_from_headers
 from contracts.transport import (
     ConsumerHandle,
     Delivery,
@@ -42,6 +44,7 @@ from contracts.transport import (
 from coordinator.domain import COORDINATOR
 from coordinator.errors import CommandRejected
 from coordinator.identity import IdentityMap
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import SessionCoordinator
 
 __all__ = ["CommandServer", "HealthMonitor", "HeartbeatListener"]
@@ -86,6 +89,7 @@ class CommandServer:
         self._inflight: set[asyncio.Task[None]] = set()
         self.handled = 0
         self.rejected = 0
+        self.metrics: CoordinatorMetrics | None = None
 
     async def start(self) -> None:
         self._handle = await self.transport.consume(
@@ -151,7 +155,18 @@ class CommandServer:
             await self._reply(delivery, CommandReply(command_id=request.command_id, error=error))
             await delivery.ack()
             return
+        if request.correlation_id is None:
+            # A traced sender without an explicit correlation id: its trace is the
+            # correlation, so the events it causes join the same trace.
+            trace = correlation_from_headers(delivery.headers)
+            if trace is not None:
+                request = msgspec.structs.replace(request, correlation_id=trace)
+        started = time.perf_counter()
         reply = await self.coordinator.execute(request, principal)
+        if self.metrics is not None:
+            outcome = "ok" if reply.error is None else str(reply.error.code)
+            self.metrics.commands.labels(request.command.__class__.__name__, outcome).inc()
+            self.metrics.command_seconds.observe(time.perf_counter() - started)
         if (
             reply.error is not None
             and reply.error.code == ErrorCode.UNAVAILABLE

@@ -326,7 +326,7 @@ class Writer:
                 aggregate.run_timeouts(ctx)
                 self._record_orphans(ctx, aggregate, registry)
             except Exception:
-                log.exception("timeout handling failed for session %s", sid)
+                log.exception("timeout handling failed", extra={"session_id": sid})
                 self._rollback(scope)
                 continue
             if scope.events():
@@ -368,7 +368,14 @@ class Writer:
             self._rollback(scope)
             return rejected
         except Exception as exc:
-            log.exception("command %s failed", type(job.command).__name__)
+            log.exception(
+                "command %s failed",
+                type(job.command).__name__,
+                extra={
+                    "command_id": job.command_id,
+                    "session_id": getattr(job.command, "session_id", None),
+                },
+            )
             self._rollback(scope)
             return CommandRejected(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
         for aggregate, _mark in scope.marks.values():

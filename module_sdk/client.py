@@ -67,6 +67,7 @@ from contracts import (
     WorkflowSession,
     new_id,
 )
+from contracts.tracing import current_trace_id, inject
 from contracts.transport import OutgoingMessage, Transport, TransportError
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
 
@@ -113,7 +114,7 @@ class CoordinatorClient:
             command_id=command_id or new_id(),
             issued_at=datetime.now(UTC),
             command=command,
-            correlation_id=correlation_id,
+            correlation_id=correlation_id or current_trace_id(),
         )
         body = self.codec.encode(request)
         try:
@@ -132,9 +133,12 @@ class CoordinatorClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(self, request: CommandRequest, body: bytes, timeout: float) -> Result:
+        headers: dict[str, Any] = {}
+        inject(headers)
         message = OutgoingMessage(
             body=body,
             content_type=self.codec.content_type,
+            headers=headers,
             correlation_id=str(new_id()),
             message_id=str(request.command_id),
             user_id=self.transport.user,

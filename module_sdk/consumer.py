@@ -198,7 +198,16 @@ class EventConsumer:
                     )
             await self._applied(env)
         except Exception:
-            log.exception("applying %s v%d of %s failed; requeued", env.type, env.version, sid)
+            log.exception(
+                "applying %s failed; requeued",
+                env.type,
+                extra={
+                    "session_id": sid,
+                    "event_id": env.event_id,
+                    "version": env.version,
+                    "module_id": self.module_id,
+                },
+            )
             self.stats.requeued += 1
             await delivery.requeue()
             return

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 
 from contracts import DEFAULT_PREFIX, Topology
 from contracts.amqp import AmqpTransport
+from contracts.logs import configure_logging
 from contracts.transport import TransportError
 from module_sdk.reference import MODULES
 
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default=os.environ.get("SESSIONBUS_PREFIX", DEFAULT_PREFIX))
     parser.add_argument("--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, os.environ.get("SESSIONBUS_LOG_FORMAT", "text"))
     try:
         asyncio.run(_run(args.name, args.amqp_url, args.prefix))
     except TransportError as exc:

@@ -39,7 +39,8 @@ JSON = Codec("json")
 
 @pytest.fixture
 def module_users(prefix: str) -> Iterator[dict[str, str]]:
-    """Broker users of their own for the executor and the task loop, deleted after."""
+    """Broker users of their own for the executor and the task loop, deleted after.
+    Tests take it before ``amqp_bus``, so their connections close before the users go."""
     users = {"executor": f"{prefix}-executor", "task-loop": f"{prefix}-taskloop"}
     with broker_user(users["executor"], PASSWORD), broker_user(users["task-loop"], PASSWORD):
         yield users
@@ -52,7 +53,7 @@ async def max_position(runtime: CoordinatorRuntime) -> int:
 
 
 async def test_a_module_may_act_only_for_its_own_module_sessions(
-    amqp_bus: Bus, module_users: dict[str, str], caplog: pytest.LogCaptureFixture
+    module_users: dict[str, str], amqp_bus: Bus, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sessionbus.coordinator.server")
     executor_user, taskloop_user = module_users["executor"], module_users["task-loop"]
@@ -149,7 +150,7 @@ async def test_a_module_may_act_only_for_its_own_module_sessions(
 
 
 async def test_a_forged_user_id_is_refused_by_the_broker(
-    amqp_bus: Bus, module_users: dict[str, str]
+    module_users: dict[str, str], amqp_bus: Bus
 ) -> None:
     executor_user, taskloop_user = module_users["executor"], module_users["task-loop"]
     identity = f"{executor_user}=executor;{taskloop_user}=task-loop;guest=*"
@@ -159,6 +160,7 @@ async def test_a_forged_user_id_is_refused_by_the_broker(
         sid = (await ops.create_workflow_session(["s"])).session_id
         await ops.link_module_session(sid, "task-loop", new_id())
         before = await max_position(rt)
+        answered = rt.server.handled + rt.server.rejected
 
         executor = await amqp_bus.connect("executor", user=executor_user, password=PASSWORD)
         unlink = CommandRequest(
@@ -176,7 +178,7 @@ async def test_a_forged_user_id_is_refused_by_the_broker(
             await executor.publish("", rt.topology.commands_queue(), forged)
 
         # Nothing reached the coordinator; the executor's connection still works.
-        assert rt.server.handled + rt.server.rejected == 0
+        assert rt.server.handled + rt.server.rejected == answered
         assert await max_position(rt) == before
         assert "task-loop" in rt.coordinator.projections.sessions[sid].modules
         honest = OutgoingMessage(
@@ -190,3 +192,7 @@ async def test_a_forged_user_id_is_refused_by_the_broker(
         )
         assert reply.error is not None
         assert reply.error.code is ErrorCode.FORBIDDEN  # honest about itself, still not its own
+        # The commands queue is FIFO: had the forged one been enqueued, it would have been
+        # answered before this one.
+        assert rt.server.handled + rt.server.rejected == answered + 1
+        assert await max_position(rt) == before

@@ -231,6 +231,26 @@ class TestTransportContract:
         assert inbox2.bodies == [f"b{i}".encode() for i in range(5)]
         assert len(inbox1.deliveries) == 5
 
+    async def test_get_is_refused_on_a_quorum_queue_with_single_active_consumer(
+        self, bus: Bus
+    ) -> None:
+        """RabbitMQ does not support basic.get there (module and command queues are such
+        queues): read them with a consumer."""
+        t = await bus.connect("test")
+        queue = f"{bus.prefix}.sac"
+        await t.declare_queue(
+            QueueSpec(
+                queue, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True}
+            )
+        )
+        await t.publish("", queue, message("only by consume"))
+        with pytest.raises(TransportError, match="RESOURCE_LOCKED"):
+            await t.get(queue)
+        inbox = Inbox()
+        await t.consume(queue, inbox)
+        await inbox.wait(1)
+        assert inbox.bodies == [b"only by consume"]
+
     async def test_stream_is_replayed_from_the_first_offset_by_every_reader(
         self, bus: Bus
     ) -> None:

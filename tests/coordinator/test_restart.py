@@ -170,9 +170,12 @@ async def test_restart_from_a_periodic_checkpoint_replays_only_the_tail(
     coordinator had, replaying only those events."""
     async with SessionCoordinator(backend.url, clock=clock, checkpoint_every=40) as live:
         ids = await _build_varied(live, clock)
+        periodic = backend.checkpoint(CHECKPOINT)
+        # The tail: events after the last periodic checkpoint.
+        for _ in range(3):
+            await live.record_activity(ids[-1])
         expected = _normalized(live.projections.snapshot())
         seen = await _observed(live, ids)
-        periodic = backend.checkpoint(CHECKPOINT)
     assert periodic is not None
     position, data = periodic
     assert 40 <= position < expected["position"]

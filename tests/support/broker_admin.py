@@ -1,9 +1,6 @@
-"""Administering the test broker: users, permissions and connections.
-
-Users are created with ``rabbitmqctl`` when it is on this machine (the broker the suite
-runs against is then the local node), otherwise through the management API (a broker in
-a container). Connections are found and closed through the management API by the name
-the client gave them (``connection_name``), so a test disturbs only its own.
+"""Administering the test broker through its management API: users, permissions and
+connections. Connections are found and closed by the name the client gave them
+(``connection_name``), so a test disturbs only its own.
 """
 
 from __future__ import annotations
@@ -11,8 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.parse
@@ -56,23 +51,10 @@ def management(
     return json.loads(payload) if payload else None
 
 
-def _rabbitmqctl() -> str | None:
-    if services.docker_available():
-        return None  # the broker is in a container, not this machine's node
-    return shutil.which("rabbitmqctl")
-
-
 def create_user(name: str, password: str) -> None:
-    """A broker user with full permissions on ``/`` (what a module's user gets)."""
-    ctl = _rabbitmqctl()
-    if ctl is not None:
-        subprocess.run([ctl, "-q", "add_user", name, password], check=True, timeout=60)
-        subprocess.run(
-            [ctl, "-q", "set_permissions", "-p", "/", name, ".*", ".*", ".*"],
-            check=True,
-            timeout=60,
-        )
-        return
+    """A broker user with full permissions on ``/`` (what a module's user gets). The
+    management API does what ``rabbitmqctl add_user`` + ``set_permissions`` do, in
+    milliseconds rather than a second per call, and on a broker in a container too."""
     quoted = urllib.parse.quote(name, safe="")
     management("PUT", f"/api/users/{quoted}", {"password": password, "tags": ""})
     management(
@@ -83,11 +65,7 @@ def create_user(name: str, password: str) -> None:
 
 
 def delete_user(name: str) -> None:
-    """Remove a broker user (and so close its connections); missing is fine."""
-    ctl = _rabbitmqctl()
-    if ctl is not None:
-        subprocess.run([ctl, "-q", "delete_user", name], check=False, timeout=60)
-        return
+    """Remove a broker user (the broker closes its connections); missing is fine."""
     with contextlib.suppress(urllib.error.HTTPError):
         management("DELETE", f"/api/users/{urllib.parse.quote(name, safe='')}")
 

@@ -1,0 +1,126 @@
+"""Lost connections on RabbitMQ: the broker force-closes a module's or the
+coordinator's connection (by its name, through the management API, as an operator or
+a network fault would) in the middle of a run. aio-pika's robust connection comes back,
+the consumers with it, and nothing is lost or applied twice."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from contracts import REGISTRY_ID, SessionStatus
+from contracts.amqp import AmqpTransport
+from coordinator.runtime import CoordinatorRuntime
+from module_sdk import CoordinatorClient
+from module_sdk.testing import wait_for
+from tests.bus.conftest import Bus
+from tests.bus.support import RecordingModule, wait_destroyed, wait_status
+from tests.support.broker_admin import close_connection, connections_named
+
+pytestmark = pytest.mark.broker
+
+S = SessionStatus
+
+
+def reconnect_counter(transport: object) -> list[object]:
+    """A list that grows each time the transport's robust connection is restored."""
+    assert isinstance(transport, AmqpTransport)
+    restored: list[object] = []
+    transport.connection.reconnect_callbacks.add(lambda *args: restored.append(args))
+    return restored
+
+
+async def force_close(bus: Bus, role: str) -> str:
+    return await asyncio.to_thread(
+        close_connection,
+        bus.connection_name(role),
+        reason=f"sessionbus test: connection of {role} lost",
+    )
+
+
+async def create_many(client: CoordinatorClient, count: int, into: list[uuid.UUID]) -> None:
+    for i in range(count):
+        into.append((await client.create_workflow_session([f"step{i}"])).session_id)
+
+
+async def finish(
+    rt: CoordinatorRuntime, client: CoordinatorClient, module: RecordingModule, sids: list[uuid.UUID]
+) -> None:
+    """Destroy every session, then check the module applied each one's events exactly
+    once, in version order, and unlinked every one."""
+    for sid in sids:
+        await client.destroy_workflow_session(sid)
+    for sid in sids:
+        await wait_destroyed(rt, sid, timeout=30)
+    await rt.wait_published()
+    store = rt.coordinator.store
+    assert store is not None
+    events = [e for e in await asyncio.to_thread(store.read, 0, 100_000) if e.session_id in sids]
+    final = {sid: max(e.version for e in events if e.session_id == sid) for sid in sids}
+    stats = module.consumer.stats
+    await wait_for(
+        lambda: all(len(stats.versions.get(s, ())) == final[s] for s in sids),
+        timeout=20,
+        what="the module to apply every event",
+    )
+    for sid in sids:
+        assert stats.versions[sid] == list(range(1, final[sid] + 1))
+    assert {d.linked_workflow_session_id for d in module.destroyed} == set(sids)
+    assert len(module.destroyed) == len(sids)
+    assert REGISTRY_ID not in stats.versions
+
+
+async def test_module_consumer_comes_back_after_its_connection_is_closed_mid_run(
+    amqp_bus: Bus,
+) -> None:
+    async with amqp_bus.runtime() as rt:
+        module = amqp_bus.module(RecordingModule, client_timeout=3)
+        async with module:
+            restored = reconnect_counter(module.transport)
+            client = await amqp_bus.client()
+            sids: list[uuid.UUID] = []
+            driver = asyncio.create_task(create_many(client, 40, sids))
+            await wait_for(lambda: len(module.created) >= 10, timeout=20, what="10 links")
+
+            old = await force_close(amqp_bus, "module executor")
+            await driver
+            for sid in sids:
+                await wait_status(rt, sid, S.ACTIVE, timeout=30)
+            assert restored, "the module's connection was not restored"
+            (row,) = connections_named(amqp_bus.connection_name("module executor"))
+            assert row["name"] != old
+            assert len(module.created) == 40
+
+            await finish(rt, client, module, sids)
+
+
+async def test_coordinator_serves_and_publishes_again_after_its_connection_is_closed(
+    amqp_bus: Bus,
+) -> None:
+    async with amqp_bus.runtime() as rt:
+        module = amqp_bus.module(RecordingModule, client_timeout=3)
+        async with module:
+            restored = reconnect_counter(rt.transport)
+            client = await amqp_bus.client(timeout=3)
+            sids: list[uuid.UUID] = []
+            driver = asyncio.create_task(create_many(client, 30, sids))
+            await wait_for(lambda: len(module.created) >= 10, timeout=20, what="10 links")
+
+            old = await force_close(amqp_bus, "coordinator")
+            await driver
+            for sid in sids:
+                await wait_status(rt, sid, S.ACTIVE, timeout=30)
+            assert restored, "the coordinator's connection was not restored"
+            (row,) = connections_named(amqp_bus.connection_name("coordinator"))
+            assert row["name"] != old
+
+            await finish(rt, client, module, sids)
+            # Heartbeats reach the coordinator again as well.
+            received = rt.heartbeats.received
+            await wait_for(
+                lambda: rt.heartbeats.received > received,
+                timeout=10,
+                what="a heartbeat after the reconnect",
+            )
