@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+from typing import Any
 
 from contracts import DEFAULT_PREFIX, Topology
 from contracts.amqp import AmqpTransport
@@ -15,7 +16,7 @@ from contracts.transport import TransportError
 from module_sdk.reference import MODULES
 
 
-async def _run(name: str, url: str, prefix: str) -> None:
+async def _run(name: str, url: str, prefix: str, http_port: int | None = None) -> None:
     cls = MODULES[name]
     transport = AmqpTransport(url, connection_name=f"sessionbus-module-{name}")
     stop = asyncio.Event()
@@ -23,13 +24,37 @@ async def _run(name: str, url: str, prefix: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with cls(transport, topology=Topology(prefix), own_transport=True) as module:
+        http = await _serve_http(module, http_port) if http_port is not None else None
         print(f"{name}: ready on prefix {prefix!r}", file=sys.stderr, flush=True)
         await module.run_until(stop)
+        if http is not None:
+            server, task = http
+            server.should_exit = True
+            await task
     print(
         f"{name}: stopped; created {module.created_total} sessions, cleaned up {module.destroyed}",
         file=sys.stderr,
         flush=True,
     )
+
+
+async def _serve_http(module: Any, port: int) -> tuple[Any, asyncio.Task[None]]:
+    """frontend-api's HTTP face on 127.0.0.1:``port``."""
+    import uvicorn
+
+    from module_sdk.reference.http import FrontendApp
+
+    config = uvicorn.Config(
+        FrontendApp(module.client), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    print(f"frontend-api: HTTP on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+    return server, task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("SESSIONBUS_AMQP_URL", "amqp://guest:guest@localhost:5672/"),
     )
     parser.add_argument("--prefix", default=os.environ.get("SESSIONBUS_PREFIX", DEFAULT_PREFIX))
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ["SESSIONBUS_HTTP_PORT"])
+        if "SESSIONBUS_HTTP_PORT" in os.environ
+        else None,
+        help="frontend-api only: serve its HTTP API on this port",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level, os.environ.get("SESSIONBUS_LOG_FORMAT", "text"))
     try:
-        asyncio.run(_run(args.name, args.amqp_url, args.prefix))
+        if args.http_port is not None and args.name != "frontend-api":
+            parser.error("--http-port is for frontend-api")
+        asyncio.run(_run(args.name, args.amqp_url, args.prefix, args.http_port))
     except TransportError as exc:
         print(f"{args.name}: broker error: {exc}", file=sys.stderr)
         return 3

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -24,7 +24,7 @@ from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient, SessionManager
 from module_sdk.testing import InProcessBus
-from tests.support.broker_admin import user_url
+from tests.support.broker_admin import create_user, delete_user, user_url
 
 M = TypeVar("M", bound=SessionManager)
 
@@ -69,11 +69,16 @@ class Bus:
         return CoordinatorClient(await self.connect(role), self.topology, **options)
 
     def runtime(
-        self, *, store: str = "memory://", identity: str = "guest=*", **options: Any
+        self,
+        *,
+        store: str = "memory://",
+        identity: str = "guest=*",
+        credentials: dict[str, str] | None = None,
+        **options: Any,
     ) -> CoordinatorRuntime:
         """A coordinator on this bus (on its own connection), not yet started."""
         return CoordinatorRuntime(
-            self.transport("coordinator"),
+            self.transport("coordinator", **(credentials or {})),
             store=store,
             topology=self.topology,
             identity=IdentityMap.parse(identity),
@@ -96,6 +101,39 @@ class Bus:
         for transport in reversed(self.opened):
             with contextlib.suppress(Exception):
                 await transport.close()
+
+
+class BrokerUsers:
+    """Broker users of this test, ``<prefix>-<role>``, made on first use and deleted
+    at the end of the test (after its connections are closed)."""
+
+    password = "sessionbus-test-secret"
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.made: list[str] = []
+
+    def __call__(self, role: str) -> dict[str, str]:
+        """Credentials of the user for ``role`` (for ``Bus.transport`` and friends)."""
+        name = f"{self.prefix}-{role}"
+        if name not in self.made:
+            create_user(name, self.password)
+            self.made.append(name)
+        return {"user": name, "password": self.password}
+
+    def delete_all(self) -> None:
+        for name in self.made:
+            delete_user(name)
+
+
+@pytest.fixture
+def broker_users(prefix: str) -> Iterator[BrokerUsers]:
+    """Per-test broker users (RabbitMQ only)."""
+    users = BrokerUsers(prefix)
+    try:
+        yield users
+    finally:
+        users.delete_all()
 
 
 def _test_id(request: pytest.FixtureRequest) -> str:
@@ -128,8 +166,11 @@ async def bus(
 
 
 @pytest.fixture
-async def amqp_bus(request: pytest.FixtureRequest, amqp_url: str, prefix: str) -> AsyncIterator[Bus]:
-    """The real RabbitMQ under the test's own prefix."""
+async def amqp_bus(
+    request: pytest.FixtureRequest, amqp_url: str, prefix: str, broker_users: BrokerUsers
+) -> AsyncIterator[Bus]:
+    """The real RabbitMQ under the test's own prefix. (It depends on ``broker_users``
+    so that its connections are closed before the test's broker users are deleted.)"""
     value = Bus("amqp", prefix, _test_id(request), url=amqp_url)
     try:
         yield value

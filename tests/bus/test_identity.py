@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,23 +27,18 @@ from contracts.transport import AccessRefused, OutgoingMessage
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import CommandFailed
 from module_sdk.testing import wait_for
-from tests.bus.conftest import Bus
+from tests.bus.conftest import Bus, BrokerUsers
 from tests.bus.support import RecordingModule, wait_status
-from tests.support.broker_admin import broker_user
 
 pytestmark = pytest.mark.broker
 
-PASSWORD = "module-secret"
 JSON = Codec("json")
 
 
 @pytest.fixture
-def module_users(prefix: str) -> Iterator[dict[str, str]]:
-    """Broker users of their own for the executor and the task loop, deleted after.
-    Tests take it before ``amqp_bus``, so their connections close before the users go."""
-    users = {"executor": f"{prefix}-executor", "task-loop": f"{prefix}-taskloop"}
-    with broker_user(users["executor"], PASSWORD), broker_user(users["task-loop"], PASSWORD):
-        yield users
+def module_users(broker_users: BrokerUsers) -> dict[str, dict[str, str]]:
+    """Broker users of their own for the executor and the task loop."""
+    return {"executor": broker_users("executor"), "task-loop": broker_users("taskloop")}
 
 
 async def max_position(runtime: CoordinatorRuntime) -> int:
@@ -53,21 +48,22 @@ async def max_position(runtime: CoordinatorRuntime) -> int:
 
 
 async def test_a_module_may_act_only_for_its_own_module_sessions(
-    module_users: dict[str, str], amqp_bus: Bus, caplog: pytest.LogCaptureFixture
+    amqp_bus: Bus, module_users: dict[str, dict[str, str]], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sessionbus.coordinator.server")
-    executor_user, taskloop_user = module_users["executor"], module_users["task-loop"]
+    executor_user = module_users["executor"]["user"]
+    taskloop_user = module_users["task-loop"]["user"]
     identity = f"{executor_user}=executor;{taskloop_user}=task-loop;guest=*"
     async with amqp_bus.runtime(identity=identity) as rt:
         executor = amqp_bus.module(
             RecordingModule,
             module_id="executor",
-            credentials={"user": executor_user, "password": PASSWORD},
+            credentials=module_users["executor"],
         )
         taskloop = amqp_bus.module(
             RecordingModule,
             module_id="task-loop",
-            credentials={"user": taskloop_user, "password": PASSWORD},
+            credentials=module_users["task-loop"],
         )
         async with executor, taskloop:
             assert (executor.transport.user, taskloop.transport.user) == (
@@ -150,9 +146,10 @@ async def test_a_module_may_act_only_for_its_own_module_sessions(
 
 
 async def test_a_forged_user_id_is_refused_by_the_broker(
-    module_users: dict[str, str], amqp_bus: Bus
+    amqp_bus: Bus, module_users: dict[str, dict[str, str]]
 ) -> None:
-    executor_user, taskloop_user = module_users["executor"], module_users["task-loop"]
+    executor_user = module_users["executor"]["user"]
+    taskloop_user = module_users["task-loop"]["user"]
     identity = f"{executor_user}=executor;{taskloop_user}=task-loop;guest=*"
     async with amqp_bus.runtime(identity=identity) as rt:
         ops = await amqp_bus.client("ops")
@@ -162,7 +159,7 @@ async def test_a_forged_user_id_is_refused_by_the_broker(
         before = await max_position(rt)
         answered = rt.server.handled + rt.server.rejected
 
-        executor = await amqp_bus.connect("executor", user=executor_user, password=PASSWORD)
+        executor = await amqp_bus.connect("executor", **module_users["executor"])
         unlink = CommandRequest(
             command_id=new_id(),
             issued_at=datetime.now(UTC),

@@ -15,9 +15,9 @@ from contracts.amqp import AmqpTransport
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
 from module_sdk.testing import wait_for
-from tests.bus.conftest import Bus
+from tests.bus.conftest import BrokerUsers, Bus
 from tests.bus.support import RecordingModule, wait_destroyed, wait_status
-from tests.support.broker_admin import close_connection, connections_named
+from tests.support.broker_admin import close_user_connections, user_connections
 
 pytestmark = pytest.mark.broker
 
@@ -32,12 +32,18 @@ def reconnect_counter(transport: object) -> list[object]:
     return restored
 
 
-async def force_close(bus: Bus, role: str) -> str:
-    return await asyncio.to_thread(
-        close_connection,
-        bus.connection_name(role),
-        reason=f"sessionbus test: connection of {role} lost",
+async def force_close(user: str) -> str:
+    """Close the one connection of ``user`` as the broker would on a network fault."""
+    (name,) = await asyncio.to_thread(
+        close_user_connections, user, reason=f"sessionbus test: connection of {user} lost"
     )
+    return name
+
+
+async def reconnected(restored: list[object], user: str, old: str) -> None:
+    await wait_for(lambda: bool(restored), timeout=20, what=f"{user} to reconnect")
+    (name,) = await asyncio.to_thread(user_connections, user)
+    assert name != old  # a new connection (another client port), not the old one
 
 
 async def create_many(client: CoordinatorClient, count: int, into: list[uuid.UUID]) -> None:
@@ -73,10 +79,11 @@ async def finish(
 
 
 async def test_module_consumer_comes_back_after_its_connection_is_closed_mid_run(
-    amqp_bus: Bus,
+    amqp_bus: Bus, broker_users: BrokerUsers
 ) -> None:
-    async with amqp_bus.runtime() as rt:
-        module = amqp_bus.module(RecordingModule, client_timeout=3)
+    executor = broker_users("executor")
+    async with amqp_bus.runtime(identity=f"{executor['user']}=executor;guest=*") as rt:
+        module = amqp_bus.module(RecordingModule, client_timeout=3, credentials=executor)
         async with module:
             restored = reconnect_counter(module.transport)
             client = await amqp_bus.client()
@@ -84,37 +91,36 @@ async def test_module_consumer_comes_back_after_its_connection_is_closed_mid_run
             driver = asyncio.create_task(create_many(client, 40, sids))
             await wait_for(lambda: len(module.created) >= 10, timeout=20, what="10 links")
 
-            old = await force_close(amqp_bus, "module executor")
+            old = await force_close(executor["user"])
+            assert not driver.done(), "the fault came after the run, not in the middle of it"
+            await reconnected(restored, executor["user"], old)
             await driver
             for sid in sids:
                 await wait_status(rt, sid, S.ACTIVE, timeout=30)
-            assert restored, "the module's connection was not restored"
-            (row,) = connections_named(amqp_bus.connection_name("module executor"))
-            assert row["name"] != old
             assert len(module.created) == 40
 
             await finish(rt, client, module, sids)
 
 
 async def test_coordinator_serves_and_publishes_again_after_its_connection_is_closed(
-    amqp_bus: Bus,
+    amqp_bus: Bus, broker_users: BrokerUsers
 ) -> None:
-    async with amqp_bus.runtime() as rt:
+    coordinator = broker_users("coordinator")
+    async with amqp_bus.runtime(credentials=coordinator) as rt:
         module = amqp_bus.module(RecordingModule, client_timeout=3)
         async with module:
             restored = reconnect_counter(rt.transport)
             client = await amqp_bus.client(timeout=3)
             sids: list[uuid.UUID] = []
-            driver = asyncio.create_task(create_many(client, 30, sids))
+            driver = asyncio.create_task(create_many(client, 40, sids))
             await wait_for(lambda: len(module.created) >= 10, timeout=20, what="10 links")
 
-            old = await force_close(amqp_bus, "coordinator")
+            old = await force_close(coordinator["user"])
+            assert not driver.done(), "the fault came after the run, not in the middle of it"
+            await reconnected(restored, coordinator["user"], old)
             await driver
             for sid in sids:
                 await wait_status(rt, sid, S.ACTIVE, timeout=30)
-            assert restored, "the coordinator's connection was not restored"
-            (row,) = connections_named(amqp_bus.connection_name("coordinator"))
-            assert row["name"] != old
 
             await finish(rt, client, module, sids)
             # Heartbeats reach the coordinator again as well.

@@ -1,6 +1,6 @@
 """Administering the test broker through its management API: users, permissions and
-connections. Connections are found and closed by the name the client gave them
-(``connection_name``), so a test disturbs only its own.
+connections. A test that must cut a connection gives that party a broker user of its
+own and closes that user's connections, so it disturbs nobody else on the broker.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -19,11 +18,11 @@ from tests.support import services
 
 __all__ = [
     "broker_user",
-    "close_connection",
-    "connections_named",
+    "close_user_connections",
     "create_user",
     "delete_user",
     "management",
+    "user_connections",
     "user_url",
 ]
 
@@ -90,34 +89,24 @@ def user_url(amqp_url: str, user: str, password: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def connections_named(connection_name: str) -> list[dict[str, Any]]:
-    """Open connections whose client-provided name is ``connection_name``."""
-    rows = management("GET", "/api/connections?columns=name,user,client_properties.connection_name")
-    return [
-        row
-        for row in rows or []
-        if (row.get("client_properties") or {}).get("connection_name") == connection_name
-    ]
+def user_connections(user: str) -> list[str]:
+    """Broker names of the open connections of ``user``. Read from the broker's
+    connection tracking, so a connection is listed as soon as it is open (the plain
+    connection list waits for the next statistics round, seconds later)."""
+    rows = management("GET", f"/api/connections/username/{urllib.parse.quote(user, safe='')}")
+    return [str(row["name"]) for row in rows or []]
 
 
-def close_connection(connection_name: str, *, reason: str, timeout: float = 15.0) -> str:
-    """Force-close the connection with this client-provided name (as an operator or a
-    network fault would); returns the broker's name of the connection closed. Waits
-    (bounded) for the connection to appear in the management API first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = connections_named(connection_name)
-        if rows:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no connection named {connection_name!r} on the broker")
-        time.sleep(0.05)
-    if len(rows) != 1:
-        raise AssertionError(f"{len(rows)} connections are named {connection_name!r}")
-    name = str(rows[0]["name"])
+def close_user_connections(user: str, *, reason: str) -> list[str]:
+    """Force-close every connection of ``user`` (as an operator or a network fault
+    would) and return their broker names. Give each party of a test a broker user of
+    its own, and this closes exactly that party's connection."""
+    names = user_connections(user)
+    if not names:
+        raise AssertionError(f"broker user {user!r} has no open connection")
     management(
         "DELETE",
-        f"/api/connections/{urllib.parse.quote(name, safe='')}",
+        f"/api/connections/username/{urllib.parse.quote(user, safe='')}",
         headers={"X-Reason": reason},
     )
-    return name
+    return names
