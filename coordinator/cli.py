@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -807,3 +808,39 @@ def module_command(name: str, amqp_url: str, prefix: str) -> None:
     from module_sdk.reference.__main__ import main as run_module
 
     sys.exit(run_module([name, "--amqp-url", amqp_url, "--prefix", prefix]))
+
+
+@main.command("definitions")
+@click.option(
+    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
+)
+@click.option("--vhost", default="/", show_default=True)
+@click.option("--audit-retention", default="30D", show_default=True)
+@click.option(
+    "--passwords",
+    "passwords_file",
+    type=click.File("r"),
+    default=None,
+    help="A file of user=password lines; users missing from it get a random password, "
+    "printed to stderr.",
+)
+def definitions_command(prefix: str, vhost: str, audit_retention: str, passwords_file: Any) -> None:
+    """Print RabbitMQ definitions: one user per module with exactly what the SDK uses,
+    the coordinator and operator users, and the policies."""
+    from coordinator.definitions import SEED_MODULES, definitions
+
+    topology = _topology(prefix)
+    given: dict[str, str] = {}
+    if passwords_file is not None:
+        for line in passwords_file:
+            name, sep, password = line.strip().partition("=")
+            if sep and name and not name.startswith("#"):
+                given[name.strip()] = password.strip()
+    passwords = {}
+    for user in ("coordinator", "operator", *SEED_MODULES):
+        if user not in given:
+            given[user] = secrets.token_urlsafe(18)
+            click.echo(f"{user}={given[user]}", err=True)
+        passwords[user] = given[user]
+    doc = definitions(topology, passwords, vhost=vhost, audit_retention=audit_retention)
+    click.echo(json.dumps(doc, indent=2))

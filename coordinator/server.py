@@ -52,6 +52,8 @@ __all__ = ["CommandServer", "HealthMonitor", "HeartbeatListener"]
 log = logging.getLogger("sessionbus.coordinator.server")
 
 _NIL: Final = uuid.UUID(int=0)
+# A coordinator's heartbeat queue is deleted this long after its consumer is gone.
+HEARTBEAT_QUEUE_EXPIRES_MS: Final = 300_000
 _JSON: Final = Codec("json")
 _command_id_only = msgspec.json.Decoder(dict[str, object])
 
@@ -226,13 +228,19 @@ class HeartbeatListener:
         self.received = 0
 
     async def start(self) -> None:
+        # Not exclusive, not auto-delete: the broker would delete such a queue with the
+        # connection, and the reconnected consumer would find nothing to consume (a
+        # robust connection then fails its whole restore, and keeps failing). The
+        # queue instead outlives a lost connection and expires once nobody uses it.
         await self.transport.declare_queue(
             QueueSpec(
                 self.queue,
-                durable=False,
-                exclusive=True,
-                auto_delete=True,
-                arguments={"x-message-ttl": 60_000, "x-max-length": 100_000},
+                durable=True,
+                arguments={
+                    "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS,
+                    "x-message-ttl": 60_000,
+                    "x-max-length": 100_000,
+                },
                 bindings=[(self.topology.heartbeats_exchange, "")],
             )
         )

@@ -16,7 +16,9 @@ from contracts.transport import TransportError
 from module_sdk.reference import MODULES
 
 
-async def _run(name: str, url: str, prefix: str, http_port: int | None = None) -> None:
+async def _run(
+    name: str, url: str, prefix: str, http_port: int | None = None, http_host: str = "127.0.0.1"
+) -> None:
     cls = MODULES[name]
     transport = AmqpTransport(url, connection_name=f"sessionbus-module-{name}")
     stop = asyncio.Event()
@@ -24,7 +26,7 @@ async def _run(name: str, url: str, prefix: str, http_port: int | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with cls(transport, topology=Topology(prefix), own_transport=True) as module:
-        http = await _serve_http(module, http_port) if http_port is not None else None
+        http = await _serve_http(module, http_host, http_port) if http_port is not None else None
         print(f"{name}: ready on prefix {prefix!r}", file=sys.stderr, flush=True)
         await module.run_until(stop)
         if http is not None:
@@ -38,14 +40,14 @@ async def _run(name: str, url: str, prefix: str, http_port: int | None = None) -
     )
 
 
-async def _serve_http(module: Any, port: int) -> tuple[Any, asyncio.Task[None]]:
-    """frontend-api's HTTP face on 127.0.0.1:``port``."""
+async def _serve_http(module: Any, host: str, port: int) -> tuple[Any, asyncio.Task[None]]:
+    """frontend-api's HTTP face on ``host:port``."""
     import uvicorn
 
     from module_sdk.reference.http import FrontendApp
 
     config = uvicorn.Config(
-        FrontendApp(module.client), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        FrontendApp(module.client), host=host, port=port, log_level="warning", lifespan="on"
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -53,7 +55,7 @@ async def _serve_http(module: Any, port: int) -> tuple[Any, asyncio.Task[None]]:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)
-    print(f"frontend-api: HTTP on http://127.0.0.1:{port}", file=sys.stderr, flush=True)
+    print(f"frontend-api: HTTP on http://{host}:{port}", file=sys.stderr, flush=True)
     return server, task
 
 
@@ -73,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         help="frontend-api only: serve its HTTP API on this port",
     )
+    parser.add_argument("--http-host", default=os.environ.get("SESSIONBUS_HTTP_HOST", "127.0.0.1"))
     parser.add_argument("--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "WARNING"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level, os.environ.get("SESSIONBUS_LOG_FORMAT", "text"))
     try:
         if args.http_port is not None and args.name != "frontend-api":
             parser.error("--http-port is for frontend-api")
-        asyncio.run(_run(args.name, args.amqp_url, args.prefix, args.http_port))
+        asyncio.run(_run(args.name, args.amqp_url, args.prefix, args.http_port, args.http_host))
     except TransportError as exc:
         print(f"{args.name}: broker error: {exc}", file=sys.stderr)
         return 3

@@ -170,9 +170,7 @@ async def test_every_coordinator_method_answers_with_its_typed_result(amqp_bus: 
 
         other = await c.create_workflow_session(["x"])
         orphan = new_id()
-        assert isinstance(
-            await c.report_orphan(other.session_id, "executor", orphan), Accepted
-        )
+        assert isinstance(await c.report_orphan(other.session_id, "executor", orphan), Accepted)
         repaired = await c.repair_session_integrity(other.session_id)
         assert isinstance(repaired, RepairResult)
         assert isinstance(repaired.report, SessionIntegrityReport)

@@ -52,7 +52,10 @@ async def create_many(client: CoordinatorClient, count: int, into: list[uuid.UUI
 
 
 async def finish(
-    rt: CoordinatorRuntime, client: CoordinatorClient, module: RecordingModule, sids: list[uuid.UUID]
+    rt: CoordinatorRuntime,
+    client: CoordinatorClient,
+    module: RecordingModule,
+    sids: list[uuid.UUID],
 ) -> None:
     """Destroy every session, then check the module applied each one's events exactly
     once, in version order, and unlinked every one."""

@@ -46,9 +46,13 @@ async def drive(client: CoordinatorClient, sessions: int = 3) -> list[uuid.UUID]
     for i in range(sessions):
         sid = new_id()
         correlation = new_id() if i % 2 == 0 else None
-        await client.call(CreateWorkflowSession(steps=["s"], session_id=sid), correlation_id=correlation)
+        await client.call(
+            CreateWorkflowSession(steps=["s"], session_id=sid), correlation_id=correlation
+        )
         await client.link_module_session(sid, "executor", new_id())
-        await client.call(RecordActivity(session_id=sid, module_id="executor"), correlation_id=new_id())
+        await client.call(
+            RecordActivity(session_id=sid, module_id="executor"), correlation_id=new_id()
+        )
         await client.update_session_status(sid, S.PAUSED)
         await client.update_session_status(sid, S.ACTIVE)
         error = StandardError(code=ErrorCode.MODULE_ERROR, message="flaky", module_id="executor")

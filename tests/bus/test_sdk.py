@@ -278,8 +278,10 @@ async def test_duplicated_and_shuffled_deliveries_are_applied_once_in_version_or
             for copy in copies:
                 await injector.publish("", queue, copy)
             await wait_for(
-                lambda: stats.received == len(copies)
-                and all(len(stats.versions.get(s, ())) == final[s] for s in sids),
+                lambda: (
+                    stats.received == len(copies)
+                    and all(len(stats.versions.get(s, ())) == final[s] for s in sids)
+                ),
                 timeout=30,
                 what="every copy received and every session applied",
             )
@@ -317,7 +319,9 @@ async def test_bad_bodies_are_dead_lettered_with_reasons_and_the_consumer_keeps_
             }
             for name, (body, content_type) in bad.items():
                 await injector.publish(
-                    "", queue, OutgoingMessage(body=body, content_type=content_type, message_id=name)
+                    "",
+                    queue,
+                    OutgoingMessage(body=body, content_type=content_type, message_id=name),
                 )
             dead = {d.message_id: d for d in await take(injector, topo.dead_letter_queue, 5)}
             assert set(dead) == set(bad)

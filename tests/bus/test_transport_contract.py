@@ -209,9 +209,7 @@ class TestTransportContract:
         t = await bus.connect("test")
         queue = f"{bus.prefix}.sac"
         await t.declare_queue(
-            QueueSpec(
-                queue, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True}
-            )
+            QueueSpec(queue, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
         )
         first, second = await bus.connect("replica-1"), await bus.connect("replica-2")
         inbox1, inbox2 = Inbox(), Inbox()
@@ -239,9 +237,7 @@ class TestTransportContract:
         t = await bus.connect("test")
         queue = f"{bus.prefix}.sac"
         await t.declare_queue(
-            QueueSpec(
-                queue, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True}
-            )
+            QueueSpec(queue, arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
         )
         await t.publish("", queue, message("only by consume"))
         with pytest.raises(TransportError, match="RESOURCE_LOCKED"):
@@ -251,9 +247,7 @@ class TestTransportContract:
         await inbox.wait(1)
         assert inbox.bodies == [b"only by consume"]
 
-    async def test_stream_is_replayed_from_the_first_offset_by_every_reader(
-        self, bus: Bus
-    ) -> None:
+    async def test_stream_is_replayed_from_the_first_offset_by_every_reader(self, bus: Bus) -> None:
         t = await bus.connect("test")
         stream = f"{bus.prefix}.stream"
         await t.declare_queue(QueueSpec(stream, arguments={"x-queue-type": "stream"}))
