@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import ssl
 import urllib.parse
@@ -63,6 +64,22 @@ _LOST: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, RuntimeError)
 _CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, aiormq.exceptions.AMQPError)
 # How long to give aio-pika's close callback before looking at a closed channel again.
 _RESTORE_PAUSE = 0.01
+
+
+_connecting: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sessionbus_amqp_connecting", default=False
+)
+
+
+class _FirstConnectFilter(logging.Filter):
+    """aiormq logs a failed first connect at ERROR; ``connect`` raises it as one clear
+    TransportError, so the log line would only say it twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _connecting.get()
+
+
+logging.getLogger("aiormq.connection").addFilter(_FirstConnectFilter())
 
 
 def redact_url(url: str) -> str:
@@ -217,6 +234,13 @@ class AmqpTransport(Transport):
         return self._connection
 
     async def connect(self) -> None:
+        token = _connecting.set(True)
+        try:
+            await self._connect()
+        finally:
+            _connecting.reset(token)
+
+    async def _connect(self) -> None:
         with _mapped(f"connect to {redact_url(self.url)}"):
             try:
                 self._connection = await aio_pika.connect_robust(

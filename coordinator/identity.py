@@ -66,15 +66,20 @@ class IdentityMap:
     @classmethod
     def from_env(cls, default_user: str = "guest") -> IdentityMap:
         """``SESSIONBUS_IDENTITY`` if set; otherwise development mode for
-        ``default_user``, announced as such."""
+        ``default_user`` (which ``announce`` logs once the service runs)."""
         text = os.environ.get("SESSIONBUS_IDENTITY")
         if text:
             return cls.parse(text)
-        log.warning(
-            "no SESSIONBUS_IDENTITY: development mode, broker user %r may act for every module",
-            default_user,
-        )
         return cls.development_mode(default_user)
+
+    def announce(self) -> None:
+        """Say so in the log when running in development mode (once serving)."""
+        if self.development:
+            log.warning(
+                "development mode (no SESSIONBUS_IDENTITY): broker user(s) %s may act for "
+                "every module",
+                ", ".join(self.users()),
+            )
 
     def principal_for(self, user_id: str | None) -> Principal | None:
         """The principal of an authenticated broker user, or ``None`` if unknown."""

@@ -74,6 +74,14 @@ class CoordinatorRuntime:
         await self.close()
 
     async def start(self) -> None:
+        """Start everything; if a step fails, stop what had started and re-raise."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
         if self.own_transport:
             await self.transport.connect()
         await self.topology.declare(self.transport, audit_retention=self.audit_retention)
@@ -90,6 +98,7 @@ class CoordinatorRuntime:
             self.metrics_port = self.metrics.serve(self.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
         self._started = True
+        self.identity.announce()
         log.info("coordinator running on prefix %r", self.topology.prefix)
 
     async def close(self) -> None:

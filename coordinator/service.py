@@ -274,7 +274,11 @@ class SessionCoordinator:
     def _deliver(self, saved: list[EventEnvelope], results: list[tuple[WriteJob, Outcome]]) -> None:
         """Called on the writer thread after each pass."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results))
+        try:
+            self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results))
+        except RuntimeError:
+            # The loop is gone (its owner stopped without closing us): nobody waits.
+            log.warning("commit of %d events not delivered: event loop closed", len(saved))
 
     async def _apply_commits(self) -> None:
         """Apply each commit to the projections, then resolve its callers, in order."""

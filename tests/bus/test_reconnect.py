@@ -69,11 +69,18 @@ async def finish(
     events = [e for e in await asyncio.to_thread(store.read, 0, 100_000) if e.session_id in sids]
     final = {sid: max(e.version for e in events if e.session_id == sid) for sid in sids}
     stats = module.consumer.stats
-    await wait_for(
-        lambda: all(len(stats.versions.get(s, ())) == final[s] for s in sids),
-        timeout=20,
-        what="the module to apply every event",
-    )
+
+    def behind() -> dict[uuid.UUID, tuple[list[int], int]]:
+        return {
+            s: (stats.versions.get(s, []), final[s])
+            for s in sids
+            if len(stats.versions.get(s, ())) != final[s]
+        }
+
+    try:
+        await wait_for(lambda: not behind(), timeout=20, what="the module to apply every event")
+    except TimeoutError as exc:
+        raise AssertionError(f"applied versions / final version: {behind()}") from exc
     for sid in sids:
         assert stats.versions[sid] == list(range(1, final[sid] + 1))
     assert {d.linked_workflow_session_id for d in module.destroyed} == set(sids)

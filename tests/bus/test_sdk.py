@@ -22,6 +22,7 @@ from contracts import (
     SessionStatus,
     StandardError,
     WorkflowConfig,
+    WorkflowSession,
     new_id,
 )
 from contracts.transport import OutgoingMessage, QueueSpec
@@ -138,6 +139,40 @@ async def test_on_create_failing_beyond_retry_attempts_reports_a_fatal_error_and
             assert module.events_of("error", sid) == [
                 ("error", "executor", sid, ErrorCode.MODULE_ERROR)
             ]
+
+
+class FlakyJoin(RecordingModule):
+    """``should_join`` fails the first time it is asked about a session (a bug, or a
+    transient fault in a module's own code)."""
+
+    def __init__(self, *args: object, **options: object) -> None:
+        super().__init__(*args, **options)  # type: ignore[arg-type]
+        self.asked: dict[uuid.UUID, int] = {}
+
+    def should_join(self, session: WorkflowSession) -> bool:
+        sid = session.session_id
+        self.asked[sid] = self.asked.get(sid, 0) + 1
+        if self.asked[sid] == 1:
+            raise RuntimeError("module not ready yet")
+        return True
+
+
+async def test_an_event_whose_reaction_failed_is_applied_again_when_redelivered(
+    bus: Bus,
+) -> None:
+    """The ack policy: a failure to apply requeues, and the redelivery applies the event
+    (it is not skipped as a duplicate of what failed)."""
+    async with bus.runtime() as rt:
+        module = bus.module(FlakyJoin)
+        async with module:
+            client = await bus.client()
+            sid = (await client.create_workflow_session(["s"])).session_id
+            await wait_status(rt, sid, S.ACTIVE)
+            stats = module.consumer.stats
+            assert module.asked[sid] == 2
+            assert stats.requeued == 1
+            await wait_for(lambda: stats.versions.get(sid) == [1, 2, 3], what="v1..v3 applied")
+            assert stats.duplicates == 0
 
 
 async def test_every_lifecycle_callback_fires(bus: Bus) -> None:
@@ -372,6 +407,8 @@ async def test_graceful_close_returns_what_was_prefetched_but_not_applied(bus: B
             await module.close(grace=0.2)
 
         assert stats.versions[held] == [1]
+        # v2 did not finish applying: the local state does not claim it either.
+        assert module.sessions[held].version == 1
         assert all(stats.versions[o] == [1, 2] for o in others)
         # A module queue is read by consuming (basic.get is refused on it).
         returned = Inbox()

@@ -464,3 +464,35 @@ async def test_a_retried_command_id_is_recognised_after_a_restart(
         assert session is not None
         assert session.status is S.CLEANUP
         assert list(session.modules) == ["executor"]
+
+
+async def test_linked_ids_of_executor_streamer_and_ai_surface_on_the_session(
+    coordinator: SessionCoordinator,
+) -> None:
+    """executor, executor-streamer and ai-integration sessions appear as
+    executor_session_id, stream_id and ai_connection_id while linked, and are cleared
+    when each unlinks from a live session."""
+    for module_id in ("executor", "executor-streamer", "ai-integration"):
+        await coordinator.register_module(module_id, required=False)
+    sid = (await coordinator.create_workflow_session()).session_id
+    ids = {m: uuid.uuid4() for m in ("executor", "executor-streamer", "ai-integration")}
+    for module_id, module_session in ids.items():
+        await coordinator.link_module_session(sid, module_id, module_session)
+    session = await coordinator.get_workflow_session(sid)
+    assert session is not None
+    assert (session.executor_session_id, session.stream_id, session.ai_connection_id) == (
+        ids["executor"],
+        ids["executor-streamer"],
+        ids["ai-integration"],
+    )
+    await coordinator.unlink_module_session(sid, "executor-streamer")
+    await coordinator.unlink_module_session(sid, "executor")
+    session = await coordinator.get_workflow_session(sid)
+    assert session is not None
+    assert session.status is S.ACTIVE
+    assert (session.executor_session_id, session.stream_id, session.ai_connection_id) == (
+        None,
+        None,
+        ids["ai-integration"],
+    )
+    assert list(session.modules) == ["ai-integration"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
+
+import pytest
 
 from contracts import (
     Accepted,
@@ -20,6 +23,8 @@ from contracts import (
     WorkflowConfig,
 )
 from coordinator.clock import ManualClock
+from coordinator.domain import WorkflowSessionAggregate
+from coordinator.errors import CommandRejected
 from coordinator.service import SessionCoordinator
 
 S = SessionStatus
@@ -116,3 +121,65 @@ async def test_concurrent_commands_share_transactions_and_get_their_own_replies(
         assert coordinator.get_linked_sessions(sid) == {"executor": links[sid]}
         assert session.version == (4 if existing.index(sid) % 2 else 3)
         assert (await coordinator.verify_history(sid)).ok
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (RuntimeError("handler bug after the events were triggered"), ErrorCode.INTERNAL),
+        (CommandRejected(ErrorCode.CONFLICT, "rule broken after the events"), ErrorCode.CONFLICT),
+    ],
+    ids=["crash", "rejection"],
+)
+async def test_a_command_failing_half_way_leaves_no_trace_in_its_batch(
+    coordinator: SessionCoordinator,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: Exception,
+    code: ErrorCode,
+) -> None:
+    """A command whose handler fails (crashes, or rejects) after it has already
+    triggered events gets its own error and none of its events are stored; the commands
+    committed with it in the same batch are unaffected."""
+    await coordinator.register_module("executor", required=True)
+    sessions = [(await coordinator.create_workflow_session()).session_id for _ in range(20)]
+    poisoned = uuid.uuid4()
+    original = WorkflowSessionAggregate.link
+
+    def link(self: WorkflowSessionAggregate, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)  # Linked and the automatic ACTIVE are triggered
+        if args[2] == poisoned:
+            raise failure
+
+    monkeypatch.setattr(WorkflowSessionAggregate, "link", link)
+    store = coordinator.store
+    assert store is not None
+    before = store.max_position()
+    links = {sid: uuid.uuid4() for sid in sessions}
+    links[sessions[7]] = poisoned
+    requests = [
+        CommandRequest(
+            command_id=uuid.uuid4(),
+            issued_at=clock.now(),
+            command=LinkModuleSession(session_id=sid, module_id="executor", module_session_id=m),
+        )
+        for sid, m in links.items()
+    ]
+    replies = await asyncio.gather(*(coordinator.execute(r) for r in requests))
+
+    for sid, reply in zip(sessions, replies, strict=True):
+        session = await coordinator.get_workflow_session(sid)
+        assert session is not None
+        if sid == sessions[7]:
+            assert reply.error is not None
+            assert reply.error.code is code
+            assert session.status is S.INITIALIZING
+            assert session.modules == {}
+        else:
+            assert reply.result == Accepted(session_id=sid, version=3, events=2)
+            assert session.status is S.ACTIVE
+    assert store.max_position() - before == 2 * 19
+    # The rolled-back aggregate is still usable: linking again succeeds.
+    monkeypatch.setattr(WorkflowSessionAggregate, "link", original)
+    again = await coordinator.link_module_session(sessions[7], "executor", poisoned)
+    assert again == Accepted(session_id=sessions[7], version=3, events=2)

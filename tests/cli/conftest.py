@@ -1,0 +1,115 @@
+"""Fixtures of the sessionctl suite: a running coordinator with two reference modules
+on the test's own prefix, and a way to run ``sessionctl`` as the user would, in its own
+process, while this test's event loop keeps the coordinator answering."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from contracts import Topology
+from contracts.amqp import AmqpTransport
+from coordinator.identity import IdentityMap
+from coordinator.runtime import CoordinatorRuntime
+from module_sdk import CoordinatorClient
+from module_sdk.reference import Executor, TaskLoop, ReferenceModule
+
+SESSIONCTL = str(Path(sys.executable).with_name("sessionctl"))
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass
+class System:
+    prefix: str
+    url: str
+    store: str
+    runtime: CoordinatorRuntime
+    client: CoordinatorClient
+    modules: list[ReferenceModule]
+
+    async def ctl(
+        self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
+    ) -> Result:
+        return await sessionctl(*args, prefix=self.prefix, url=self.url, timeout=timeout, env=env)
+
+
+async def sessionctl(
+    *args: str,
+    prefix: str | None = None,
+    url: str | None = None,
+    timeout: float = 60.0,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """Run ``sessionctl ARGS`` in a subprocess without blocking the event loop."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
+    environment["COLUMNS"] = "200"
+    if prefix is not None:
+        environment["SESSIONBUS_PREFIX"] = prefix
+    if url is not None:
+        environment["SESSIONBUS_AMQP_URL"] = url
+    environment.update(env or {})
+    process = await asyncio.create_subprocess_exec(
+        SESSIONCTL,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environment,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.communicate()
+        raise
+    assert process.returncode is not None
+    return Result(process.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def system(
+    amqp_url: str, prefix: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[System]:
+    """Coordinator (SQLite store) + executor + task-loop on the test's prefix."""
+    name = request.node.nodeid[-150:]
+    topology = Topology(prefix)
+    store = f"sqlite:///{tmp_path / 'events.sqlite'}"
+    runtime = CoordinatorRuntime(
+        AmqpTransport(amqp_url, connection_name=f"{name} coordinator"),
+        store=store,
+        topology=topology,
+        identity=IdentityMap.parse("guest=*"),
+        health_interval=0.5,
+    )
+    await runtime.start()
+    modules: list[ReferenceModule] = [
+        cls(
+            AmqpTransport(amqp_url, connection_name=f"{name} {cls.module_id}"),
+            topology=topology,
+            own_transport=True,
+            heartbeat_interval=0.5,
+        )
+        for cls in (Executor, TaskLoop)
+    ]
+    for module in modules:
+        await module.start()
+    driver = AmqpTransport(amqp_url, connection_name=f"{name} driver")
+    await driver.connect()
+    try:
+        yield System(prefix, amqp_url, store, runtime, CoordinatorClient(driver, topology), modules)
+    finally:
+        for module in modules:
+            await module.close()
+        await driver.close()
+        await runtime.close()
