@@ -437,7 +437,18 @@ class SessionManager:
                 self._destroyed.popitem(last=False)
         else:
             self.sessions[sid] = state
-        await self._react(env, before, state)
+        try:
+            await self._react(env, before, state)
+        except BaseException:
+            # Not applied (the reaction failed, or was cancelled: a lost connection, a
+            # close): put the local state back, or the redelivery would be taken for a
+            # duplicate and the reaction (link, unlink, callbacks) never run.
+            self._destroyed.pop(sid, None)
+            if before is None:
+                self.sessions.pop(sid, None)
+            else:
+                self.sessions[sid] = before
+            raise
 
     async def _react(
         self, env: EventEnvelope, before: WorkflowSession | None, state: WorkflowSession
