@@ -18,7 +18,7 @@ from contracts.amqp import AmqpTransport
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
-from module_sdk.reference import Executor, TaskLoop, ReferenceModule
+from module_sdk.reference import Executor, ReferenceModule, TaskLoop
 
 SESSIONCTL = str(Path(sys.executable).with_name("sessionctl"))
 

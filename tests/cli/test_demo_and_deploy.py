@@ -4,6 +4,7 @@ and frontend-api's HTTP face."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import pytest
 
 from contracts import Topology
 from contracts.amqp import AmqpTransport
-from contracts.transport import AccessRefused, OutgoingMessage, QueueSpec
+from contracts.transport import AccessRefused, OutgoingMessage
 from coordinator.definitions import SEED_MODULES, definitions, module_permissions
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
@@ -73,10 +74,8 @@ def imported_definitions(prefix: str) -> Iterator[dict[str, str]]:
             delete_user(user)
         for policy in doc["policies"]:
             quoted = urllib.parse.quote(policy["name"], safe="")
-            try:
+            with contextlib.suppress(urllib.error.HTTPError):
                 management("DELETE", f"/api/policies/%2F/{quoted}")
-            except urllib.error.HTTPError:
-                pass
 
 
 @pytest.mark.broker
@@ -253,7 +252,7 @@ async def test_frontend_api_process_serves_http_over_rabbitmq(
                 assert ready, "frontend-api exited before it was ready"
 
             def post() -> Any:
-                request = urllib.request.Request(  # noqa: S310 - our own loopback server
+                request = urllib.request.Request(
                     f"http://127.0.0.1:{port}/sessions", data=b'{"steps": ["x"]}', method="POST"
                 )
                 with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310

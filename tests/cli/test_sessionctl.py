@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import uuid
@@ -289,8 +290,6 @@ async def test_coordinator_command_serves_and_stops_on_sigterm(
 ) -> None:
     """`sessionctl coordinator` answers commands and exits 0 on SIGTERM; a bad broker
     URL is one line and exit 3."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
     env.update(
         SESSIONBUS_PREFIX=prefix, SESSIONBUS_AMQP_URL=amqp_url, SESSIONBUS_IDENTITY="guest=*"
