@@ -113,6 +113,12 @@ def _mapped(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
+def _is_open(channel: AbstractChannel) -> bool:
+    """Whether the channel is open now (a call, so that a type checker does not carry
+    one reading of it across an ``await``)."""
+    return not channel.is_closed
+
+
 class AmqpDelivery(Delivery):
     def __init__(self, message: AbstractIncomingMessage, *, no_ack: bool = False) -> None:
         self._message = message
@@ -307,7 +313,7 @@ class AmqpTransport(Transport):
         lost connection or a channel the broker closed (a refused publish)."""
         if self._closed or channel is None:
             raise TransportClosed("transport is closed")
-        if not channel.is_closed:
+        if _is_open(channel):
             return channel
         ready = getattr(channel, "ready", None)
         if ready is None:
@@ -317,19 +323,19 @@ class AmqpTransport(Transport):
         # at once. So wait until the channel is really open again, not just for ready().
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.restore_timeout
-        while channel.is_closed:
-            remaining = deadline - loop.time()
+        while not _is_open(channel):
             if self._closed:
                 raise TransportClosed("transport is closed")
-            try:
-                if remaining <= 0:
-                    raise TimeoutError
-                await asyncio.wait_for(ready(), remaining)
-            except TimeoutError as exc:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 raise TransportError(
                     f"broker connection not restored within {self.restore_timeout} s"
-                ) from exc
-            if channel.is_closed:
+                )
+            try:
+                await asyncio.wait_for(ready(), remaining)
+            except TimeoutError:
+                continue  # the next pass reports it
+            if not _is_open(channel):
                 await asyncio.sleep(_RESTORE_PAUSE)
         return channel
 

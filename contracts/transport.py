@@ -9,6 +9,7 @@ The coordinator and the module SDK are written against this port only.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,6 +17,7 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "DIRECT_REPLY_TO",
+    "AccessRefused",
     "ConsumerHandle",
     "Delivery",
     "ExchangeSpec",
@@ -24,7 +26,6 @@ __all__ = [
     "QueueSpec",
     "QueueStats",
     "Transport",
-    "AccessRefused",
     "TransportClosed",
     "TransportError",
     "Unroutable",
@@ -205,8 +206,6 @@ class Transport(abc.ABC):
     ) -> None:
         """Publish a batch with pipelined confirms: all are sent before any confirm is
         awaited. Raises if any one was not confirmed."""
-        import asyncio
-
         results = await asyncio.gather(
             *(self.publish(exchange, key, msg) for key, msg in items), return_exceptions=True
         )

@@ -75,7 +75,8 @@ def _management_get(base: str, path: str) -> Any:
         netloc += f":{parts.port}"
     url = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
     request = urllib.request.Request(url)  # noqa: S310 - the operator's own broker
-    auth = f"{urllib.parse.unquote(parts.username or 'guest')}:{urllib.parse.unquote(parts.password or 'guest')}"
+    user = urllib.parse.unquote(parts.username or "guest")
+    auth = f"{user}:{urllib.parse.unquote(parts.password or 'guest')}"
     request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
         return json.loads(response.read())

@@ -31,6 +31,8 @@ from contracts.audit import read_audit_stream
 from contracts.logs import configure_logging
 from contracts.transport import TransportError
 from coordinator import admin
+from coordinator.definitions import SEED_MODULES, definitions
+from coordinator.demo import DemoOptions, run_demo, summary_table
 from coordinator.errors import CoordinatorError
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
@@ -38,6 +40,7 @@ from coordinator.service import SessionCoordinator
 from coordinator.store import DEFAULT_STORE_URL, EventStore
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable
+from module_sdk.reference.__main__ import main as run_module
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 
@@ -181,10 +184,6 @@ def demo(
     seed: int | None,
 ) -> None:
     """Coordinator + the seven reference modules + sample workflow sessions, end to end."""
-    from rich.console import Console
-
-    from coordinator.demo import DemoOptions, run_demo, summary_table
-
     console = Console()
     options = DemoOptions(
         amqp_url=amqp_url,
@@ -423,8 +422,7 @@ def sessions_history(
     else:
 
         async def action(client: CoordinatorClient, *_: Any) -> contracts.SessionHistory:
-            full = await client.get_session_history(sid)
-            return full
+            return await client.get_session_history(sid)
 
         full = _run_bus(amqp_url, prefix, timeout, action)
         if verify:
@@ -727,8 +725,9 @@ def replay(store: str, as_json: bool, page: int) -> None:
     else:
         click.echo(
             f"replayed {figures['events']} events in {seconds:.2f} s "
-            f"({figures['events_per_second'] or 0:,} events/s): {figures['live_sessions']} live and "
-            f"{figures['destroyed_sessions']} destroyed sessions, position {proj.position}"
+            f"({figures['events_per_second'] or 0:,} events/s): "
+            f"{figures['live_sessions']} live and {figures['destroyed_sessions']} destroyed "
+            f"sessions, position {proj.position}"
         )
 
 
@@ -805,8 +804,6 @@ def audit_export(
 )
 def module_command(name: str, amqp_url: str, prefix: str) -> None:
     """Run one of the seven reference modules until SIGTERM or SIGINT."""
-    from module_sdk.reference.__main__ import main as run_module
-
     sys.exit(run_module([name, "--amqp-url", amqp_url, "--prefix", prefix]))
 
 
@@ -827,8 +824,6 @@ def module_command(name: str, amqp_url: str, prefix: str) -> None:
 def definitions_command(prefix: str, vhost: str, audit_retention: str, passwords_file: Any) -> None:
     """Print RabbitMQ definitions: one user per module with exactly what the SDK uses,
     the coordinator and operator users, and the policies."""
-    from coordinator.definitions import SEED_MODULES, definitions
-
     topology = _topology(prefix)
     given: dict[str, str] = {}
     if passwords_file is not None:

@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from contracts.memory import MemoryBroker
 from contracts.transport import Transport, TransportError
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
+from coordinator.service import SessionCoordinator
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import SdkError
 from module_sdk.reference import MODULES, ReferenceModule
@@ -156,7 +158,7 @@ def _transport(kind: str, broker: MemoryBroker | None, url: str, name: str) -> T
 async def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult:
     """Run the demo; returns what happened (the CLI prints it)."""
     console = console or Console()
-    rng = random.Random(options.seed)
+    rng = random.Random(options.seed)  # noqa: S311 - sample data, not secrets
     kind, broker = await _pick_broker(options, console)
     topology = Topology(f"demo-{uuid.uuid4().hex[:8]}")
     result = DemoResult(broker=kind)
@@ -260,7 +262,6 @@ async def _drive(
 
 
 async def _one_session(client: CoordinatorClient, coordinator: object, rng: random.Random) -> str:
-    from coordinator.service import SessionCoordinator
 
     assert isinstance(coordinator, SessionCoordinator)
     session = await client.create_workflow_session(
@@ -297,14 +298,14 @@ async def _one_session(client: CoordinatorClient, coordinator: object, rng: rand
     return outcome
 
 
-def _status(coordinator: object, sid: uuid.UUID) -> SessionStatus | None:
-    session = coordinator.projections.sessions.get(sid)  # type: ignore[attr-defined]
+def _status(coordinator: SessionCoordinator, sid: uuid.UUID) -> SessionStatus | None:
+    session = coordinator.projections.sessions.get(sid)
     return session.status if session is not None else None
 
 
-async def _until(predicate: object, timeout: float) -> None:
+async def _until(predicate: Callable[[], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"demo step not reached within {timeout} s")
         await asyncio.sleep(0.01)

@@ -65,7 +65,7 @@ class _StateCollector(Collector):
             labels=["module"],
         )
         now = runtime.coordinator.clock.now()
-        for module_id in sorted(list(proj.modules)):
+        for module_id in sorted(proj.modules):
             healthy.add_metric([module_id], 1.0 if proj.is_healthy(module_id, now) else 0.0)
         yield healthy
         if self.dlq_depth is not None:

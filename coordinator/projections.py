@@ -200,10 +200,7 @@ class Projections:
         self, status: SessionStatus | None, module_id: str | None, offset: int, limit: int
     ) -> SessionsPage:
         """Sessions not destroyed, oldest first, optionally filtered."""
-        if status is not None:
-            ids = set(self.by_status[status])
-        else:
-            ids = set(self.sessions)
+        ids = set(self.by_status[status]) if status is not None else set(self.sessions)
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
         ordered = sorted(ids, key=lambda sid: (self.sessions[sid].created_at, sid))

@@ -10,6 +10,7 @@ what they already applied by per-session version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Final
@@ -128,10 +129,8 @@ class OutboxRelay:
     async def _run(self) -> None:
         backoff = 0.1
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self._drain()

@@ -317,7 +317,8 @@ class HealthMonitor:
             age = now - seen[1] if seen else timedelta(0)
             error = StandardError(
                 code=ErrorCode.MODULE_UNHEALTHY,
-                message=f"module {module_id} sent no healthy heartbeat for {age.total_seconds():.1f} s",
+                message=f"module {module_id} sent no healthy heartbeat for "
+                f"{age.total_seconds():.1f} s",
                 module_id=module_id,
                 retryable=True,
             )

@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from contracts import (
@@ -63,6 +63,8 @@ Deliver = Callable[[list[EventEnvelope], list[tuple["WriteJob", Outcome]]], None
 
 _STOP: Final = object()
 _CONFLICT_RETRIES: Final = 3
+# After a failed commit, due timeouts are tried again this much later.
+_RETRY_DELAY: Final = timedelta(seconds=1)
 _S = SessionStatus
 
 
@@ -208,7 +210,7 @@ class Writer:
         for attempt in range(_CONFLICT_RETRIES + 1):
             touched = {}
             outcomes = [self._apply(job, touched, recheck=attempt > 0) for job in batch]
-            self._fire_timeouts(touched)
+            fired = self._fire_timeouts(touched)
             pending = [a for a in touched.values() if a.pending_events]
             if not pending:
                 break
@@ -227,7 +229,10 @@ class Writer:
                 # that is no longer valid then gets its own error.
                 log.warning("version conflict (attempt %d): %s", attempt + 1, exc)
                 self._evict(touched)
+                # The timeouts fired in vain: fire them again on the retry.
+                self._rearm(fired, backoff=attempt == _CONFLICT_RETRIES)
                 if attempt == _CONFLICT_RETRIES:
+                    touched = {}  # nothing of this pass was saved
                     error = CommandRejected(
                         ErrorCode.CONFLICT, f"conflicting writes: {exc}", retryable=True
                     )
@@ -235,6 +240,8 @@ class Writer:
             except StoreUnavailable as exc:
                 log.exception("store unavailable")
                 self._evict(touched)
+                self._rearm(fired, backoff=True)
+                touched = {}
                 error = CommandRejected(
                     ErrorCode.UNAVAILABLE, f"event store unavailable: {exc}", retryable=True
                 )
@@ -307,14 +314,27 @@ class Writer:
             self._armed[session_id] = deadline
             heapq.heappush(self._heap, (deadline, session_id))
 
-    def _fire_timeouts(self, touched: dict[uuid.UUID, EnvelopeAggregate]) -> None:
+    def _rearm(self, fired: list[tuple[datetime, uuid.UUID]], *, backoff: bool) -> None:
+        """Arm again deadlines whose timeouts were not saved (a failed commit), so a
+        later pass fires them instead of dropping them. With ``backoff``, not before
+        ``_RETRY_DELAY`` from now, so an unreachable store is not retried in a loop."""
+        floor = self.clock.now() + _RETRY_DELAY if backoff else None
+        for deadline, sid in fired:
+            self._arm(sid, max(deadline, floor) if floor is not None else deadline)
+
+    def _fire_timeouts(
+        self, touched: dict[uuid.UUID, EnvelopeAggregate]
+    ) -> list[tuple[datetime, uuid.UUID]]:
+        """Run every timeout due now; returns the deadlines it took off the heap."""
         now = self.clock.now()
         ctx = CommandContext(COORDINATOR, now, correlation_id=None)
+        fired: list[tuple[datetime, uuid.UUID]] = []
         while self._heap and self._heap[0][0] <= now:
             deadline, sid = heapq.heappop(self._heap)
             if self._armed.get(sid) != deadline:
                 continue  # superseded by an earlier deadline already handled
             del self._armed[sid]
+            fired.append((deadline, sid))
             aggregate = self._session(sid)
             if aggregate is None or aggregate.state.destroyed:
                 continue
@@ -336,6 +356,7 @@ class Writer:
             later = aggregate.next_deadline()
             if later is not None and not aggregate.state.destroyed:
                 self._arm(sid, later)
+        return fired
 
     @staticmethod
     def _record_orphans(

@@ -13,6 +13,7 @@ at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -122,7 +123,7 @@ class EventConsumer:
         current = asyncio.current_task()
         running = {t for t in self._inflight if t is not current}
         if running:
-            done, pending = await asyncio.wait(running, timeout=grace)
+            _, pending = await asyncio.wait(running, timeout=grace)
             for task in pending:
                 task.cancel()
         if handle is not None:
@@ -192,10 +193,7 @@ class EventConsumer:
                         await self._applied(earlier)
                         current = earlier.version
                         self.stats.gaps_filled += 1
-                if current != env.version - 1:
-                    raise LookupError(
-                        f"session {sid}: versions {current + 1}..{env.version - 1} are missing"
-                    )
+                _check_contiguous(sid, current, env.version)
             await self._applied(env)
         except Exception:
             log.exception(
@@ -239,7 +237,12 @@ class EventConsumer:
 
 
 async def _quietly(awaitable: Awaitable[None]) -> None:
-    try:
+    with contextlib.suppress(TransportError):
         await awaitable
-    except TransportError:
-        pass
+
+
+def _check_contiguous(session_id: uuid.UUID, applied: int, arriving: int) -> None:
+    if applied != arriving - 1:
+        raise LookupError(
+            f"session {session_id}: versions {applied + 1}..{arriving - 1} are missing"
+        )

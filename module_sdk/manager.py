@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,6 +48,7 @@ from contracts import (
     new_id,
     parse_module_id,
 )
+from contracts.amqp import AmqpTransport
 from contracts.transport import OutgoingMessage, Transport, TransportError
 from module_sdk.client import CoordinatorClient
 from module_sdk.consumer import EventConsumer
@@ -153,12 +155,15 @@ class SessionManager:
 
     @classmethod
     def connect(cls, url: str, *, prefix: str | None = None, **options: Any) -> Self:
-        """A manager on its own RabbitMQ connection (closed with the manager)."""
-        from contracts.amqp import AmqpTransport
-
+        """A manager on its own RabbitMQ connection (closed with the manager). The
+        topology prefix is ``prefix``, else the ``topology`` option, else
+        ``SESSIONBUS_PREFIX`` from the environment, else the default."""
         module_id = options.get("module_id") or cls.module_id
         transport = AmqpTransport(url, connection_name=f"sessionbus-module-{module_id}")
-        topology = Topology(prefix) if prefix else options.pop("topology", None)
+        topology: Topology | None = options.pop("topology", None)
+        prefix = prefix or (None if topology else os.environ.get("SESSIONBUS_PREFIX"))
+        if prefix:
+            topology = Topology(prefix)
         return cls(transport, topology=topology, own_transport=True, **options)
 
     # -- hooks a module overrides -----------------------------------------------------

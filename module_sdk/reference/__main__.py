@@ -9,11 +9,14 @@ import signal
 import sys
 from typing import Any
 
+import uvicorn
+
 from contracts import DEFAULT_PREFIX, Topology
 from contracts.amqp import AmqpTransport
 from contracts.logs import configure_logging
 from contracts.transport import TransportError
 from module_sdk.reference import MODULES
+from module_sdk.reference.http import FrontendApp
 
 
 async def _run(
@@ -42,10 +45,6 @@ async def _run(
 
 async def _serve_http(module: Any, host: str, port: int) -> tuple[Any, asyncio.Task[None]]:
     """frontend-api's HTTP face on ``host:port``."""
-    import uvicorn
-
-    from module_sdk.reference.http import FrontendApp
-
     config = uvicorn.Config(
         FrontendApp(module.client), host=host, port=port, log_level="warning", lifespan="on"
     )

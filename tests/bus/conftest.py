@@ -49,7 +49,13 @@ class Bus:
     def connection_name(self, role: str) -> str:
         return f"{self.test_id} {role}"
 
-    def transport(self, role: str, *, user: str = "guest", password: str = "guest") -> Transport:
+    def transport(
+        self,
+        role: str,
+        *,
+        user: str = "guest",
+        password: str = "guest",  # noqa: S107 - RabbitMQ's default user
+    ) -> Transport:
         """A transport (not connected) for one party of the test."""
         if self.memory is not None:
             return self.memory.transport(user)

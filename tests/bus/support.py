@@ -138,6 +138,7 @@ class RecordingModule(SessionManager):
         self.join = join
         self.attempts: dict[uuid.UUID, int] = {}
         self.created: dict[uuid.UUID, tuple[uuid.UUID, ModuleSessionConfig]] = {}
+        self.made: list[uuid.UUID] = []  # every module session on_create made
         self.destroyed: list[ModuleSessionInfo] = []
         self.events: list[tuple[Any, ...]] = []
         self.hold: set[uuid.UUID] = set()
@@ -160,6 +161,7 @@ class RecordingModule(SessionManager):
         if self.attempts[sid] <= self.fail_creates:
             raise RuntimeError(f"attempt {self.attempts[sid]}: the browser did not start")
         self.created[sid] = (module_session_id, config)
+        self.made.append(module_session_id)
         return {"made-by": self.module_id, "attempt": self.attempts[sid]}
 
     async def on_destroy(self, info: ModuleSessionInfo) -> None:

@@ -27,7 +27,7 @@ from contracts.transport import AccessRefused, OutgoingMessage
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import CommandFailed
 from module_sdk.testing import wait_for
-from tests.bus.conftest import Bus, BrokerUsers
+from tests.bus.conftest import BrokerUsers, Bus
 from tests.bus.support import RecordingModule, wait_status
 
 pytestmark = pytest.mark.broker

@@ -58,16 +58,17 @@ class Backend:
         """Run one statement with ``?`` placeholders; return the rows (if any)."""
         if self.name == "sqlite":
             assert self.sqlite_path is not None
-            conn = sqlite3.connect(self.sqlite_path, timeout=10)
+            lite = sqlite3.connect(self.sqlite_path, timeout=10)
             try:
-                with conn:
-                    rows = conn.execute(statement, params).fetchall()
+                with lite:
+                    rows = lite.execute(statement, params).fetchall()
             finally:
-                conn.close()
+                lite.close()
             return rows
         assert self.pg_dsn is not None
+        query = statement.replace("?", "%s")
         with psycopg.connect(self.pg_dsn, autocommit=True) as conn:
-            cur = conn.execute(statement.replace("?", "%s"), params)  # type: ignore[arg-type]
+            cur = conn.execute(query, params)
             return cur.fetchall() if cur.description else []
 
     def _stream_key(self, stream_id: uuid.UUID) -> Any:

@@ -11,6 +11,7 @@ import pytest
 from contracts import ErrorCode, EventEnvelope
 from coordinator.errors import CommandRejected
 from coordinator.service import SessionCoordinator
+from coordinator.store import EventStore
 
 
 async def rejection(awaitable: Awaitable[Any], code: ErrorCode) -> CommandRejected:
@@ -29,3 +30,14 @@ async def history(coordinator: SessionCoordinator, session_id: uuid.UUID) -> lis
 async def event_types(coordinator: SessionCoordinator, session_id: uuid.UUID) -> list[str]:
     """The wire tags of a session's events, in order."""
     return [env.type for env in await history(coordinator, session_id)]
+
+
+def store_of(coordinator: SessionCoordinator) -> EventStore:
+    """The coordinator's event store (it has one once started)."""
+    assert coordinator.store is not None
+    return coordinator.store
+
+
+def position(coordinator: SessionCoordinator) -> int:
+    """The store's highest global position: how many events are stored."""
+    return store_of(coordinator).max_position()

@@ -9,6 +9,7 @@ import uuid
 from contracts import (
     TRANSITIONS,
     Accepted,
+    Command,
     CommandReply,
     CommandRequest,
     CreateWorkflowSession,
@@ -18,6 +19,7 @@ from contracts import (
     RecordActivity,
     RegisterModule,
     SessionStatus,
+    StatusChanged,
     UnlinkModuleSession,
     UpdateSessionStatus,
     WorkflowConfig,
@@ -25,7 +27,7 @@ from contracts import (
 from coordinator.clock import ManualClock
 from coordinator.domain import Principal
 from coordinator.service import SessionCoordinator
-from tests.coordinator.support import event_types, history, rejection
+from tests.coordinator.support import event_types, history, position, rejection
 
 S = SessionStatus
 ALL = list(SessionStatus)
@@ -64,12 +66,8 @@ async def session_in(coordinator: SessionCoordinator, status: SessionStatus) -> 
     return sid
 
 
-def _request(command: object) -> CommandRequest:
-    return CommandRequest(
-        command_id=uuid.uuid4(),
-        issued_at=ManualClock().now(),
-        command=command,  # type: ignore[arg-type]
-    )
+def _request(command: Command) -> CommandRequest:
+    return CommandRequest(command_id=uuid.uuid4(), issued_at=ManualClock().now(), command=command)
 
 
 async def test_create_link_activate_destroy_lifecycle(coordinator: SessionCoordinator) -> None:
@@ -145,7 +143,8 @@ async def test_ids_are_uuids_and_versions_count_from_one(coordinator: SessionCoo
     assert all(e.event_id.version == 4 for e in events)
     assert len({e.event_id for e in events}) == len(events)
     page = await coordinator.read_events(0)
-    positions = [e.position for e in page.events]
+    positions = [e.position or 0 for e in page.events]
+    assert all(positions)
     assert positions == sorted(positions)
     assert len(set(positions)) == len(positions)
 
@@ -157,11 +156,11 @@ async def test_client_chosen_session_id_is_used_and_cannot_be_created_twice(
     chosen = uuid.uuid4()
     created = await coordinator.create_workflow_session(session_id=chosen)
     assert created.session_id == chosen
-    before = coordinator.store.max_position()  # type: ignore[union-attr]
+    before = position(coordinator)
     await rejection(
         coordinator.create_workflow_session(session_id=chosen), ErrorCode.SESSION_EXISTS
     )
-    assert coordinator.store.max_position() == before  # type: ignore[union-attr]
+    assert position(coordinator) == before
 
 
 async def test_every_invalid_workflow_transition_is_rejected_and_stores_nothing(
@@ -209,8 +208,9 @@ async def test_every_allowed_workflow_transition_is_applied(
             assert session.status is new, f"{old} -> {new}"
             last = (await history(coordinator, sid))[-accepted.events :]
             assert last[0].type == "session.status-changed"
-            assert last[0].event.old_status is old  # type: ignore[union-attr]
-            assert last[0].event.new_status is new  # type: ignore[union-attr]
+            changed = last[0].event
+            assert isinstance(changed, StatusChanged)
+            assert (changed.old_status, changed.new_status) == (old, new)
             nothing_linked = not session.modules
             assert session.destroyed == (new is S.CLEANUP and nothing_linked)
 
@@ -220,14 +220,14 @@ async def test_setting_the_current_status_again_is_a_no_op(
 ) -> None:
     """Workflow and module sessions: the same status again appends nothing."""
     await _setup_modules(coordinator)
-    before_position = coordinator.store.max_position()  # type: ignore[union-attr]
+    before_position = position(coordinator)
     for status in ALL:
         sid = await session_in(coordinator, status)
-        before = coordinator.store.max_position()  # type: ignore[union-attr]
+        before = position(coordinator)
         accepted = await coordinator.update_session_status(sid, status)
         assert accepted.events == 0
-        assert coordinator.store.max_position() == before  # type: ignore[union-attr]
-    assert coordinator.store.max_position() > before_position  # type: ignore[union-attr]
+        assert position(coordinator) == before
+    assert position(coordinator) > before_position
 
     sid = await session_in(coordinator, S.ACTIVE)
     await coordinator.link_module_session(sid, "task-loop", uuid.uuid4())
@@ -248,7 +248,7 @@ async def test_module_session_status_follows_the_same_table(
     await _setup_modules(coordinator)
     sid = await session_in(coordinator, S.ACTIVE)
     await coordinator.link_module_session(sid, "task-loop", uuid.uuid4())
-    before = coordinator.store.max_position()  # type: ignore[union-attr]
+    before = position(coordinator)
     await rejection(
         coordinator.update_session_status(sid, S.INITIALIZING, module_id="task-loop"),
         ErrorCode.INVALID_TRANSITION,
@@ -262,7 +262,7 @@ async def test_module_session_status_follows_the_same_table(
         coordinator.update_session_status(sid, S.PAUSED, module_id="executor"),
         ErrorCode.MODULE_NOT_LINKED,
     )
-    assert coordinator.store.max_position() == before + 1  # type: ignore[union-attr]
+    assert position(coordinator) == before + 1
 
 
 async def test_link_rules(coordinator: SessionCoordinator) -> None:
@@ -330,7 +330,7 @@ async def test_a_module_may_not_act_for_another_module(coordinator: SessionCoord
     await coordinator.link_module_session(sid, "task-loop", loop_session)
     executor = Principal("x", frozenset({"executor"}))
     before = store.max_position()
-    forbidden = [
+    forbidden: list[Command] = [
         LinkModuleSession(session_id=sid, module_id="task-loop", module_session_id=uuid.uuid4()),
         UnlinkModuleSession(session_id=sid, module_id="task-loop"),
         UpdateSessionStatus(session_id=sid, module_id="task-loop", status=S.PAUSED),
@@ -441,7 +441,9 @@ async def test_a_retried_command_id_is_recognised_after_a_restart(
     ]
     async with SessionCoordinator(store_url, clock=clock) as first:
         replies = await _replies(first, requests)
-        sid = replies[2].result.session_id  # type: ignore[union-attr]
+        created = replies[2].result
+        assert isinstance(created, Accepted)
+        sid = created.session_id
         assert sid is not None
         more = [
             _request(
@@ -455,11 +457,11 @@ async def test_a_retried_command_id_is_recognised_after_a_restart(
         requests += more
         replies += await _replies(first, more)
         assert all(r.error is None for r in replies)
-        position = first.store.max_position()  # type: ignore[union-attr]
+        stored = position(first)
 
     async with SessionCoordinator(store_url, clock=clock) as second:
         assert await _replies(second, requests) == replies
-        assert second.store.max_position() == position  # type: ignore[union-attr]
+        assert position(second) == stored
         session = await second.get_workflow_session(sid)
         assert session is not None
         assert session.status is S.CLEANUP

@@ -21,7 +21,6 @@ from contracts import (
     ActivityRecorded,
     SessionCreated,
     SessionStatus,
-    WorkflowConfig,
     compute_hash_raw,
     fold_history,
     verify_chain,
@@ -33,6 +32,7 @@ from coordinator.errors import ConfigurationError
 from coordinator.service import SessionCoordinator
 from coordinator.store import EnvelopeMapper, EventStore, Upcaster
 from tests.coordinator.conftest import Backend
+from tests.coordinator.support import store_of
 
 S = SessionStatus
 
@@ -187,7 +187,7 @@ async def test_a_snapshotted_module_registry_reloads_after_a_restart(
         store.close()
     async with SessionCoordinator(backend.url, clock=clock) as restarted:
         assert restarted.list_modules() == before
-        registry = restarted.store.load_registry()  # type: ignore[union-attr]
+        registry = store_of(restarted).load_registry()
         assert registry.version == 8
         assert registry.required_modules() == ["executor"]
         # The writer's reloaded registry accepts new registrations after the restart.
@@ -305,13 +305,3 @@ def test_an_envelope_newer_than_the_reader_is_refused() -> None:
         mapper.decode_envelope(msgspec.json.encode(raw))
     upgraded = EnvelopeMapper(upcaster=Upcaster(target=2, steps={1: _to_v2}))
     assert upgraded.decode_envelope(msgspec.json.encode(raw)).actor == "legacy-writer"
-
-
-def test_workflow_config_defaults_are_part_of_the_contract() -> None:
-    """Guard for the lifecycle tests: the default link and cleanup timeouts."""
-    config = WorkflowConfig()
-    assert (config.link_timeout_ms, config.cleanup_timeout_ms, config.timeout_ms) == (
-        30_000,
-        30_000,
-        None,
-    )

@@ -20,6 +20,7 @@ from coordinator.clock import ManualClock
 from coordinator.projections import ProjectionSnapshot
 from coordinator.service import SessionCoordinator
 from tests.coordinator.conftest import Backend
+from tests.coordinator.support import position
 
 S = SessionStatus
 CHECKPOINT = "projections"
@@ -142,7 +143,7 @@ async def test_restart_from_checkpoint_and_from_full_replay_agree(
         ids = await _build_varied(live, clock)
         expected = _normalized(live.projections.snapshot())
         seen = await _observed(live, ids)
-        total = live.store.max_position()  # type: ignore[union-attr]
+        total = position(live)
     assert expected["position"] == total
     assert len(expected["destroyed"]) == 9
     assert expected["orphans"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import json
@@ -75,7 +76,7 @@ def _unreachable(what: str, url: str, exc: BaseException, hint: str) -> None:
 
 
 async def _check_amqp(url: str) -> None:
-    import aio_pika
+    import aio_pika  # noqa: PLC0415 - imported only when a broker is checked
 
     connection = await aio_pika.connect(url, timeout=10)
     await connection.close()
@@ -84,7 +85,7 @@ async def _check_amqp(url: str) -> None:
 @contextlib.contextmanager
 def rabbitmq() -> Iterator[str]:
     if docker_available():
-        from testcontainers.rabbitmq import RabbitMqContainer
+        from testcontainers.rabbitmq import RabbitMqContainer  # noqa: PLC0415 - only with Docker
 
         with RabbitMqContainer("rabbitmq:3.13-management") as container:
             host = container.get_container_host_ip()
@@ -113,7 +114,7 @@ def rabbitmq() -> Iterator[str]:
 @contextlib.contextmanager
 def postgres() -> Iterator[str]:
     if docker_available():
-        from testcontainers.postgres import PostgresContainer
+        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415 - only with Docker
 
         with PostgresContainer("postgres:16", driver=None) as container:
             url = container.get_connection_url()
@@ -135,7 +136,7 @@ def postgres() -> Iterator[str]:
 
 
 def pg_execute(url: str, sql: str) -> list[tuple[Any, ...]]:
-    import psycopg
+    import psycopg  # noqa: PLC0415 - imported only when PostgreSQL is used
 
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn, conn.cursor() as cur:
         cur.execute(sql.encode())
@@ -149,8 +150,6 @@ def _management(method: str, path: str) -> Any:
         method=method,
     )
     auth = f"{base.username or 'guest'}:{base.password or 'guest'}"
-    import base64
-
     request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
         body = response.read()
