@@ -4,8 +4,8 @@ Lives in ``contracts`` so an auditor can verify exported history with nothing bu
 wire definitions. The hash is SHA-256 over a canonical encoding: JSON with keys sorted,
 of every envelope field except ``position`` (assigned by the store after the hash is
 sealed) and ``hash`` itself. Fields at their default value are left out (every Struct is
-``omit_defaults``), so adding a defaulted field to a schema does not change the hash of
-events written before it. Timestamps are hashed as written: writers use UTC.
+``omit_defaults``, and empty objects are pruned), so adding a defaulted field to a schema
+does not change the hash of events written before it. Timestamps are hashed as written: writers use UTC.
 """
 
 from __future__ import annotations
@@ -36,10 +36,26 @@ def canonical_bytes(envelope: EventEnvelope | dict[str, Any]) -> bytes:
     """The exact bytes the hash covers. Accepts a typed envelope or its raw decoded
     form (a dict, as read from JSON or msgpack without a schema): verifying the raw
     form checks what was written, before any upcasting."""
-    fields: dict[str, Any] = dict(msgspec.to_builtins(envelope))
+    fields: dict[str, Any] = _pruned(msgspec.to_builtins(envelope))
     for name in _UNHASHED:
         fields.pop(name, None)
     return _canonical.encode(fields)
+
+
+def _pruned(value: Any) -> Any:
+    """Drop empty objects, recursively: msgspec omits defaulted fields, but writes a
+    Struct-typed field at its default as ``{}``, so a later schema that adds one would
+    otherwise change the hash of every old event re-encoded with it."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            item = _pruned(item)
+            if item != {}:
+                out[key] = item
+        return out
+    if isinstance(value, list):
+        return [_pruned(item) for item in value]
+    return value
 
 
 def compute_hash(envelope: EventEnvelope) -> str:

@@ -162,3 +162,29 @@ def test_an_envelope_without_schema_version_was_written_by_version_1(codec: Code
     fields.pop("schema_version", None)
     data = msgspec.json.encode(fields) if codec.format == "json" else msgspec.msgpack.encode(fields)
     assert codec.decode(data, EventEnvelope).schema_version == 1
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A nested options Struct a later schema might add to an envelope."""
+
+    max_steps: int = 0
+
+
+class EnvelopeV3(EventEnvelope, frozen=True, kw_only=True, omit_defaults=True):
+    """A future envelope with a Struct-typed field at its default (msgspec writes it as
+    ``{}`` rather than omitting it)."""
+
+    limits: Limits = msgspec.field(default_factory=Limits)
+
+
+@codec_param
+def test_a_new_struct_typed_field_at_its_default_keeps_the_hash(codec: Codec) -> None:
+    """Empty objects are outside the canonical bytes, so an event re-encoded with a
+    schema that gained a Struct-typed field still verifies."""
+    old = _sealed_envelope()
+    upgraded = codec.decode(codec.encode(old), EnvelopeV3)
+    assert b'"limits":{}' in msgspec.json.encode(upgraded)
+    assert compute_hash(upgraded) == old.hash
+    assert verify_chain([upgraded]).ok
+    changed = msgspec.structs.replace(upgraded, limits=Limits(max_steps=3))
+    assert compute_hash(changed) != old.hash
