@@ -139,6 +139,8 @@ class Writer:
         self._registry: ModuleRegistry | None = None
         self._applied: OrderedDict[uuid.UUID, Accepted] = OrderedDict(applied)
         self._applied_memory = applied_memory
+        # What repair commands reported, for identical replies to their retries.
+        self._actions: dict[uuid.UUID, list[str]] = {}
         self._heap: list[tuple[datetime, uuid.UUID]] = []
         self._armed: dict[uuid.UUID, datetime] = {}
         for deadline, sid in deadlines:
@@ -258,7 +260,10 @@ class Writer:
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Accepted) and job.command_id is not None:
                 self._applied[job.command_id] = outcome
+                if job.actions:
+                    self._actions[job.command_id] = list(job.actions)
                 if len(self._applied) > self._applied_memory:
+                    self._actions.pop(next(iter(self._applied)), None)
                     self._applied.popitem(last=False)
         for aggregate in touched.values():
             if isinstance(aggregate, WorkflowSessionAggregate):
@@ -379,6 +384,8 @@ class Writer:
         if job.command_id is not None:
             done = self._applied.get(job.command_id)
             if done is not None:
+                # A retry: the same answer, including what a repair said it did.
+                job.actions[:] = self._actions.get(job.command_id, [])
                 return done
         ctx = CommandContext(job.principal, self.clock.now(), job.command_id, job.correlation_id)
         scope = _JobScope()

@@ -7,12 +7,15 @@ from __future__ import annotations
 import uuid
 
 from contracts import (
+    CommandRequest,
     Destroyed,
     ErrorCode,
     ErrorReported,
     ModuleSessionConfig,
     OrphanCleanupRequested,
     OrphanReported,
+    RepairResult,
+    RepairSessionIntegrity,
     SessionStatus,
     StandardError,
     StatusChanged,
@@ -383,6 +386,32 @@ async def test_cleanup_timeout_destroys_and_reports_orphans_then_repair_clears_t
     assert after.orphaned_sessions == {}
     assert after.is_valid
     assert after.recommendations == []
+
+
+async def test_a_retried_repair_gets_the_same_reply(
+    coordinator: SessionCoordinator, clock: ManualClock
+) -> None:
+    """The same RepairSessionIntegrity request sent twice is applied once and both
+    replies list the same actions."""
+    await _modules(coordinator)
+    config = WorkflowConfig(cleanup_timeout_ms=1_000, required_modules=[])
+    sid = (await coordinator.create_workflow_session(config=config)).session_id
+    await coordinator.link_module_session(sid, "executor", uuid.uuid4())
+    await coordinator.destroy_workflow_session(sid)
+    clock.advance(milliseconds=1_000)
+    await coordinator.run_timeouts()
+    request = CommandRequest(
+        command_id=uuid.uuid4(),
+        issued_at=clock.now(),
+        command=RepairSessionIntegrity(session_id=sid),
+    )
+    first = await coordinator.execute(request)
+    position = (await coordinator.read_events(0)).next_position
+    second = await coordinator.execute(request)
+    assert first == second
+    assert isinstance(first.result, RepairResult)
+    assert len(first.result.actions) == 1
+    assert (await coordinator.read_events(0)).next_position == position
 
 
 async def test_timers_survive_a_restart(store_url: str, clock: ManualClock) -> None:
