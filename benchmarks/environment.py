@@ -81,7 +81,16 @@ def host() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "memory_bytes": mem_total,
         "implementation": platform.python_implementation(),
+        "load_average": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other work on the machine skews figures."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def rss_bytes() -> tuple[int, int]:

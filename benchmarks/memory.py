@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,20 @@ from benchmarks.environment import rss_bytes
 from benchmarks.registry import Context, Figure, Trial, measurement, target
 
 MB = 1024 * 1024
-_PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _child_environment() -> tuple[Path, dict[str, str]]:
+    """Where the child runs, and its environment: it imports the same sessionbus and
+    benchmarks code as this process."""
+    import coordinator
+
+    code_root = Path(coordinator.__file__).parent.parent
+    bench_root = Path(__file__).absolute().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(code_root), str(bench_root), env.get("PYTHONPATH", "")) if p
+    )
+    return code_root, env
 
 
 def _sessions(ctx: Context) -> int:
@@ -58,6 +72,8 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
         generation_seconds=round(made.seconds, 2),
     )
 
+    cwd, env = _child_environment()
+
     def trial() -> dict[str, Figure]:
         done = subprocess.run(
             [sys.executable, "-m", "benchmarks.memory", url, str(made.live_sessions)],
@@ -65,7 +81,8 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
             text=True,
             timeout=900,
             check=False,
-            cwd=_PROJECT,
+            cwd=cwd,
+            env=env,
         )
         if done.returncode != 0:
             raise RuntimeError(f"memory child failed ({done.returncode}): {done.stderr[-2000:]}")

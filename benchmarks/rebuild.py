@@ -82,8 +82,11 @@ def rebuild_sqlite(ctx: Context) -> Iterator[Trial]:
 # --- PostgreSQL --------------------------------------------------------------------
 
 
-def copy_to_postgres(path: Path, url: str, deadline: Deadline, batch: int = 10_000) -> int:
-    """Insert the SQLite store's events, in order, through the PostgreSQL recorder."""
+def copy_to_postgres(path: Path, url: str, deadline: Deadline, batch: int = 5_000) -> int:
+    """Insert the SQLite store's events, in order, through the PostgreSQL recorder.
+
+    Batches stay at a few thousand: eventsourcing 9.5.6's pipelined insert of 10,000
+    events in one call never returns here (client and server both wait to read)."""
     copied = 0
     with EventStore(url) as store, contextlib.closing(sqlite3.connect(path)) as src:
         after = 0

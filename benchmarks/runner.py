@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import json
 import statistics
@@ -32,6 +33,8 @@ MODULES = (
     "benchmarks.rebuild",
     "benchmarks.memory",
 )
+# Seconds one measurement (set-up and trials) may take before the watchdog ends the run.
+WATCHDOG_S = (600, 3600)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -109,6 +112,9 @@ def run_one(
             return outcome
     print(f"▶ {m.name}: {m.description}", file=sys.stderr, flush=True)
     began = time.perf_counter()
+    # A hang (a lock, a stuck socket) must not stall the run forever: past this the
+    # process dumps every thread's stack and exits.
+    faulthandler.dump_traceback_later(WATCHDOG_S[0] if quick else WATCHDOG_S[1], exit=True)
     try:
         with m.setup(ctx) as trial:
             outcome.setup_seconds = time.perf_counter() - began
@@ -128,6 +134,8 @@ def run_one(
     except Exception as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc(file=sys.stderr)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     outcome.params = dict(ctx.params)
     outcome.notes = list(ctx.notes)
     return outcome
@@ -291,6 +299,7 @@ def main(
     chosen = select(only)
     postgres_url = environment.postgres_base_url()
     started_at = datetime.now(UTC)
+    load_at_start = environment.load_average()
     began = time.perf_counter()
     shared: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="sessionbus-bench-"))
@@ -308,12 +317,14 @@ def main(
     finally:
         remove_tree(workdir)
     targets, ratios = evaluate(outcomes)
+    host = environment.host()
+    host["load_average_at_start"] = load_at_start
     record: dict[str, Any] = {
         "mode": "quick" if quick else "full",
         "started_at": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "seconds": round(time.perf_counter() - began, 1),
         "argv": sys.argv,
-        "host": environment.host(),
+        "host": host,
         "versions": environment.versions(postgres_url),
         "measurements": {
             name: {

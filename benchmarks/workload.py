@@ -72,15 +72,15 @@ class _Clock:
         return self.now
 
 
-def register_modules(store: EventStore) -> ModuleRegistry:
-    """The seed's seven modules, three of them required (saved once)."""
+def register_modules(store: EventStore) -> tuple[ModuleRegistry, int]:
+    """The seed's seven modules, three of them required; returns the registry and how
+    many events registering them appended."""
     registry = store.load_registry()
     ctx = CommandContext(OPERATOR, datetime.now(UTC) - timedelta(hours=2), uuid.uuid4())
     for module_id in MODULES:
         registry.register(ctx, module_id, module_id in REQUIRED, ["sessions"])
-    if registry.pending_events:
-        store.save([registry])
-    return registry
+    saved = store.save([registry]) if registry.pending_events else []
+    return registry, len(saved)
 
 
 def _session(
@@ -183,8 +183,8 @@ def generate(
     assert (events is None) != (sessions is None), "give events or sessions"
     rng = random.Random(seed)
     clock = _Clock(rng)
-    registry = register_modules(store)
-    written = started = 0
+    registry, written = register_modules(store)
+    started = 0
     scripts: list[Iterator[WorkflowSessionAggregate]] = []
     touched: dict[uuid.UUID, WorkflowSessionAggregate] = {}
     pending = 0

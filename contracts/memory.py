@@ -15,6 +15,7 @@ import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from contracts.transport import (
@@ -55,6 +56,9 @@ class _Message:
     message: OutgoingMessage
     deliveries: int = 0
     offset: int = 0
+    # When the broker took it: what a stream's timestamp offset goes by (as RabbitMQ's
+    # chunk time does), not the publisher's optional timestamp property.
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 @dataclass(slots=True)
@@ -470,9 +474,8 @@ def _stream_offset(queue: _Queue, spec: Any) -> int:
         return max(0, len(queue.log) - 1)
     if isinstance(spec, int):
         return max(0, min(spec, len(queue.log)))
-    # A timestamp: the first message published at or after it.
+    # A timestamp: the first message the broker took at or after it.
     for index, item in enumerate(queue.log):
-        stamp = item.message.timestamp
-        if stamp is not None and stamp >= spec:
+        if item.received_at >= spec:
             return index
     return len(queue.log)

@@ -392,8 +392,9 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
         "address": topo.heartbeats_exchange,
         "title": "Heartbeats",
         "description": (
-            "Module liveness, not event-sourced. Each coordinator consumes them from an "
-            f"exclusive queue of its own, `{topo.heartbeats_queue_for('<instance>')}`."
+            "Module liveness, not event-sourced. Each coordinator consumes them from a "
+            f"queue of its own, `{topo.heartbeats_queue_for('<instance>')}`, which the "
+            "broker deletes once it has had no consumer for a while (x-expires)."
         ),
         "messages": {heartbeat: _ref("components", "messages", heartbeat)},
         "bindings": _exchange_binding(topo.heartbeats_exchange, "fanout"),

@@ -113,7 +113,10 @@ def coordinator(
     """Run the coordinator service until SIGTERM or SIGINT."""
     try:
         topology = contracts.Topology(prefix)
-        transport = AmqpTransport(amqp_url, connection_name="sessionbus-coordinator")
+        transport = AmqpTransport(
+            amqp_url,
+            connection_name=os.environ.get("SESSIONBUS_CONNECTION_NAME", "sessionbus-coordinator"),
+        )
         idmap = IdentityMap.parse(identity) if identity else IdentityMap.from_env(transport.user)
     except (contracts.ContractsError, CoordinatorError) as exc:
         _fail(str(exc), 2)

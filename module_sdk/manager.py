@@ -52,7 +52,7 @@ from contracts.amqp import AmqpTransport
 from contracts.transport import OutgoingMessage, Transport, TransportError
 from module_sdk.client import CoordinatorClient
 from module_sdk.consumer import EventConsumer
-from module_sdk.errors import CommandFailed, SdkError
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
 
 __all__ = ["SessionLifecycleCallbacks", "SessionManager"]
 
@@ -133,6 +133,12 @@ class SessionManager:
         self.sessions: dict[uuid.UUID, WorkflowSession] = {}
         self._destroyed: OrderedDict[uuid.UUID, int] = OrderedDict()
         self._owned: dict[uuid.UUID, uuid.UUID] = {}  # workflow session -> module session
+        # A reaction cut short (a lost connection, the coordinator away) is tried again
+        # when its event is redelivered. These remember a module session made whose link
+        # is not confirmed yet, and one destroyed whose unlink is not, so that the retry
+        # links or unlinks it instead of making or destroying another.
+        self._made_unlinked: dict[uuid.UUID, tuple[uuid.UUID, dict[str, Any]]] = {}
+        self._destroyed_linked: dict[uuid.UUID, uuid.UUID] = {}
         self._errors: deque[StandardError] = deque(maxlen=_ERROR_MEMORY)
         self._created_total = 0
         self._codec = Codec("json")
@@ -159,7 +165,8 @@ class SessionManager:
         topology prefix is ``prefix``, else the ``topology`` option, else
         ``SESSIONBUS_PREFIX`` from the environment, else the default."""
         module_id = options.get("module_id") or cls.module_id
-        transport = AmqpTransport(url, connection_name=f"sessionbus-module-{module_id}")
+        name = os.environ.get("SESSIONBUS_CONNECTION_NAME", f"sessionbus-module-{module_id}")
+        transport = AmqpTransport(url, connection_name=name)
         topology: Topology | None = options.pop("topology", None)
         prefix = prefix or (None if topology else os.environ.get("SESSIONBUS_PREFIX"))
         if prefix:
@@ -277,6 +284,36 @@ class SessionManager:
         attempts = (
             config.retry_attempts if config.retry_attempts is not None else self.retry_attempts
         )
+        made = self._made_unlinked.get(workflow_session_id)
+        if made is not None:
+            module_session_id, metadata = made
+        else:
+            module_session_id, metadata = await self._make(session, config, attempts)
+            self._made_unlinked[workflow_session_id] = (module_session_id, metadata)
+            self._created_total += 1
+        self._owned[workflow_session_id] = module_session_id
+        try:
+            await self.client.link_module_session(
+                workflow_session_id,
+                self.module_id,
+                module_session_id,
+                config=config,
+                metadata=metadata,
+            )
+        except CommandFailed:
+            # The workflow session moved on (cleanup, failure) before the link: what was
+            # just created belongs to nobody, so it goes.
+            self._made_unlinked.pop(workflow_session_id, None)
+            self._owned.pop(workflow_session_id, None)
+            await self._destroy_internal(workflow_session_id, module_session_id)
+            raise
+        self._made_unlinked.pop(workflow_session_id, None)
+        return str(module_session_id)
+
+    async def _make(
+        self, session: WorkflowSession, config: ModuleSessionConfig, attempts: int
+    ) -> tuple[uuid.UUID, dict[str, Any]]:
+        """Run ``on_create`` (retried); a final failure is reported as a fatal error."""
         module_session_id = new_id()
         try:
             metadata = await self._retry(
@@ -291,26 +328,10 @@ class SessionManager:
             )
             self._errors.append(error)
             await self.client.report_error(
-                workflow_session_id, error, module_id=self.module_id, fatal=True
+                session.session_id, error, module_id=self.module_id, fatal=True
             )
             raise SdkError(error.message) from exc
-        self._owned[workflow_session_id] = module_session_id
-        self._created_total += 1
-        try:
-            await self.client.link_module_session(
-                workflow_session_id,
-                self.module_id,
-                module_session_id,
-                config=config,
-                metadata=metadata or {},
-            )
-        except CommandFailed:
-            # The workflow session moved on (cleanup, failure) before the link: what was
-            # just created belongs to nobody, so it goes.
-            self._owned.pop(workflow_session_id, None)
-            await self._destroy_internal(workflow_session_id, module_session_id)
-            raise
-        return str(module_session_id)
+        return module_session_id, dict(metadata or {})
 
     async def destroy_session(
         self, workflow_session_id: uuid.UUID, *, reason: str | None = None
@@ -325,9 +346,12 @@ class SessionManager:
             module_session_id = info.session_id if info is not None else None
         if module_session_id is None:
             return
-        await self._destroy_internal(workflow_session_id, module_session_id)
+        if self._destroyed_linked.get(workflow_session_id) != module_session_id:
+            await self._destroy_internal(workflow_session_id, module_session_id)
+            self._destroyed_linked[workflow_session_id] = module_session_id
         self._owned.pop(workflow_session_id, None)
         await self.client.unlink_module_session(workflow_session_id, self.module_id, reason)
+        self._destroyed_linked.pop(workflow_session_id, None)
 
     async def _destroy_internal(
         self, workflow_session_id: uuid.UUID, module_session_id: uuid.UUID
@@ -467,6 +491,9 @@ class SessionManager:
         elif isinstance(event, Linked):
             if event.module_id == self.module_id:
                 self._owned[sid] = event.module_session_id
+                made = self._made_unlinked.get(sid)
+                if made is not None and made[0] == event.module_session_id:
+                    del self._made_unlinked[sid]  # its link is confirmed after all
                 await self._callback(
                     cb.on_session_created(self.module_id, sid, event.module_session_id)
                 )
@@ -500,6 +527,11 @@ class SessionManager:
             if orphaned is not None and self._owned.get(sid) == orphaned:
                 self._owned.pop(sid, None)
                 await self._safe(self._destroy_internal(sid, orphaned), sid)
+            self._destroyed_linked.pop(sid, None)
+            made = self._made_unlinked.pop(sid, None)
+            if made is not None:  # made, never linked, and now it never will be
+                self._owned.pop(sid, None)
+                await self._safe(self._destroy_internal(sid, made[0]), sid)
             await self._callback(cb.on_session_destroyed(self.module_id, sid))
 
     async def _apply_registry(self, env: EventEnvelope) -> None:
@@ -528,6 +560,8 @@ class SessionManager:
         refusal, e.g. a session that moved on): log it, do not stop the consumer."""
         try:
             await awaitable
+        except CoordinatorUnavailable:
+            raise  # not done, not refused: the event is requeued and tried again
         except (SdkError, TransportError) as exc:
             log.warning("%s: session %s: %s", self.module_id, session_id, exc)
 

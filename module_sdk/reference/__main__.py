@@ -23,7 +23,10 @@ async def _run(
     name: str, url: str, prefix: str, http_port: int | None = None, http_host: str = "127.0.0.1"
 ) -> None:
     cls = MODULES[name]
-    transport = AmqpTransport(url, connection_name=f"sessionbus-module-{name}")
+    transport = AmqpTransport(
+        url,
+        connection_name=os.environ.get("SESSIONBUS_CONNECTION_NAME", f"sessionbus-module-{name}"),
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

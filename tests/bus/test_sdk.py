@@ -173,6 +173,37 @@ async def test_an_event_whose_reaction_failed_is_applied_again_when_redelivered(
             assert stats.duplicates == 0
 
 
+async def test_links_and_unlinks_that_got_no_reply_are_retried_not_given_up(bus: Bus) -> None:
+    """The coordinator stops answering commands while the module reacts to a new
+    session, then again while it reacts to its clean-up: the reactions are not dropped
+    (their events are requeued and tried again), and the retry finishes the link or the
+    unlink without running ``on_create`` or ``on_destroy`` a second time."""
+    async with bus.runtime() as rt:
+        module = bus.module(RecordingModule, client_timeout=0.2)
+        async with module:
+            stats = module.consumer.stats
+            await rt.server.stop()  # commands are queued, nobody answers
+            sid = (await rt.coordinator.create_workflow_session(["s"])).session_id
+            await wait_for(lambda: stats.requeued >= 1, what="the create reaction requeued")
+            await rt.server.start()
+            await wait_status(rt, sid, S.ACTIVE, timeout=15)
+            assert module.attempts[sid] == 1
+            assert module.made == [module.created[sid][0]]
+
+            requeued = stats.requeued
+            await rt.server.stop()
+            await rt.coordinator.destroy_workflow_session(sid)
+            await wait_for(lambda: stats.requeued > requeued, what="the cleanup requeued")
+            await rt.server.start()
+            await wait_destroyed(rt, sid, timeout=15)
+            assert [d.session_id for d in module.destroyed] == module.made
+            final = (await rt.coordinator.get_session_history(sid)).events[-1].version
+            await wait_for(
+                lambda: stats.versions.get(sid) == list(range(1, final + 1)),
+                what="every version applied once",
+            )
+
+
 async def test_every_lifecycle_callback_fires(bus: Bus) -> None:
     async with bus.runtime() as rt:
         module = bus.module(RecordingModule)
@@ -215,7 +246,9 @@ async def test_reads_are_local_and_follow_the_events(bus: Bus) -> None:
             assert info.session_id == module.created[sid][0]
             assert module.get_session_status(sid) is S.ACTIVE
             assert module.get_last_activity(sid) == info.last_activity
-            assert module.sessions[sid].status is S.ACTIVE
+            await wait_for(
+                lambda: module.sessions[sid].status is S.ACTIVE, what="the workflow ACTIVE locally"
+            )
 
             await module.update_session_status(sid, S.PAUSED)
             await wait_for(lambda: module.get_session_status(sid) is S.PAUSED, what="PAUSED")
