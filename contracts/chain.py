@@ -3,9 +3,9 @@
 Lives in ``contracts`` so an auditor can verify exported history with nothing but the
 wire definitions. The hash is SHA-256 over a canonical encoding: JSON with keys sorted,
 of every envelope field except ``position`` (assigned by the store after the hash is
-sealed) and ``hash`` itself. Fields at their default value are left out (every Struct is
-``omit_defaults``, and empty objects are pruned), so adding a defaulted field to a schema
-does not change the hash of events written before it. Timestamps are hashed as written: writers use UTC.
+sealed) and ``hash`` itself. Fields at their default value are left out (every Struct
+is ``omit_defaults``, and empty objects are pruned), so adding a defaulted field to a
+schema does not change the hash of events written before it. Timestamps are hashed as written: writers use UTC.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def _pruned(value: Any) -> Any:
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            item = _pruned(item)
-            if item != {}:
-                out[key] = item
+            kept = _pruned(item)
+            if kept != {}:
+                out[key] = kept
         return out
     if isinstance(value, list):
         return [_pruned(item) for item in value]

@@ -8,13 +8,11 @@ message; it never turns them into skips.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import re
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -62,25 +60,9 @@ def pg_store_url(postgres_url: str, pg_schema: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
-@pytest.fixture
-async def amqp_connection(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[object]:
-    """A robust aio-pika connection named after the test (visible in the broker UI)."""
-    import aio_pika
-
-    connection = await aio_pika.connect_robust(
-        amqp_url, client_properties={"connection_name": request.node.nodeid[-200:]}
-    )
-    try:
-        yield connection
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(connection.close(), 5)
-
-
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    return [
-        f"sessionbus services: docker={'yes' if services.docker_available() else 'no'}, "
-        f"amqp={services.redact(services.amqp_target())}, "
-        f"postgres={services.redact(services.postgres_target())}, "
-        f"CI={os.environ.get('CI', '')!r}"
-    ]
+    docker = "yes" if services.docker_available() else "no"
+    amqp = services.redact(services.amqp_target())
+    postgres = services.redact(services.postgres_target())
+    ci = os.environ.get("CI", "")
+    return [f"sessionbus services: docker={docker}, amqp={amqp}, postgres={postgres}, CI={ci!r}"]

@@ -77,7 +77,7 @@ class Backend:
 
     def stored_state(self, stream_id: uuid.UUID, version: int) -> bytes:
         rows = self.sql(
-            f"SELECT state FROM {self.events_table} "  # noqa: S608 - test-owned table names
+            f"SELECT state FROM {self.events_table} "
             "WHERE originator_id = ? AND originator_version = ?",
             (self._stream_key(stream_id), version),
         )
@@ -90,38 +90,38 @@ class Backend:
         new = mutate(old)
         assert new != old
         self.sql(
-            f"UPDATE {self.events_table} SET state = ? "  # noqa: S608
+            f"UPDATE {self.events_table} SET state = ? "
             "WHERE originator_id = ? AND originator_version = ?",
             (new, self._stream_key(stream_id), version),
         )
 
     def snapshot_versions(self, stream_id: uuid.UUID) -> list[int]:
         rows = self.sql(
-            f"SELECT originator_version FROM {self.snapshots_table} "  # noqa: S608
+            f"SELECT originator_version FROM {self.snapshots_table} "
             "WHERE originator_id = ? ORDER BY originator_version",
             (self._stream_key(stream_id),),
         )
         return [int(r[0]) for r in rows]
 
     def checkpoint_names(self) -> list[str]:
-        rows = self.sql(f"SELECT name FROM {self.checkpoints_table} ORDER BY name")  # noqa: S608
+        rows = self.sql(f"SELECT name FROM {self.checkpoints_table} ORDER BY name")
         return [str(r[0]) for r in rows]
 
     def checkpoint(self, name: str) -> tuple[int, bytes] | None:
         rows = self.sql(
-            f"SELECT position, data FROM {self.checkpoints_table} WHERE name = ?",  # noqa: S608
+            f"SELECT position, data FROM {self.checkpoints_table} WHERE name = ?",
             (name,),
         )
         return (int(rows[0][0]), bytes(rows[0][1])) if rows else None
 
     def put_checkpoint(self, name: str, position: int, data: bytes) -> None:
         self.sql(
-            f"UPDATE {self.checkpoints_table} SET position = ?, data = ? WHERE name = ?",  # noqa: S608
+            f"UPDATE {self.checkpoints_table} SET position = ?, data = ? WHERE name = ?",
             (position, data, name),
         )
 
     def delete_checkpoint(self, name: str) -> None:
-        self.sql(f"DELETE FROM {self.checkpoints_table} WHERE name = ?", (name,))  # noqa: S608
+        self.sql(f"DELETE FROM {self.checkpoints_table} WHERE name = ?", (name,))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
