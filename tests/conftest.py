@@ -14,6 +14,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 
+import aio_pika
 import pytest
 
 from tests.support import services
@@ -58,6 +59,21 @@ def pg_store_url(postgres_url: str, pg_schema: str) -> str:
     parts = urllib.parse.urlsplit(postgres_url)
     query = urllib.parse.urlencode({"schema": pg_schema})
     return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+@pytest.fixture
+async def amqp_connection(
+    amqp_url: str, request: pytest.FixtureRequest
+) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A robust aio-pika connection named after the test (visible in the broker UI)."""
+    connection = await aio_pika.connect_robust(
+        amqp_url, client_properties={"connection_name": request.node.nodeid[-200:]}
+    )
+    try:
+        yield connection
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(connection.close(), 5)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
