@@ -27,6 +27,7 @@ from contracts import (
     Heartbeat,
     ModuleInfo,
     ModuleRegistered,
+    ModuleSessionInfo,
     ModuleUnregistered,
     OrphanCleanupRequested,
     OrphanReported,
@@ -89,12 +90,13 @@ class Projections:
         position = env.position or 0
         if position and position <= self.position:
             return
+        session_id: uuid.UUID | None = None
         if env.session_id == REGISTRY_ID:
             self._apply_registry(env)
         else:
-            self._apply_session(env)
+            session_id = self._apply_session(env)
         if env.causation_id is not None:
-            self._remember(env)
+            self._remember(env, session_id)
         if position:
             self.position = position
         self.events_applied += 1
@@ -103,18 +105,30 @@ class Projections:
         for env in envelopes:
             self.apply(env)
 
-    def _apply_session(self, env: EventEnvelope) -> None:
-        sid = env.session_id
-        old = self.sessions.get(sid)
-        if old is None and sid in self.destroyed:
-            return  # nothing follows Destroyed; a replayed duplicate is ignored
+    def _apply_session(self, env: EventEnvelope) -> uuid.UUID:
+        """Fold a session event into the indexes; returns the session's id object.
+
+        Every index holds the one id object of the session's first event, not the copy
+        each decoded envelope brings (a UUID object is ~100 bytes), and an index is only
+        touched when what it indexes changed: a replay spends most of its time here."""
+        old = self.sessions.get(env.session_id)
+        if old is None:
+            sid = env.session_id
+            if sid in self.destroyed:
+                return sid  # nothing follows Destroyed; a replayed duplicate is ignored
+            old_modules: dict[str, ModuleSessionInfo] = {}
+        else:
+            sid = old.session_id
+            old_modules = old.modules
         new = fold_session(old, env)
-        if old is not None:
+        status_changed = old is None or new.status is not old.status
+        if old is not None and (status_changed or new.destroyed):
             self.by_status[old.status].discard(sid)
-            for module_id in old.modules.keys() - new.modules.keys():
+        if new.modules is not old_modules and new.modules.keys() != old_modules.keys():
+            for module_id in old_modules.keys() - new.modules.keys():
                 self._unindex_module(module_id, sid)
-        for module_id in new.modules.keys() - (old.modules.keys() if old else set()):
-            self.by_module.setdefault(module_id, set()).add(sid)
+            for module_id in new.modules.keys() - old_modules.keys():
+                self.by_module.setdefault(module_id, set()).add(sid)
         if new.destroyed:
             self.sessions.pop(sid, None)
             self.destroyed.add(sid)
@@ -123,9 +137,11 @@ class Projections:
                 self.recently_destroyed.popitem(last=False)
         else:
             self.sessions[sid] = new
-            self.by_status[new.status].add(sid)
+            if status_changed:
+                self.by_status[new.status].add(sid)
         for listener in self.listeners:
             listener(env, new)
+        return sid
 
     def _unindex_module(self, module_id: str, sid: uuid.UUID) -> None:
         members = self.by_module.get(module_id)
@@ -151,11 +167,12 @@ class Projections:
                 if not held:
                     del self.orphans[event.workflow_session_id]
 
-    def _remember(self, env: EventEnvelope) -> None:
+    def _remember(self, env: EventEnvelope, session_id: uuid.UUID | None) -> None:
+        """Record the command behind ``env``; ``session_id`` is the session's shared id
+        object, ``None`` for a registry event."""
         assert env.causation_id is not None
         previous = self.commands.get(env.causation_id)
         count = previous.events + 1 if previous is not None else 1
-        session_id = env.session_id if env.session_id != REGISTRY_ID else None
         if previous is not None and previous.session_id is not None and session_id is None:
             session_id, version = previous.session_id, previous.version
         else:
@@ -163,7 +180,8 @@ class Projections:
         self.commands[env.causation_id] = Accepted(
             session_id=session_id, version=version, events=count
         )
-        self.commands.move_to_end(env.causation_id)
+        if previous is not None:  # a new key is inserted last already
+            self.commands.move_to_end(env.causation_id)
         if len(self.commands) > COMMAND_MEMORY:
             self.commands.popitem(last=False)
 

@@ -8,11 +8,13 @@ message; it never turns them into skips.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
