@@ -7,6 +7,7 @@ seeing each other's traffic.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,6 +29,8 @@ __all__ = [
 DEFAULT_AUDIT_RETENTION: Final = "30D"
 # What a module's queue receives: every session event and orphan clean-up requests.
 MODULE_ROUTING_KEYS: Final = ("session.#", "module.orphan-cleanup-requested")
+# Most command partitions (each is a quorum queue with one active consumer).
+MAX_PARTITIONS: Final = 256
 # Redeliveries before a quorum queue dead-letters a message that keeps failing.
 DELIVERY_LIMIT: Final = 10
 
@@ -51,15 +54,28 @@ class HEADERS:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """All broker names for one prefix."""
+    """All broker names for one prefix.
+
+    ``partitions`` splits the commands queue in N queues, ``<prefix>.commands.<i>``: a
+    command goes to the partition of its workflow session (commands without one to
+    partition 0), so one coordinator at a time owns each session's commands. Clients
+    and coordinators must agree on N. With one partition the queue is
+    ``<prefix>.commands``.
+    """
 
     prefix: str = DEFAULT_PREFIX
+    partitions: int = 1
 
     def __post_init__(self) -> None:
         if not re.fullmatch(PREFIX_PATTERN, self.prefix):
             raise ValidationError(
                 f"topology prefix must match {PREFIX_PATTERN}, got {self.prefix!r}",
                 field="prefix",
+            )
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValidationError(
+                f"partitions must be 1..{MAX_PARTITIONS}, got {self.partitions}",
+                field="partitions",
             )
 
     @property
@@ -96,6 +112,28 @@ class Topology:
     def audit_stream(self) -> str:
         """Stream queue bound to every event: replayable history for auditors."""
         return f"{self.prefix}.audit"
+
+    def partition_of(self, session_id: uuid.UUID | None) -> int:
+        """The partition of a workflow session's commands (0 without a session).
+
+        Client-side hashing on the UUID itself: every client computes the same answer
+        with no broker plugin, and a request still goes to one named queue, so direct
+        reply-to keeps working."""
+        if session_id is None or self.partitions == 1:
+            return 0
+        return session_id.int % self.partitions
+
+    def command_queue_for(self, session_id: uuid.UUID | None) -> str:
+        """Where a command about ``session_id`` goes."""
+        if self.partitions == 1:
+            return self.commands_queue()
+        return self.commands_queue(self.partition_of(session_id))
+
+    def command_queues(self) -> list[str]:
+        """Every commands queue (one per partition)."""
+        if self.partitions == 1:
+            return [self.commands_queue()]
+        return [self.commands_queue(p) for p in range(self.partitions)]
 
     def commands_queue(self, partition: int | None = None) -> str:
         """The commands queue, or one partition of it."""
@@ -177,7 +215,11 @@ class Topology:
                 arguments={"x-queue-type": "stream", "x-max-age": audit_retention},
                 bindings=[(self.events_exchange, "#")],
             ),
-            self.commands_queue_spec(),
+            *(
+                [self.commands_queue_spec()]
+                if self.partitions == 1
+                else [self.commands_queue_spec(p) for p in range(self.partitions)]
+            ),
         ]
 
     async def declare(

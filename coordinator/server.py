@@ -69,7 +69,14 @@ def _salvage_command_id(body: bytes) -> uuid.UUID:
 
 
 class CommandServer:
-    """Consumes the commands queue and answers every request."""
+    """Consumes every commands queue (partition) and answers every request.
+
+    Each partition queue has a single active consumer, so of several coordinators one
+    owns a partition at a time and the next takes over when its connection goes. With
+    ``replica=(i, n)`` this coordinator subscribes first to the partitions ``p % n == i``
+    and to the others ``standby_delay`` seconds later, so replicas started together
+    share the partitions; a late starter is a standby until an owner goes.
+    """
 
     def __init__(
         self,
@@ -79,30 +86,57 @@ class CommandServer:
         identity: IdentityMap,
         *,
         prefetch: int = 256,
-        partition: int | None = None,
+        replica: tuple[int, int] | None = None,
+        standby_delay: float = 2.0,
     ) -> None:
         self.coordinator = coordinator
         self.transport = transport
         self.topology = topology
         self.identity = identity
         self.prefetch = prefetch
-        self.queue = topology.commands_queue(partition)
-        self._handle: ConsumerHandle | None = None
+        self.replica = replica
+        self.standby_delay = standby_delay
+        self.queues = topology.command_queues()
+        self._handles: list[ConsumerHandle] = []
+        self._later: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.handled = 0
         self.rejected = 0
         self.metrics: CoordinatorMetrics | None = None
 
+    def _first(self) -> tuple[list[str], list[str]]:
+        if self.replica is None or len(self.queues) == 1:
+            return self.queues, []
+        index, count = self.replica
+        mine = [q for p, q in enumerate(self.queues) if p % count == index]
+        return mine, [q for q in self.queues if q not in mine]
+
     async def start(self) -> None:
-        self._handle = await self.transport.consume(
-            self.queue, self._on_delivery, prefetch=self.prefetch
+        mine, others = self._first()
+        for queue in mine:
+            await self._consume(queue)
+        if others:
+            self._later = asyncio.create_task(self._standby(others), name="commands-standby")
+
+    async def _consume(self, queue: str) -> None:
+        self._handles.append(
+            await self.transport.consume(queue, self._on_delivery, prefetch=self.prefetch)
         )
+
+    async def _standby(self, queues: list[str]) -> None:
+        await asyncio.sleep(self.standby_delay)
+        for queue in queues:
+            await self._consume(queue)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop consuming, then wait (bounded) for the commands being handled. What was
         prefetched but not started goes back to the queue when the channel closes."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
+        if self._later is not None:
+            self._later.cancel()
+            await asyncio.gather(self._later, return_exceptions=True)
+            self._later = None
+        handles, self._handles = self._handles, []
+        for handle in handles:
             await handle.cancel()
         current = asyncio.current_task()
         running = {t for t in self._inflight if t is not current}

@@ -116,6 +116,8 @@ class SessionCoordinator:
         checkpoint_every: int = 50_000,
         rebuild_page: int = 1000,
         progress: RebuildProgress | None = None,
+        follow_interval: float | None = 1.0,
+        follow_log: bool = True,
     ) -> None:
         self._store_arg = store
         self.clock: Clock = clock or SystemClock()
@@ -124,12 +126,18 @@ class SessionCoordinator:
         self.checkpoint_every = checkpoint_every
         self.rebuild_page = rebuild_page
         self.progress = progress
+        self.follow_interval = follow_interval
+        self.follow_log = follow_log
+        self._follower: asyncio.Task[None] | None = None
         self.store: EventStore | None = store if isinstance(store, EventStore) else None
         self._owns_store = not isinstance(store, EventStore)
         self.projections = Projections()
         self._writer: Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._commits: asyncio.Queue[tuple[list[EventEnvelope], list[tuple[WriteJob, Outcome]]]]
+        # (saved envelopes, resolved jobs, a log position to catch up to or None)
+        self._commits: asyncio.Queue[
+            tuple[list[EventEnvelope], list[tuple[WriteJob, Outcome]], int | None]
+        ]
         self._applier: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._commit_listeners: list[CommitListener] = []
@@ -179,9 +187,13 @@ class SessionCoordinator:
             max_batch=self.max_batch,
             applied=list(proj.commands.items()),
             deadlines=deadlines,
+            log_position=proj.position,
+            follow_log=self.follow_log,
         )
         await asyncio.to_thread(self._writer.start)
         self._applier = asyncio.create_task(self._apply_commits(), name="sessionbus-projections")
+        if self.follow_interval is not None:
+            self._follower = asyncio.create_task(self._follow(), name="sessionbus-follow")
         self._state = "running"
         log.info(
             "coordinator started: %d events, %d live sessions, position %d",
@@ -196,6 +208,9 @@ class SessionCoordinator:
         if self._state != "running":
             return
         self._state = "draining"
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
         if self._applier is not None:
@@ -275,7 +290,7 @@ class SessionCoordinator:
         """Called on the writer thread after each pass."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results))
+            self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results, None))
         except RuntimeError:
             # The loop is gone (its owner stopped without closing us): nobody waits.
             log.warning("commit of %d events not delivered: event loop closed", len(saved))
@@ -283,9 +298,11 @@ class SessionCoordinator:
     async def _apply_commits(self) -> None:
         """Apply each commit to the projections, then resolve its callers, in order."""
         while True:
-            saved, results = await self._commits.get()
+            saved, results, target = await self._commits.get()
             try:
                 await self._catch_up(saved)
+                if target is not None:
+                    await self._catch_up_to(target)
                 for listener in self._commit_listeners:
                     try:
                         listener(saved)
@@ -318,13 +335,31 @@ class SessionCoordinator:
             return
         # Someone else wrote in between (another coordinator), or ids have gaps:
         # follow the notification log itself up to what was just saved.
+        await self._catch_up_to(max(e.position or 0 for e in saved))
+
+    async def _catch_up_to(self, target: int) -> None:
         assert self.store is not None
-        target = max(e.position or 0 for e in saved)
+        proj = self.projections
         while proj.position < target:
             page = await asyncio.to_thread(self.store.read, proj.position, self.rebuild_page)
             if not page:
                 break
             proj.apply_all(page)
+
+    async def _follow(self) -> None:
+        """Follow the shared notification log: another coordinator on the same store
+        appends events this one did not write, and the projections must see them."""
+        assert self.store is not None
+        interval = self.follow_interval or 1.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                top = await asyncio.to_thread(self.store.max_position)
+            except Exception as exc:  # noqa: BLE001 - the store may be away; try later
+                log.warning("could not read the log position: %s", exc)
+                continue
+            if top > self.projections.position:
+                self._commits.put_nowait(([], [], top))
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         """Call ``listener(envelopes)`` on the event loop after every commit (the outbox
@@ -332,6 +367,10 @@ class SessionCoordinator:
         self._commit_listeners.append(listener)
 
     def _on_session_event(self, env: EventEnvelope, state: WorkflowSession) -> None:
+        if self._writer is not None and not state.destroyed:
+            deadline = next_deadline(state)
+            if deadline is not None:
+                self._writer.arm(env.session_id, deadline)
         event = env.event
         if isinstance(event, SessionCreated):
             for cb in self._created_callbacks:

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any, Final
 
 from contracts import (
+    REGISTRY_ID,
     Accepted,
     Command,
     CreateWorkflowSession,
@@ -66,6 +67,12 @@ _CONFLICT_RETRIES: Final = 3
 # After a failed commit, due timeouts are tried again this much later.
 _RETRY_DELAY: Final = timedelta(seconds=1)
 _S = SessionStatus
+
+
+@dataclass(frozen=True, slots=True)
+class _Arm:
+    session_id: uuid.UUID
+    deadline: datetime
 
 
 @dataclass(eq=False)
@@ -128,6 +135,8 @@ class Writer:
         applied: Iterable[tuple[uuid.UUID, Accepted]] = (),
         deadlines: Iterable[tuple[datetime, uuid.UUID]] = (),
         applied_memory: int = 100_000,
+        log_position: int = 0,
+        follow_log: bool = True,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -146,8 +155,16 @@ class Writer:
         for deadline, sid in deadlines:
             self._arm(sid, deadline)
         self._thread: threading.Thread | None = None
+        # The notification log as far as this writer has seen it. Another coordinator
+        # on the same store may append: before each pass the writer reads what it has
+        # not seen, to know those commands' ids and drop aggregates they made stale.
+        self._log_position = log_position
+        self.follow_log = follow_log
+        # Only the store's leader fires timeouts (see coordinator.leader).
+        self.fire_timeouts = True
         self.batches = 0
         self.commands = 0
+        self.foreign_events = 0
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -171,6 +188,11 @@ class Writer:
         """Wake the thread to fire due timeouts now (the clock may have moved)."""
         self._queue.put(None)
 
+    def arm(self, session_id: uuid.UUID, deadline: datetime) -> None:
+        """Arm a session's next timeout (thread-safe: the projections call this for
+        every session they see change, this coordinator's writes or another's)."""
+        self._queue.put(_Arm(session_id, deadline))
+
     # -- the loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -186,6 +208,8 @@ class Writer:
                     stopping = True
                 elif isinstance(item, WriteJob):
                     batch.append(item)
+                elif isinstance(item, _Arm):
+                    self._arm(item.session_id, item.deadline)
             try:
                 self._process(batch)
             except Exception:  # pragma: no cover - _process contains its own failures
@@ -206,6 +230,11 @@ class Writer:
         return min(1.0, max(0.0, delta))
 
     def _process(self, batch: list[WriteJob]) -> None:
+        if self.follow_log:
+            try:
+                self._follow()
+            except StoreUnavailable:
+                log.warning("could not read the notification log before a pass")
         outcomes: list[Outcome] = []
         saved: list[EventEnvelope] = []
         touched: dict[uuid.UUID, EnvelopeAggregate] = {}
@@ -249,6 +278,8 @@ class Writer:
                 )
                 outcomes = [error] * len(batch)
                 break
+        if saved and saved[0].position == self._log_position + 1:
+            self._log_position = saved[-1].position or self._log_position
         self._after_commit(batch, outcomes, touched)
         self.batches += 1
         self.commands += len(batch)
@@ -274,6 +305,53 @@ class Writer:
                     deadline = aggregate.next_deadline()
                     if deadline is not None:
                         self._arm(aggregate.id, deadline)
+
+    # -- other writers ----------------------------------------------------------------
+
+    def _follow(self) -> None:
+        """Read what others appended since we last looked: remember their command ids
+        (a retry that reaches us after a failover is answered, not applied again) and
+        forget cached aggregates they moved past."""
+        top = self.store.max_position()
+        if top <= self._log_position:
+            return
+        counts: dict[uuid.UUID, Accepted] = {}
+        while self._log_position < top:
+            page = self.store.read(self._log_position, 1000)
+            if not page:
+                break
+            for env in page:
+                self._observe(env, counts)
+            self._log_position = page[-1].position or top
+        for command_id, accepted in counts.items():
+            self._applied[command_id] = accepted
+            if len(self._applied) > self._applied_memory:
+                self._actions.pop(next(iter(self._applied)), None)
+                self._applied.popitem(last=False)
+
+    def _observe(self, env: EventEnvelope, counts: dict[uuid.UUID, Accepted]) -> None:
+        self.foreign_events += 1
+        command_id = env.causation_id
+        if command_id is not None and command_id not in self._applied:
+            seen = counts.get(command_id)
+            registry = env.session_id == REGISTRY_ID
+            if seen is not None and seen.session_id is not None and registry:
+                counts[command_id] = Accepted(
+                    session_id=seen.session_id, version=seen.version, events=seen.events + 1
+                )
+            else:
+                counts[command_id] = Accepted(
+                    session_id=None if registry else env.session_id,
+                    version=env.version,
+                    events=(seen.events if seen else 0) + 1,
+                )
+        if env.session_id == REGISTRY_ID:
+            if self._registry is not None and self._registry.version < env.version:
+                self._registry = None
+            return
+        cached = self._cache.get(env.session_id)
+        if cached is not None and cached.version < env.version:
+            del self._cache[env.session_id]
 
     # -- aggregates -------------------------------------------------------------------
 
@@ -331,6 +409,8 @@ class Writer:
         self, touched: dict[uuid.UUID, EnvelopeAggregate]
     ) -> list[tuple[datetime, uuid.UUID]]:
         """Run every timeout due now; returns the deadlines it took off the heap."""
+        if not self.fire_timeouts:
+            return []
         now = self.clock.now()
         ctx = CommandContext(COORDINATOR, now, correlation_id=None)
         fired: list[tuple[datetime, uuid.UUID]] = []

@@ -99,7 +99,6 @@ class CoordinatorClient:
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.codec = codec or Codec("json")
-        self.queue = self.topology.commands_queue()
 
     async def call(
         self,
@@ -146,7 +145,8 @@ class CoordinatorClient:
             persistent=False,
         )
         try:
-            delivery = await self.transport.request(self.queue, message, timeout=timeout)
+            queue = self.topology.command_queue_for(getattr(request.command, "session_id", None))
+            delivery = await self.transport.request(queue, message, timeout=timeout)
         except TimeoutError as exc:
             raise _Retryable(f"no reply within {timeout} s") from exc
         except TransportError as exc:

@@ -9,7 +9,15 @@ from collections.abc import Sequence
 
 import pytest
 
-from contracts import Accepted, ErrorCode, EventEnvelope, SessionStatus, WorkflowConfig
+from contracts import (
+    Accepted,
+    CommandRequest,
+    ErrorCode,
+    EventEnvelope,
+    LinkModuleSession,
+    SessionStatus,
+    WorkflowConfig,
+)
 from coordinator.clock import ManualClock
 from coordinator.domain import EnvelopeAggregate
 from coordinator.errors import StoreUnavailable
@@ -106,8 +114,9 @@ async def test_a_second_writer_on_the_same_store_is_detected_and_commands_reappl
 ) -> None:
     """Two coordinators on one store: when one has appended to a session the other
     holds in its cache, the other's next save conflicts; it reloads and re-applies the
-    command on fresh state, so nothing is lost or duplicated and the chain holds."""
-    async with SessionCoordinator(store_url, clock=clock) as first:
+    command on fresh state, so nothing is lost or duplicated and the chain holds.
+    (Log following is off here, so the conflict path itself is what is exercised.)"""
+    async with SessionCoordinator(store_url, clock=clock, follow_log=False) as first:
         await first.register_module("task-loop", required=False)
         sid = (await first.create_workflow_session()).session_id  # cached in first
         async with SessionCoordinator(store_url, clock=clock) as second:
@@ -139,7 +148,7 @@ async def test_a_timeout_computed_on_stale_state_is_recomputed_after_a_conflict(
     """A timeout that fires on a cached session another writer has since advanced
     conflicts on save; after reloading, the timeout is judged again on the fresh state
     (the other writer's activity postponed it) and still fires when really due."""
-    async with SessionCoordinator(store_url, clock=clock) as first:
+    async with SessionCoordinator(store_url, clock=clock, follow_log=False) as first:
         sid = (
             await first.create_workflow_session(config=WorkflowConfig(timeout_ms=1_000))
         ).session_id
@@ -160,3 +169,37 @@ async def test_a_timeout_computed_on_stale_state_is_recomputed_after_a_conflict(
         assert session.failure is not None
         assert session.failure.code is ErrorCode.INACTIVITY_TIMEOUT
         assert (await first.verify_history(sid)).ok
+
+
+async def test_a_writer_following_the_log_sees_another_writer_before_it_writes(
+    store_url: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With log following (the default), a writer reads what another coordinator
+    appended before its next pass: its stale cached session is dropped, the command is
+    applied on fresh state without a conflict, and the other's command ids are known."""
+    async with SessionCoordinator(store_url, clock=clock) as first:
+        await first.register_module("task-loop", required=False)
+        sid = (await first.create_workflow_session()).session_id
+        request = CommandRequest(
+            command_id=uuid.uuid4(),
+            issued_at=clock.now(),
+            command=LinkModuleSession(
+                session_id=sid, module_id="task-loop", module_session_id=uuid.uuid4()
+            ),
+        )
+        async with SessionCoordinator(store_url, clock=clock) as second:
+            linked = await second.execute(request)
+        accepted = await first.update_session_status(sid, S.PAUSED)
+        assert _conflicts(caplog) == 0
+        assert accepted == Accepted(session_id=sid, version=4, events=1)
+        assert first._writer is not None
+        assert first._writer.foreign_events >= 1
+        # The other coordinator's command, retried here, is answered, not re-applied.
+        again = await first.execute(request)
+        assert again == linked
+        assert await event_types(first, sid) == [
+            "session.created",
+            "session.status-changed",
+            "session.linked",
+            "session.status-changed",
+        ]
