@@ -5,7 +5,8 @@ wire definitions. The hash is SHA-256 over a canonical encoding: JSON with keys 
 of every envelope field except ``position`` (assigned by the store after the hash is
 sealed) and ``hash`` itself. Fields at their default value are left out (every Struct
 is ``omit_defaults``, and empty objects are pruned), so adding a defaulted field to a
-schema does not change the hash of events written before it. Timestamps are hashed as written: writers use UTC.
+schema does not change the hash of events written before it. Timestamps are hashed as
+written: writers use UTC.
 """
 
 from __future__ import annotations
