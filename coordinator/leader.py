@@ -55,10 +55,10 @@ class Leadership:
 
     async def close(self) -> None:
         """Stop trying, give leadership up (closing the lock's session). Idempotent."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await self._drop_connection()
         if self.is_leader:
             await self._become(False)
@@ -69,7 +69,10 @@ class Leadership:
         self.is_leader = leader
         if leader:
             self.terms += 1
-        log.warning("%s leadership of %s", "took" if leader else "lost", self.key)
+        if leader:
+            log.info("took leadership of %s", self.key)
+        elif self._task is not None:
+            log.warning("lost leadership of %s", self.key)
         await self.on_change(leader)
 
     async def _drop_connection(self) -> None:

@@ -12,6 +12,7 @@ from contracts.topology import DEFAULT_AUDIT_RETENTION
 from contracts.transport import Transport
 from coordinator.clock import Clock
 from coordinator.identity import IdentityMap
+from coordinator.leader import Leadership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.relay import OutboxRelay
 from coordinator.server import CommandServer, HealthMonitor, HeartbeatListener
@@ -44,6 +45,8 @@ class CoordinatorRuntime:
         prefetch: int = 256,
         own_transport: bool = True,
         metrics_port: int | None = None,
+        replica: tuple[int, int] | None = None,
+        leadership_interval: float = 1.0,
         **coordinator_options: Any,
     ) -> None:
         self.transport = transport
@@ -54,8 +57,15 @@ class CoordinatorRuntime:
         self.coordinator = SessionCoordinator(store, clock=clock, **coordinator_options)
         self.relay: OutboxRelay | None = None
         self.server = CommandServer(
-            self.coordinator, transport, self.topology, self.identity, prefetch=prefetch
+            self.coordinator,
+            transport,
+            self.topology,
+            self.identity,
+            prefetch=prefetch,
+            replica=replica,
         )
+        self.leadership_interval = leadership_interval
+        self.leadership: Leadership | None = None
         self.heartbeats = HeartbeatListener(
             self.coordinator, transport, self.topology, self.identity
         )
@@ -86,10 +96,20 @@ class CoordinatorRuntime:
             await self.transport.connect()
         await self.topology.declare(self.transport, audit_retention=self.audit_retention)
         await self.coordinator.start()
-        assert self.coordinator.store is not None
-        self.relay = OutboxRelay(self.coordinator.store, self.transport, self.topology)
-        self.coordinator.add_commit_listener(self.relay.wake)
-        await self.relay.start()
+        store = self.coordinator.store
+        assert store is not None
+        # Until this coordinator holds the store's leadership it neither publishes nor
+        # fires timeouts nor reports health loss: another replica does.
+        self.coordinator.set_fires_timeouts(False)
+        self.health.active = False
+        self.coordinator.add_commit_listener(self._wake_relay)
+        self.leadership = Leadership(
+            store.settings,
+            f"leader:{self.topology.prefix}",
+            self._on_leadership,
+            interval=self.leadership_interval,
+        )
+        await self.leadership.start()
         await self.server.start()
         await self.heartbeats.start()
         await self.health.start()
@@ -112,15 +132,44 @@ class CoordinatorRuntime:
         await self.heartbeats.stop()
         await self.coordinator.drain()
         if self.relay is not None:
+            # Publish what is committed before giving leadership up.
             await self.relay.close()
             self.coordinator.published_position = self.relay.position
+        if self.leadership is not None:
+            await self.leadership.close()
         await self.coordinator.close()
         if self.own_transport:
             await self.transport.close()
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leadership is not None and self.leadership.is_leader
+
+    def _wake_relay(self, saved: object) -> None:
+        if self.relay is not None:
+            self.relay.wake()
+
+    async def _on_leadership(self, leader: bool) -> None:
+        store = self.coordinator.store
+        assert store is not None
+        if leader:
+            self.relay = OutboxRelay(store, self.transport, self.topology)
+            await self.relay.start()
+            self.coordinator.set_fires_timeouts(True)
+            self.health.active = True
+        else:
+            self.health.active = False
+            self.coordinator.set_fires_timeouts(False)
+            if self._closed:
+                return  # close() already drained the relay; keep it for inspection
+            relay, self.relay = self.relay, None
+            if relay is not None:
+                await relay.close()
+
     async def wait_published(self, timeout: float = 10.0) -> None:
-        """Wait until every committed event has been published."""
-        assert self.relay is not None
+        """Wait until every committed event has been published (by this coordinator,
+        which must be the store's leader)."""
+        assert self.relay is not None, "only the store's leader publishes"
         await self.relay.wait_idle(timeout)
         self.coordinator.published_position = self.relay.position
 

@@ -312,6 +312,8 @@ class HealthMonitor:
     def __init__(self, coordinator: SessionCoordinator, *, interval: float = 1.0) -> None:
         self.coordinator = coordinator
         self.interval = interval
+        # Only the store's leader reports, or every replica would report each loss.
+        self.active = True
         self._healthy: dict[str, bool] = {}
         self._task: asyncio.Task[None] | None = None
         self.reported = 0
@@ -328,6 +330,8 @@ class HealthMonitor:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if not self.active:
+                continue
             try:
                 await self.check()
             except Exception:

@@ -361,6 +361,16 @@ class SessionCoordinator:
             if top > self.projections.position:
                 self._commits.put_nowait(([], [], top))
 
+    @property
+    def fires_timeouts(self) -> bool:
+        """Whether this coordinator fires timeouts (the store's leader does)."""
+        return self._writer is not None and self._writer.fire_timeouts
+
+    def set_fires_timeouts(self, value: bool) -> None:
+        if self._writer is not None:
+            self._writer.fire_timeouts = value
+            self._writer.kick()
+
     def add_commit_listener(self, listener: CommitListener) -> None:
         """Call ``listener(envelopes)`` on the event loop after every commit (the outbox
         relay's wake-up)."""

@@ -397,6 +397,10 @@ class _PostgresCheckpoints:
 
 
 class _App(Application[uuid.UUID]):
+    """Only ``EventStore`` saves through this application, with ``events.put``: keep
+    ``save``'s other steps (the aggregate cache, automatic snapshotting intervals,
+    ``notify``) unused here, or bring them back into ``EventStore.save``."""
+
     name = "sessionbus"
     is_snapshotting_enabled = True
 
@@ -513,8 +517,12 @@ class EventStore:
         """Append every pending event of ``aggregates`` in one transaction. Returns the
         envelopes with the positions the store gave them. A version conflict raises
         ``VersionConflict``; the aggregates' pending events are then discarded."""
+        # What ``Application.save`` does for this application (no aggregate cache, no
+        # library snapshotting, no notify hooks), minus its two runtime-checkable
+        # Protocol ``isinstance`` checks per aggregate: ~10% of a group commit.
+        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
         try:
-            recordings = self._app.save(*aggregates)
+            recordings = self._app.events.put(events)
         except IntegrityError as exc:
             raise VersionConflict(str(exc)) from exc
         except PersistenceError as exc:
