@@ -50,6 +50,19 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 EXIT_NO, EXIT_USAGE, EXIT_BROKER, EXIT_COORDINATOR = 1, 2, 3, 4
 
 
+def _replica(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    index, sep, count = value.partition("/")
+    try:
+        parsed = (int(index), int(count))
+    except ValueError:
+        parsed = (-1, 0)
+    if not sep or not 0 <= parsed[0] < parsed[1]:
+        raise click.BadParameter(f"{value!r}: expected I/N with 0 <= I < N", param_hint="--replica")
+    return parsed
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"sessionctl: {message}", err=True)
     sys.exit(code)
@@ -96,6 +109,20 @@ def schema(kind: str, prefix: str) -> None:
     "--audit-retention", envvar="SESSIONBUS_AUDIT_RETENTION", default="30D", show_default=True
 )
 @click.option(
+    "--partitions",
+    envvar="SESSIONBUS_PARTITIONS",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Command partitions (the same on every coordinator and client).",
+)
+@click.option(
+    "--replica",
+    envvar="SESSIONBUS_REPLICA",
+    default=None,
+    help="I/N: this is replica I of N (it takes partitions p % N == I first).",
+)
+@click.option(
     "--metrics-port",
     envvar="SESSIONBUS_METRICS_PORT",
     type=click.IntRange(0, 65535),
@@ -108,11 +135,14 @@ def coordinator(
     prefix: str,
     identity: str | None,
     audit_retention: str,
+    partitions: int,
+    replica: str | None,
     metrics_port: int | None,
 ) -> None:
     """Run the coordinator service until SIGTERM or SIGINT."""
     try:
-        topology = contracts.Topology(prefix)
+        topology = contracts.Topology(prefix, partitions)
+        replica_of = _replica(replica)
         transport = AmqpTransport(
             amqp_url,
             connection_name=os.environ.get("SESSIONBUS_CONNECTION_NAME", "sessionbus-coordinator"),
@@ -122,7 +152,9 @@ def coordinator(
         _fail(str(exc), 2)
         return
     try:
-        asyncio.run(_serve(transport, store, topology, idmap, audit_retention, metrics_port))
+        asyncio.run(
+            _serve(transport, store, topology, idmap, audit_retention, metrics_port, replica_of)
+        )
     except TransportError as exc:
         _fail(f"broker at {redact_url(amqp_url)}: {exc}", 3)
     except CoordinatorError as exc:
@@ -136,6 +168,7 @@ async def _serve(
     identity: IdentityMap,
     audit_retention: str,
     metrics_port: int | None,
+    replica: tuple[int, int] | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -148,6 +181,7 @@ async def _serve(
         identity=identity,
         audit_retention=audit_retention,
         metrics_port=metrics_port,
+        replica=replica,
     )
     async with runtime:
         click.echo(
@@ -227,7 +261,7 @@ def _bus_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _topology(prefix: str) -> contracts.Topology:
     try:
-        return contracts.Topology(prefix)
+        return contracts.Topology.from_env(prefix)
     except contracts.ValidationError as exc:
         raise click.BadParameter(str(exc), param_hint="--prefix") from exc
 

@@ -168,9 +168,8 @@ class SessionManager:
         name = os.environ.get("SESSIONBUS_CONNECTION_NAME", f"sessionbus-module-{module_id}")
         transport = AmqpTransport(url, connection_name=name)
         topology: Topology | None = options.pop("topology", None)
-        prefix = prefix or (None if topology else os.environ.get("SESSIONBUS_PREFIX"))
-        if prefix:
-            topology = Topology(prefix)
+        if prefix or topology is None:
+            topology = Topology.from_env(prefix)
         return cls(transport, topology=topology, own_transport=True, **options)
 
     # -- hooks a module overrides -----------------------------------------------------

@@ -31,7 +31,8 @@ async def _run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with cls(transport, topology=Topology(prefix), own_transport=True) as module:
+    topology = Topology.from_env(prefix)
+    async with cls(transport, topology=topology, own_transport=True) as module:
         http = await _serve_http(module, http_host, http_port) if http_port is not None else None
         print(f"{name}: ready on prefix {prefix!r}", file=sys.stderr, flush=True)
         await module.run_until(stop)
