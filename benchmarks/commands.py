@@ -5,7 +5,9 @@ Each wave sends one command to each of ``in_flight`` sessions at once
 session through its life: create, three required links (ACTIVE), four activity
 records, pause, resume, destroy (CLEANUP), three unlinks (destroyed) — 15 commands and
 16 events per session. Events are counted from the store (``max_position`` before and
-after); latency is each awaited call, in process (no broker).
+after); latency is each awaited call, in process (no broker). CPU time (all threads of the
+process, per event) is reported beside wall-clock rates: it is far less disturbed by
+other work on a shared machine.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from contracts import SessionStatus
 from coordinator.service import SessionCoordinator
 
 _S = SessionStatus
-Step = Callable[[SessionCoordinator, list[uuid.UUID], int], Awaitable[Any]]
+Step = Callable[[uuid.UUID], Awaitable[Any]]
 
 
 def _levels(ctx: Context) -> tuple[int, ...]:
@@ -38,6 +40,34 @@ def _run_seconds(ctx: Context, in_flight: int) -> float:
     return 2.0 if ctx.quick else 5.0
 
 
+def _life(c: SessionCoordinator) -> list[Step]:
+    """The commands after create, in order: one wave each."""
+
+    def link(module_id: str) -> Step:
+        return lambda sid: c.link_module_session(sid, module_id, uuid.uuid4())
+
+    def activity(module_id: str) -> Step:
+        return lambda sid: c.record_activity(sid, module_id)
+
+    def status(new: SessionStatus) -> Step:
+        return lambda sid: c.update_session_status(sid, new)
+
+    def unlink(module_id: str) -> Step:
+        return lambda sid: c.unlink_module_session(sid, module_id, "session ended")
+
+    def destroy(sid: uuid.UUID) -> Awaitable[Any]:
+        return c.destroy_workflow_session(sid, "done")
+
+    return [
+        *map(link, REQUIRED),
+        *(activity(REQUIRED[k % len(REQUIRED)]) for k in range(4)),
+        status(_S.PAUSED),
+        status(_S.ACTIVE),
+        destroy,
+        *map(unlink, REQUIRED),
+    ]
+
+
 async def _cycle(coordinator: SessionCoordinator, in_flight: int, latencies: list[float]) -> int:
     """One life of ``in_flight`` sessions in waves; returns how many commands."""
 
@@ -47,30 +77,14 @@ async def _cycle(coordinator: SessionCoordinator, in_flight: int, latencies: lis
         latencies.append(time.perf_counter() - started)
         return result
 
-    async def wave(make: Callable[[int], Awaitable[Any]]) -> list[Any]:
-        return await asyncio.gather(*(timed(make(i)) for i in range(in_flight)))
-
-    sessions = await wave(lambda _i: coordinator.create_workflow_session(["plan", "act"]))
+    sessions = await asyncio.gather(
+        *(timed(coordinator.create_workflow_session(["plan", "act"])) for _ in range(in_flight))
+    )
     ids = [s.session_id for s in sessions]
-    commands = in_flight
-    for module_id in REQUIRED:
-        await wave(lambda i, m=module_id: coordinator.link_module_session(ids[i], m, uuid.uuid4()))
-        commands += in_flight
-    for k in range(4):
-        module_id = REQUIRED[k % len(REQUIRED)]
-        await wave(lambda i, m=module_id: coordinator.record_activity(ids[i], m))
-        commands += in_flight
-    for status in (_S.PAUSED, _S.ACTIVE):
-        await wave(lambda i, s=status: coordinator.update_session_status(ids[i], s))
-        commands += in_flight
-    await wave(lambda i: coordinator.destroy_workflow_session(ids[i], "done"))
-    commands += in_flight
-    for module_id in REQUIRED:
-        await wave(
-            lambda i, m=module_id: coordinator.unlink_module_session(ids[i], m, "session ended")
-        )
-        commands += in_flight
-    return commands
+    steps = _life(coordinator)
+    for step in steps:
+        await asyncio.gather(*(timed(step(sid)) for sid in ids))
+    return in_flight * (1 + len(steps))
 
 
 async def _level(coordinator: SessionCoordinator, in_flight: int, seconds: float) -> dict[str, Any]:
@@ -81,12 +95,14 @@ async def _level(coordinator: SessionCoordinator, in_flight: int, seconds: float
     commands = 0
     batches_before = writer.batches
     position_before = await asyncio.to_thread(coordinator.store.max_position)
+    cpu_started = time.process_time()
     started = time.perf_counter()
     for _ in range(10_000):  # bounded by count and by time
         commands += await _cycle(coordinator, in_flight, latencies)
         if time.perf_counter() - started >= seconds:
             break
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     position_after = await asyncio.to_thread(coordinator.store.max_position)
     latencies.sort()
     events = position_after - position_before
@@ -94,6 +110,7 @@ async def _level(coordinator: SessionCoordinator, in_flight: int, seconds: float
         "events": events,
         "commands": commands,
         "seconds": elapsed,
+        "cpu_seconds": cpu,
         "batches": writer.batches - batches_before,
         "p50": percentile(latencies, 0.50),
         "p99": percentile(latencies, 0.99),
@@ -113,6 +130,9 @@ async def _trial(coordinator: SessionCoordinator, ctx: Context) -> dict[str, Fig
         figures[f"{prefix}.commands_per_s"] = Figure(got["commands"] / got["seconds"], "cmd/s")
         figures[f"{prefix}.p50_ms"] = Figure(got["p50"] * 1000, "ms", "lower")
         figures[f"{prefix}.p99_ms"] = Figure(got["p99"] * 1000, "ms", "lower")
+        figures[f"{prefix}.cpu_us_per_event"] = Figure(
+            got["cpu_seconds"] / max(1, got["events"]) * 1e6, "µs", "lower"
+        )
         figures[f"{prefix}.commands_per_commit"] = Figure(
             got["commands"] / max(1, got["batches"]), "cmd", None
         )

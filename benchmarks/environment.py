@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
+
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -30,12 +32,10 @@ def _package_version(name: str) -> str | None:
 
 def postgres_server_version(url: str) -> str | None:
     try:
-        import psycopg
-
         with psycopg.connect(url, connect_timeout=5) as conn:
             row = conn.execute("SHOW server_version").fetchone()
             return str(row[0]) if row else None
-    except Exception:  # any failure means "not measured"
+    except (psycopg.Error, OSError):  # not reachable: not measured
         return None
 
 
@@ -108,11 +108,9 @@ def rss_bytes() -> tuple[int, int]:
 def postgres_reachable(url: str) -> str | None:
     """``None`` when PostgreSQL answers, else why not."""
     try:
-        import psycopg
-
         with psycopg.connect(url, connect_timeout=5) as conn:
             conn.execute("SELECT 1")
-    except Exception as exc:
+    except (psycopg.Error, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -120,8 +118,6 @@ def postgres_reachable(url: str) -> str | None:
 @contextlib.contextmanager
 def postgres_schema(base_url: str, prefix: str = "bench") -> Iterator[str]:
     """A fresh schema, dropped afterwards; yields the store URL pointing at it."""
-    import psycopg
-
     schema = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(base_url, autocommit=True, connect_timeout=10) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')

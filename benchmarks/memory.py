@@ -17,14 +17,20 @@ import asyncio
 import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import coordinator
 from benchmarks.environment import rss_bytes
 from benchmarks.registry import Context, Figure, Trial, measurement, target
+from benchmarks.workload import generate
+from coordinator.service import SessionCoordinator
+from coordinator.store import EventStore
 
 MB = 1024 * 1024
 
@@ -32,8 +38,6 @@ MB = 1024 * 1024
 def _child_environment() -> tuple[Path, dict[str, str]]:
     """Where the child runs, and its environment: it imports the same sessionbus and
     benchmarks code as this process."""
-    import coordinator
-
     code_root = Path(coordinator.__file__).parent.parent
     bench_root = Path(__file__).absolute().parent.parent
     env = dict(os.environ)
@@ -55,9 +59,6 @@ def _sessions(ctx: Context) -> int:
 )
 @contextlib.contextmanager
 def memory_sessions(ctx: Context) -> Iterator[Trial]:
-    from benchmarks.workload import generate
-    from coordinator.store import EventStore
-
     count = _sessions(ctx)
     path = ctx.tmpdir("memory-") / "active.sqlite"
     url = f"sqlite:///{path}"
@@ -74,9 +75,16 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
 
     cwd, env = _child_environment()
 
-    def trial() -> dict[str, Figure]:
+    def child(touch: bool) -> dict[str, Any]:
         done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.memory", url, str(made.live_sessions)],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.memory",
+                url,
+                str(made.live_sessions),
+                "touch" if touch else "start",
+            ],
             capture_output=True,
             text=True,
             timeout=900,
@@ -87,6 +95,16 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
         if done.returncode != 0:
             raise RuntimeError(f"memory child failed ({done.returncode}): {done.stderr[-2000:]}")
         got: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return got
+
+    def trial() -> dict[str, Figure]:
+        # From scratch: no projection checkpoint (a previous trial's close wrote one).
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("DELETE FROM sessionbus_checkpoints")
+        got = child(touch=True)
+        # Restart: the first child's close checkpointed the projections; this one
+        # restores them from that snapshot instead of replaying.
+        restored = child(touch=False)
         sessions = got["active_sessions"]
         grown = got["rss_after_start"] - got["rss_before"]
         return {
@@ -95,9 +113,16 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
             "rss_after_commands_mb": Figure(got["rss_after_commands"] / MB, "MB", "lower"),
             "rss_peak_mb": Figure(got["rss_peak"] / MB, "MB", "lower"),
             "bytes_per_session": Figure(grown / sessions, "B", "lower"),
+            "rss_after_checkpoint_start_mb": Figure(
+                restored["rss_after_start"] / MB, "MB", "lower"
+            ),
+            "checkpoint_bytes_per_session": Figure(
+                (restored["rss_after_start"] - restored["rss_before"]) / sessions, "B", "lower"
+            ),
             "active_sessions": Figure(sessions, "sessions", None),
             "cached_aggregates": Figure(got["cached_aggregates"], "aggregates", None),
             "start_seconds": Figure(got["start_seconds"], "s", "lower"),
+            "checkpoint_start_seconds": Figure(restored["start_seconds"], "s", "lower"),
         }
 
     yield trial
@@ -114,11 +139,7 @@ target(
 )
 
 
-async def _child(url: str, expected: int) -> dict[str, Any]:
-    import time
-
-    from coordinator.service import SessionCoordinator
-
+async def _child(url: str, expected: int, touch: bool) -> dict[str, Any]:
     before, _ = rss_bytes()
     coordinator = SessionCoordinator(url)
     started = time.perf_counter()
@@ -131,9 +152,9 @@ async def _child(url: str, expected: int) -> dict[str, Any]:
             raise RuntimeError(f"expected {expected} active sessions, found {len(active)}")
         writer = coordinator._writer
         assert writer is not None
-        touch = active[: writer.cache_size]
-        for offset in range(0, len(touch), 256):
-            wave = touch[offset : offset + 256]
+        touched = active[: writer.cache_size] if touch else []
+        for offset in range(0, len(touched), 256):
+            wave = touched[offset : offset + 256]
             await asyncio.gather(*(coordinator.record_activity(sid) for sid in wave))
         after_commands, peak = rss_bytes()
         cached = len(writer._cache)
@@ -151,8 +172,7 @@ async def _child(url: str, expected: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    # Import what a coordinator imports before the first reading, so "before" is the
-    # interpreter plus code, and the difference is data.
-    import coordinator.service  # noqa: F401
-
-    print(json.dumps(asyncio.run(_child(sys.argv[1], int(sys.argv[2])))))
+    # Everything a coordinator imports is imported above, before the first reading:
+    # "before" is the interpreter plus code, and the difference is data.
+    report = asyncio.run(_child(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "touch"))
+    print(json.dumps(report))

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Counter(Aggregate):
         self.count += by
 
 
-class _Baseline(Application[object]):
+class _Baseline(Application[uuid.UUID]):
     name = "baseline"
 
 

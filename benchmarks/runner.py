@@ -5,6 +5,7 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 from benchmarks import environment
 from benchmarks.registry import (
@@ -131,7 +135,7 @@ def run_one(
                         f"(time budget {budget:.0f}s)"
                     )
                     break
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
         outcome.error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc(file=sys.stderr)
     finally:
@@ -188,7 +192,7 @@ def evaluate(outcomes: dict[str, Outcome]) -> tuple[list[dict[str, Any]], dict[s
 
 
 def _fmt(value: float) -> str:
-    if value != value:  # NaN
+    if math.isnan(value):
         return "nan"
     magnitude = abs(value)
     if magnitude >= 1000:
@@ -230,12 +234,6 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
     ratio_rows = [(k, f"{v['value']:.3f}", v["meaning"]) for k, v in record["ratios"].items()]
     title = f"sessionbus benchmarks ({record['mode']}, {record['started_at']})"
     if not plain:
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:
-            plain = True
-    if not plain:
         console = Console(width=max(120, Console().width))
         table = Table(title=title)
         for col, justify in (
@@ -255,15 +253,15 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
             tt = Table(title="issue targets")
             for col in ("target", "wanted", "measured (median)", "verdict"):
                 tt.add_column(col)
-            for row in target_rows:
-                tt.add_row(*row)
+            for t in target_rows:
+                tt.add_row(*t)
             console.print(tt)
         if ratio_rows:
             rt = Table(title="ratios (of medians)")
             for col in ("ratio", "value", "meaning"):
                 rt.add_column(col)
-            for row in ratio_rows:
-                rt.add_row(*row)
+            for r in ratio_rows:
+                rt.add_row(*r)
             console.print(rt)
     else:
         print(title)
@@ -275,17 +273,17 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
             for i in range(7)
         ]
         header = ("measurement", "figure", "median", "min", "max", "unit", "n")
-        for row in (header, *rows):
+        for line in (header, *rows):
             print(
                 "  ".join(
                     c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                    for i, (c, w) in enumerate(zip(line, widths, strict=True))
                 )
             )
-        for row in target_rows:
-            print(f"target  {row[0]}: wanted {row[1]}, measured {row[2]}: {row[3]}")
-        for row in ratio_rows:
-            print(f"ratio   {row[0]} = {row[1]}  ({row[2]})")
+        for t in target_rows:
+            print(f"target  {t[0]}: wanted {t[1]}, measured {t[2]}: {t[3]}")
+        for r in ratio_rows:
+            print(f"ratio   {r[0]} = {r[1]}  ({r[2]})")
     for name, m in record["measurements"].items():
         for note in m["notes"]:
             print(f"note: {note}")

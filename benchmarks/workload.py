@@ -118,8 +118,8 @@ def _session(
         )
         yield session
     for _ in range(rng.randint(*activity)):
-        module_id = rng.choice((*modules, None))
-        session.record_activity(ctx(module_id), module_id)
+        active: str | None = rng.choice((*modules, None))
+        session.record_activity(ctx(active), active)
         yield session
     if rng.random() < 0.25:
         session.set_status(ctx(), _S.PAUSED, "operator paused")

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -51,9 +52,13 @@ EXIT_NO, EXIT_USAGE, EXIT_BROKER, EXIT_COORDINATOR = 1, 2, 3, 4
 
 
 def _replica(value: str | None) -> tuple[int, int] | None:
+    """``I/N``, or ``hostname/N``: the ordinal a StatefulSet puts at the end of the pod
+    name (``sessionbus-coordinator-2`` is replica 2)."""
     if not value:
         return None
     index, sep, count = value.partition("/")
+    if index == "hostname":
+        index = socket.gethostname().rsplit("-", 1)[-1]
     try:
         parsed = (int(index), int(count))
     except ValueError:
@@ -120,7 +125,8 @@ def schema(kind: str, prefix: str) -> None:
     "--replica",
     envvar="SESSIONBUS_REPLICA",
     default=None,
-    help="I/N: this is replica I of N (it takes partitions p % N == I first).",
+    help="I/N (or hostname/N in a StatefulSet): this is replica I of N; it takes the "
+    "partitions p % N == I first.",
 )
 @click.option(
     "--metrics-port",
