@@ -74,6 +74,7 @@ class OutboxRelay:
         codec: Codec | None = None,
         page: int = 500,
         name: str | None = None,
+        save_interval: float = 0.25,
     ) -> None:
         self.store = store
         self.transport = transport
@@ -82,6 +83,13 @@ class OutboxRelay:
         self.page = page
         self.checkpoint = name or f"relay:{topology.prefix}"
         self.position = 0
+        # The tracked position is saved at most every ``save_interval`` seconds (and on
+        # close): a crash re-publishes at most that much, which consumers absorb, and
+        # the store is spared a write per page.
+        self.save_interval = save_interval
+        self._saved_position = 0
+        self._saved_at = 0.0
+        self._saving = asyncio.Lock()
         self.published = 0
         self.batches = 0
         self._wake = asyncio.Event()
@@ -92,6 +100,7 @@ class OutboxRelay:
     async def start(self) -> None:
         saved = await asyncio.to_thread(self.store.checkpoints.get, self.checkpoint)
         self.position = saved[0] if saved else 0
+        self._saved_position = self.position
         self._task = asyncio.create_task(self._run(), name="sessionbus-relay")
         self.wake()
 
@@ -125,6 +134,7 @@ class OutboxRelay:
                 await asyncio.wait_for(self._caught_up.wait(), remaining)
             except TimeoutError:
                 continue
+        await self._save(force=True)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -147,8 +157,22 @@ class OutboxRelay:
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 self._wake.set()
                 continue
+            await self._save(force=self._stopping)
             if self._stopping:
                 return
+
+    async def _save(self, *, force: bool) -> None:
+        """Persist the tracked position if it moved (throttled unless ``force``)."""
+        async with self._saving:  # one write at a time, so the saved value only grows
+            if self.position == self._saved_position:
+                return
+            now = time.monotonic()
+            if not force and now - self._saved_at < self.save_interval:
+                return
+            position = self.position
+            await asyncio.to_thread(self.store.checkpoints.put, self.checkpoint, position)
+            self._saved_position = position
+            self._saved_at = now
 
     async def _drain(self) -> None:
         while True:
@@ -165,8 +189,8 @@ class OutboxRelay:
                 items.append((self.topology.routing_key(env.type), event_message(env, self.codec)))
             await self.transport.publish_many(self.topology.events_exchange, items)
             last = notifications[-1].id
-            await asyncio.to_thread(self.store.checkpoints.put, self.checkpoint, last)
             self.position = last
+            await self._save(force=False)
             self.published += len(items)
             self.batches += 1
             if len(notifications) < self.page:
