@@ -323,3 +323,34 @@ async def test_coordinator_command_serves_and_stops_on_sigterm(
     )
     assert down.code == 3
     assert "broker at" in _one_clean_line(down)
+
+
+async def test_module_command_runs_a_reference_module_until_sigterm(system: System) -> None:
+    """`sessionctl module step-processor` registers, takes part in new sessions, and
+    exits 0 on SIGTERM saying what it cleaned up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
+    env.update(SESSIONBUS_PREFIX=system.prefix, SESSIONBUS_AMQP_URL=system.url)
+    process = await asyncio.create_subprocess_exec(
+        SESSIONCTL, "module", "step-processor", stderr=asyncio.subprocess.PIPE, env=env
+    )
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 30)
+        assert b"ready" in line, line
+        projections = system.runtime.coordinator.projections
+        assert "step-processor" in projections.modules
+        session = await system.client.create_workflow_session(["x"])
+        await wait_for(
+            lambda: "step-processor" in projections.get(session.session_id).modules,  # type: ignore[union-attr]
+            timeout=15,
+            what="step-processor's link",
+        )
+        await system.client.destroy_workflow_session(session.session_id)
+        await wait_for(
+            lambda: session.session_id in projections.destroyed, timeout=15, what="destroy"
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(process.stderr.read(), 30)
+    assert await process.wait() == 0
+    assert b"created 1 sessions, cleaned up 1" in rest
