@@ -107,6 +107,13 @@ def _mapped(what: str) -> Iterator[None]:
         raise AccessRefused(f"{what}: {exc}") from exc
     except aiormq.exceptions.DeliveryError as exc:
         raise TransportError(f"{what}: the broker did not accept the message ({exc})") from exc
+    except (
+        aiormq.exceptions.ChannelNotFoundEntity,
+        aiormq.exceptions.ChannelLockedResource,
+    ) as exc:
+        # The broker closed the channel over this one operation (a missing queue or
+        # exchange, an exclusive or single-active-consumer queue); the connection is fine.
+        raise TransportError(f"{what}: refused by the broker ({exc})") from exc
     except _LOST as exc:
         raise TransportError(f"{what}: connection lost ({type(exc).__name__}: {exc})") from exc
     except aiormq.exceptions.AMQPError as exc:
