@@ -4,6 +4,8 @@ path of the JSON record."""
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from pathlib import Path
 
 from benchmarks import runner
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, m in runner.load().items():
             print(f"{name:20} {m.description}")
         return
+    # A terminated run still drops its PostgreSQL schemas and temporary files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = [name for item in args.only for name in item.split(",") if name]
     path = runner.main(
         quick=args.quick, only=only, plain=args.plain, repeats=args.repeats, output=args.output

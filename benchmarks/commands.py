@@ -133,7 +133,7 @@ async def _trial(coordinator: SessionCoordinator, ctx: Context) -> dict[str, Fig
         figures[f"{prefix}.cpu_us_per_event"] = Figure(
             got["cpu_seconds"] / max(1, got["events"]) * 1e6, "µs", "lower"
         )
-        figures[f"{prefix}.commands_per_commit"] = Figure(
+        figures[f"{prefix}.commands_per_writer_pass"] = Figure(
             got["commands"] / max(1, got["batches"]), "cmd", None
         )
     figures["peak_events_per_s"] = Figure(peak, "events/s")

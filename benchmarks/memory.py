@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import sqlite3
@@ -123,6 +124,8 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
             "cached_aggregates": Figure(got["cached_aggregates"], "aggregates", None),
             "start_seconds": Figure(got["start_seconds"], "s", "lower"),
             "checkpoint_start_seconds": Figure(restored["start_seconds"], "s", "lower"),
+            "gc_tracked_objects": Figure(got["gc_tracked_objects"], "objects", None),
+            "full_gc_pause_ms": Figure(got["full_gc_seconds"] * 1000, "ms", "lower"),
         }
 
     yield trial
@@ -158,6 +161,14 @@ async def _child(url: str, expected: int, touch: bool) -> dict[str, Any]:
             await asyncio.gather(*(coordinator.record_activity(sid) for sid in wave))
         after_commands, peak = rss_bytes()
         cached = len(writer._cache)
+        # What one full collection costs once the long-lived read models are no longer
+        # in the frozen generation (start-up freezes them; every later change replaces
+        # frozen objects with tracked ones, so a long-running coordinator gets here).
+        gc.unfreeze()
+        tracked = len(gc.get_objects())
+        collect_started = time.perf_counter()
+        gc.collect()
+        full_gc_seconds = time.perf_counter() - collect_started
     finally:
         await coordinator.close()
     return {
@@ -168,6 +179,8 @@ async def _child(url: str, expected: int, touch: bool) -> dict[str, Any]:
         "active_sessions": len(active),
         "cached_aggregates": cached,
         "start_seconds": start_seconds,
+        "gc_tracked_objects": tracked,
+        "full_gc_seconds": full_gc_seconds,
     }
 
 

@@ -124,8 +124,8 @@ def copy_to_postgres(path: Path, url: str, deadline: Deadline, batch: int = 5_00
 
 
 def decode_postgres(url: str, page: int = PAGE) -> tuple[int, float]:
-    """The raw decode over PostgreSQL: select the state column in pages with psycopg,
-    decode each with msgspec. Returns (events, seconds)."""
+    """The raw decode over PostgreSQL: select the state column in pages with psycopg
+    (binary results), decode each with msgspec. Returns (events, seconds)."""
     with EventStore(url) as store:
         table: str = getattr(store.recorder, "events_table_name", "sessionbus_events")
         schema = store.settings.postgres_schema
@@ -140,10 +140,10 @@ def decode_postgres(url: str, page: int = PAGE) -> tuple[int, float]:
     gc_was = gc.isenabled()
     gc.disable()
     try:
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
+        with psycopg.connect(dsn, connect_timeout=10) as conn, conn.cursor(binary=True) as cur:
             started = time.perf_counter()
             for _ in range(100_000_000 // page):  # bounded
-                rows = conn.execute(query, (after, page), prepare=True).fetchall()
+                rows = cur.execute(query, (after, page), prepare=True).fetchall()
                 if not rows:
                     break
                 envelopes = [decode(state) for _id, state in rows]

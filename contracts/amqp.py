@@ -236,6 +236,7 @@ class AmqpTransport(Transport):
         self._reply_consumer: str | None = None
         self._reply_lock = asyncio.Lock()
         self._closed = False
+        self.reconnects = 0
 
     def __repr__(self) -> str:
         return f"AmqpTransport({redact_url(self.url)!r}, user={self.user!r})"
@@ -267,10 +268,15 @@ class AmqpTransport(Transport):
                 raise TransportError(
                     f"cannot reach RabbitMQ at {redact_url(self.url)}: {exc}"
                 ) from exc
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
             self._publish_channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             self._send_channel = await self._connection.channel(publisher_confirms=False)
+
+    def _on_reconnect(self, *_: object) -> None:
+        self.reconnects += 1
+        log.info("connection to %s restored (%d)", redact_url(self.url), self.reconnects)
 
     async def close(self) -> None:
         if self._closed:

@@ -172,6 +172,8 @@ class Transport(abc.ABC):
 
     #: The broker user this transport is connected as (what ``user_id`` must be).
     user: str
+    #: How many times the connection was lost and restored since ``connect``.
+    reconnects: int = 0
 
     @abc.abstractmethod
     async def connect(self) -> None: ...

@@ -7,6 +7,7 @@ export reads the store or the audit stream.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import urllib.error
@@ -139,6 +140,12 @@ async def list_queues(
     return out
 
 
+# Most dead letters one browse holds unsettled (AMQP's prefetch count is 16 bits).
+_MAX_WINDOW = 65_535
+# A browse stops waiting for more dead letters after this long without one.
+_BROWSE_IDLE = 2.0
+
+
 @dataclass
 class DeadLetter:
     message_id: str | None
@@ -183,18 +190,39 @@ def _text(value: Any) -> str | None:
 async def browse_dead_letters(
     transport: Transport, topology: Topology, limit: int = 1000
 ) -> list[DeadLetter]:
-    """Read dead letters without consuming them: each is taken and put back."""
-    taken: list[Delivery] = []
+    """Read dead letters without consuming them: received by one consumer (a window of
+    at most ``limit`` unsettled deliveries, 65535 at most: AMQP's prefetch is 16 bits),
+    then every one put back. (Taking each with basic.get would hold a channel per dead
+    letter until the end, and the broker closes the connection past its channel_max,
+    2047 by default.)"""
+    queue = topology.dead_letter_queue
+    stats = await transport.queue_stats(queue)
+    want = min(limit, _MAX_WINDOW, stats.messages if stats is not None else 0)
+    if want <= 0:
+        return []
+    received: list[Delivery] = []
+    arrived = asyncio.Event()
+
+    async def on_delivery(delivery: Delivery) -> None:
+        received.append(delivery)
+        arrived.set()
+
+    handle = await transport.consume(queue, on_delivery, prefetch=want)
     try:
-        while len(taken) < limit:
-            delivery = await transport.get(topology.dead_letter_queue)
-            if delivery is None:
-                break
-            taken.append(delivery)
-        return [_dead_letter(d) for d in taken]
+        while len(received) < want:
+            arrived.clear()
+            try:
+                await asyncio.wait_for(arrived.wait(), _BROWSE_IDLE)
+            except TimeoutError:
+                break  # fewer than counted: someone else took some
+        await handle.cancel()
+        return [_dead_letter(d) for d in received[:want]]
     finally:
-        for delivery in taken:
-            await delivery.requeue()
+        await handle.cancel()
+        for delivery in received:
+            if not delivery.settled:
+                await delivery.requeue()
+        await handle.close()
 
 
 async def replay_dead_letters(

@@ -450,10 +450,21 @@ def sessions_history(
     verdict: contracts.ChainVerdict | None = None
     if store is not None:
         with _open_store(store) as event_store:
-            events = event_store.history(sid)
+            raw = event_store.raw_history(sid)
             if verify:
-                verdict = contracts.verify_chain_raw(event_store.raw_history(sid))
-        if not events:
+                verdict = contracts.verify_chain_raw(raw)
+            try:
+                events = event_store.history(sid)
+            except (msgspec.DecodeError, ValueError, contracts.ContractsError) as exc:
+                # A damaged stored event: the verdict names it; show what can be read.
+                if verdict is None:
+                    _fail(
+                        f"session {sid}: a stored event cannot be decoded ({exc}); "
+                        "--verify names which",
+                        EXIT_NO,
+                    )
+                events = _readable_prefix(event_store, raw)
+        if not events and not raw:
             _fail(f"no history for session {sid} in {store}", EXIT_NO)
         events = [
             e
@@ -502,6 +513,23 @@ def sessions_history(
                 )
     if verdict is not None and not verdict.ok:
         sys.exit(EXIT_NO)
+
+
+def _readable_prefix(
+    store: EventStore, raw: list[dict[str, Any] | Exception]
+) -> list[contracts.EventEnvelope]:
+    """The stored events before the first one that cannot be decoded."""
+    events: list[contracts.EventEnvelope] = []
+    for item in raw:
+        if isinstance(item, Exception):
+            break
+        try:
+            events.append(
+                msgspec.convert(store.mapper.upcaster.upcast(item), contracts.EventEnvelope)
+            )
+        except (msgspec.ValidationError, ValueError, contracts.ContractsError):
+            break
+    return events
 
 
 def _detail(event: Any) -> str:

@@ -57,6 +57,7 @@ __all__ = [
     "RegistryState",
     "WorkflowSessionAggregate",
     "next_deadline",
+    "require_module",
 ]
 
 _S = SessionStatus
@@ -92,7 +93,7 @@ class CommandContext:
         return CommandContext(COORDINATOR, self.now, self.command_id, self.correlation_id)
 
 
-def _require_module(ctx: CommandContext, module_id: str) -> None:
+def require_module(ctx: CommandContext, module_id: str) -> None:
     if not ctx.principal.may_act_for(module_id):
         raise CommandRejected(
             ErrorCode.FORBIDDEN,
@@ -243,7 +244,7 @@ class ModuleRegistry(EnvelopeAggregate):
     def register(
         self, ctx: CommandContext, module_id: str, required: bool, capabilities: list[str]
     ) -> None:
-        _require_module(ctx, module_id)
+        require_module(ctx, module_id)
         current = self.state.modules.get(module_id)
         if (
             current is not None
@@ -257,7 +258,7 @@ class ModuleRegistry(EnvelopeAggregate):
         )
 
     def unregister(self, ctx: CommandContext, module_id: str, reason: str | None) -> None:
-        _require_module(ctx, module_id)
+        require_module(ctx, module_id)
         if module_id in self.state.modules:
             self._emit(ModuleUnregistered(module_id=module_id, reason=reason), ctx)
 
@@ -268,7 +269,7 @@ class ModuleRegistry(EnvelopeAggregate):
         workflow_session_id: uuid.UUID,
         module_session_id: uuid.UUID,
     ) -> None:
-        _require_module(ctx, module_id)
+        require_module(ctx, module_id)
         if module_session_id in self.state.orphans:
             return
         self._emit(
@@ -395,7 +396,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
         registry: ModuleRegistry,
     ) -> None:
         """Seed rule 4: a module session is linked to an existing workflow session."""
-        _require_module(ctx, module_id)
+        require_module(ctx, module_id)
         self._check_open()
         if self.state.status not in _LIVE:
             raise CommandRejected(
@@ -435,7 +436,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
 
     def unlink(self, ctx: CommandContext, module_id: str, reason: str | None) -> None:
         """Unlink a module session; unlinking what is not linked is a no-op."""
-        _require_module(ctx, module_id)
+        require_module(ctx, module_id)
         self._check_open(allow_cleanup=True)
         info = self.state.modules.get(module_id)
         if info is None:
@@ -459,7 +460,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
         self, ctx: CommandContext, module_id: str, status: SessionStatus, reason: str | None
     ) -> None:
         """A module updates its own session's status (same table)."""
-        _require_module(ctx, module_id)
+        require_module(ctx, module_id)
         self._check_open(allow_cleanup=True)
         info = self._linked(module_id)
         if status is info.status:
@@ -484,7 +485,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
     def record_activity(self, ctx: CommandContext, module_id: str | None) -> None:
         """Reset the inactivity timeout of the session or of one module's session."""
         if module_id is not None:
-            _require_module(ctx, module_id)
+            require_module(ctx, module_id)
         self._check_open(allow_cleanup=True)
         if module_id is not None:
             self._linked(module_id)
@@ -495,7 +496,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
     ) -> None:
         """Record an error; a fatal one from a required module fails the session."""
         if module_id is not None:
-            _require_module(ctx, module_id)
+            require_module(ctx, module_id)
         self._check_open(allow_cleanup=True)
         self._emit(ErrorReported(error=error, module_id=module_id), ctx)
         if (

@@ -129,6 +129,7 @@ class SessionCoordinator:
         self.follow_interval = follow_interval
         self.follow_log = follow_log
         self._follower: asyncio.Task[None] | None = None
+        self._touched: set[uuid.UUID] = set()
         self.store: EventStore | None = store if isinstance(store, EventStore) else None
         self._owns_store = not isinstance(store, EventStore)
         self.projections = Projections()
@@ -303,6 +304,7 @@ class SessionCoordinator:
                 await self._catch_up(saved)
                 if target is not None:
                     await self._catch_up_to(target)
+                self._arm_touched()
                 for listener in self._commit_listeners:
                     try:
                         listener(saved)
@@ -371,16 +373,25 @@ class SessionCoordinator:
             self._writer.fire_timeouts = value
             self._writer.kick()
 
+    def _arm_touched(self) -> None:
+        """Arm the next timeout of every session a commit changed, from its final state
+        after the commit (an intermediate state's deadline would outlive the session)."""
+        touched, self._touched = self._touched, set()
+        if self._writer is None:
+            return
+        sessions = self.projections.sessions
+        for sid in touched:
+            state = sessions.get(sid)
+            if state is not None and (deadline := next_deadline(state)) is not None:
+                self._writer.arm(sid, deadline)
+
     def add_commit_listener(self, listener: CommitListener) -> None:
         """Call ``listener(envelopes)`` on the event loop after every commit (the outbox
         relay's wake-up)."""
         self._commit_listeners.append(listener)
 
     def _on_session_event(self, env: EventEnvelope, state: WorkflowSession) -> None:
-        if self._writer is not None and not state.destroyed:
-            deadline = next_deadline(state)
-            if deadline is not None:
-                self._writer.arm(env.session_id, deadline)
+        self._touched.add(env.session_id)
         event = env.event
         if isinstance(event, SessionCreated):
             for cb in self._created_callbacks:

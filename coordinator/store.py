@@ -431,7 +431,8 @@ def _project_registry(
 def _select_postgres_states(
     recorder: PostgresApplicationRecorder, after: int, limit: int
 ) -> list[tuple[int, bytes]]:
-    """``EventStore._states`` on PostgreSQL (retried as the library retries its reads)."""
+    """``EventStore._states`` on PostgreSQL (retried as the library retries its reads).
+    Binary results: bytea as text is hex, twice the bytes to send and parse."""
     statement = SQL(
         "SELECT notification_id, state FROM {schema}.{table} "
         "WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
@@ -441,7 +442,7 @@ def _select_postgres_states(
     )
     with (
         recorder.datastore.get_connection() as conn,
-        conn.cursor(row_factory=tuple_row) as cursor,
+        conn.cursor(row_factory=tuple_row, binary=True) as cursor,
     ):
         cursor.execute(statement, (after, limit), prepare=True)
         return [(position, bytes(state)) for position, state in cursor.fetchall()]

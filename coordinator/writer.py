@@ -50,6 +50,7 @@ from coordinator.domain import (
     ModuleRegistry,
     Principal,
     WorkflowSessionAggregate,
+    require_module,
 )
 from coordinator.errors import CommandRejected, StoreUnavailable
 from coordinator.projections import integrity_report
@@ -64,6 +65,8 @@ Deliver = Callable[[list[EventEnvelope], list[tuple["WriteJob", Outcome]]], None
 
 _STOP: Final = object()
 _CONFLICT_RETRIES: Final = 3
+# Destroyed sessions remembered so that late timer arms for them are dropped.
+_GONE_MEMORY: Final = 100_000
 # After a failed commit, due timeouts are tried again this much later.
 _RETRY_DELAY: Final = timedelta(seconds=1)
 _S = SessionStatus
@@ -165,6 +168,7 @@ class Writer:
         self.batches = 0
         self.commands = 0
         self.foreign_events = 0
+        self._gone: OrderedDict[uuid.UUID, None] = OrderedDict()
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -208,7 +212,7 @@ class Writer:
                     stopping = True
                 elif isinstance(item, WriteJob):
                     batch.append(item)
-                elif isinstance(item, _Arm):
+                elif isinstance(item, _Arm) and item.session_id not in self._gone:
                     self._arm(item.session_id, item.deadline)
             try:
                 self._process(batch)
@@ -301,6 +305,10 @@ class Writer:
                 if aggregate.state.destroyed:
                     self._cache.pop(aggregate.id, None)
                     self._armed.pop(aggregate.id, None)
+                    # An arm for it may still be queued (sent for an earlier state).
+                    self._gone[aggregate.id] = None
+                    if len(self._gone) > _GONE_MEMORY:
+                        self._gone.popitem(last=False)
                 else:
                     deadline = aggregate.next_deadline()
                     if deadline is not None:
@@ -595,6 +603,9 @@ class Writer:
     def _report_orphan(
         self, cmd: ReportOrphan, ctx: CommandContext, scope: _JobScope, registry: ModuleRegistry
     ) -> None:
+        # Who may report comes first: the check below would otherwise answer anyone
+        # with another module's links.
+        require_module(ctx, cmd.module_id)
         session = self._session(cmd.session_id)
         if session is not None and not session.state.destroyed:
             info = session.state.modules.get(cmd.module_id)

@@ -32,6 +32,7 @@ from contracts import (
 )
 from contracts.topology import dead_letter
 from contracts.transport import ConsumerHandle, Delivery, Transport, TransportError
+from module_sdk.errors import CommandFailed
 
 __all__ = ["ConsumerStats", "EventConsumer"]
 
@@ -187,14 +188,25 @@ class EventConsumer:
             return
         try:
             if env.version > current + 1:
-                missing = await self._fill_gap(sid, current, env.version)
-                for earlier in missing:
-                    if current < earlier.version < env.version:
-                        await self._applied(earlier)
-                        current = earlier.version
-                        self.stats.gaps_filled += 1
-                _check_contiguous(sid, current, env.version)
+                for earlier in await self._missing(sid, current, env.version):
+                    await self._applied(earlier)
+                    self.stats.gaps_filled += 1
             await self._applied(env)
+        except _Unfillable as exc:
+            # The coordinator, whose store is the source of truth, has no such session
+            # or not the versions before this one: no redelivery can ever apply it.
+            self.stats.dead_lettered += 1
+            log.warning("dead-lettering an event that cannot be applied on %s: %s", self.queue, exc)
+            await dead_letter(
+                self.transport,
+                self.topology,
+                delivery,
+                reason=str(exc),
+                code=exc.code,
+                field="session_id",
+                rejected_by=self.module_id,
+            )
+            return
         except Exception:
             log.exception(
                 "applying %s failed; requeued",
@@ -210,6 +222,28 @@ class EventConsumer:
             await delivery.requeue()
             return
         await delivery.ack()
+
+    async def _missing(self, sid: uuid.UUID, applied: int, arriving: int) -> list[EventEnvelope]:
+        """Versions ``applied+1 .. arriving-1`` from the coordinator, in order; raises
+        ``_Unfillable`` when the coordinator's history does not have them all."""
+        try:
+            history = await self._fill_gap(sid, applied, arriving)
+        except CommandFailed as exc:
+            if exc.code is ErrorCode.UNKNOWN_SESSION:
+                raise _Unfillable(
+                    ErrorCode.UNKNOWN_SESSION,
+                    f"event v{arriving} of session {sid}, which the coordinator does not "
+                    f"know: {exc.error.message}",
+                ) from exc
+            raise
+        by_version = {e.version: e for e in history if applied < e.version < arriving}
+        if sorted(by_version) != list(range(applied + 1, arriving)):
+            raise _Unfillable(
+                ErrorCode.INVALID_MESSAGE,
+                f"event v{arriving} of session {sid}: the coordinator's history has no "
+                f"versions {applied + 1}..{arriving - 1} before it",
+            )
+        return [by_version[v] for v in sorted(by_version)]
 
     async def _applied(self, env: EventEnvelope) -> None:
         await self._apply(env)
@@ -241,8 +275,9 @@ async def _quietly(awaitable: Awaitable[None]) -> None:
         await awaitable
 
 
-def _check_contiguous(session_id: uuid.UUID, applied: int, arriving: int) -> None:
-    if applied != arriving - 1:
-        raise LookupError(
-            f"session {session_id}: versions {applied + 1}..{arriving - 1} are missing"
-        )
+class _Unfillable(Exception):
+    """An event whose earlier versions the coordinator does not have."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

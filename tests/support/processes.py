@@ -13,9 +13,17 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SESSIONCTL", "Child", "coordinator_argv", "journal_module_argv"]
+__all__ = [
+    "SESSIONCTL",
+    "Child",
+    "CtlResult",
+    "coordinator_argv",
+    "journal_module_argv",
+    "run_sessionctl",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 SESSIONCTL = str(Path(sys.executable).with_name("sessionctl"))
@@ -146,3 +154,31 @@ class Child:
         """SIGKILL without waiting (clean-up in ``finally``)."""
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+
+@dataclass(frozen=True)
+class CtlResult:
+    code: int
+    out: str
+    err: str
+
+
+async def run_sessionctl(*args: str, timeout: float = 120.0) -> CtlResult:
+    """``sessionctl ARGS`` in its own process (without SESSIONBUS_* from this one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
+    env["COLUMNS"] = "200"
+    process = await asyncio.create_subprocess_exec(
+        SESSIONCTL,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.communicate()
+        raise
+    assert process.returncode is not None
+    return CtlResult(process.returncode, out.decode(), err.decode())

@@ -1,0 +1,414 @@
+"""The delivery checker: did every module apply every event exactly once, in version
+order, with nothing missing — and was everything the store holds published?
+
+Inputs are the coordinator's store (an ``EventStore`` URL, the source of truth) and,
+per module, what it applied, in any of the forms the tests have:
+
+- a list of ``(session_id, version)`` in apply order;
+- a mapping ``session_id -> [version, …]`` (``ConsumerStats.versions`` of an in-process
+  module, or the ``versions`` of a ``tests.support.module_process`` JSON report);
+- a list of ``Incarnation``s: one per life of a module process, read from a
+  ``tests.support.journal_module`` journal (``read_journal``). An incarnation knows
+  the versions it was given by the coordinator at start (``baseline``: in its state
+  without being applied one by one) and whether it ended by a crash.
+
+Rules, per module and session (``final`` is the session's last stored version):
+
+- within one incarnation, versions are applied in increasing order, each at most once,
+  without a hole, from ``baseline + 1`` (1 for a session it did not know at start);
+- across incarnations, the versions applied or in a baseline cover ``1..final``
+  (nothing lost), and none is applied in two incarnations unless the earlier one
+  crashed (a process killed before it acked loses its memory with it, and gets the
+  event again: that is counted as ``reapplied_after_crash``, never as a duplicate);
+- nothing is applied that the store does not have.
+
+The published stream (the audit stream, read with ``read_published``) must hold every
+stored event id; duplicates there are expected under faults and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from contracts import (
+    REGISTRY_ID,
+    Destroyed,
+    Linked,
+    OrphanReported,
+    Topology,
+    Unlinked,
+    verify_chain_raw,
+)
+from contracts.audit import read_audit_stream
+from contracts.transport import Transport
+from coordinator.store import EventStore
+
+__all__ = [
+    "CheckReport",
+    "Incarnation",
+    "Ownership",
+    "StoreView",
+    "check",
+    "check_ownership",
+    "read_journal",
+    "read_published",
+    "read_store",
+]
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """One life of a module: what it applied in order, what it knew at start."""
+
+    applied: Sequence[tuple[uuid.UUID, int]]
+    baseline: Mapping[uuid.UUID, int] = field(default_factory=dict)
+    crashed: bool = False
+    made: Sequence[tuple[uuid.UUID, uuid.UUID]] = ()  # (workflow session, module session)
+    destroyed: Sequence[uuid.UUID] = ()  # module sessions
+    times: Sequence[float] = ()  # monotonic time of each apply, parallel to ``applied``
+    started_at: float | None = None
+    ready_at: float | None = None
+
+
+@dataclass
+class StoreView:
+    """What the store holds, read once."""
+
+    versions: dict[uuid.UUID, list[int]]  # session -> versions in stored order
+    event_ids: list[uuid.UUID]  # every stored event, registry included
+    envelopes: list[Any]
+    chains_bad: dict[uuid.UUID, str]
+
+    @classmethod
+    def read(cls, store_url: str, *, verify_chains: bool = True) -> StoreView:
+        versions: dict[uuid.UUID, list[int]] = {}
+        ids: list[uuid.UUID] = []
+        envelopes: list[Any] = []
+        bad: dict[uuid.UUID, str] = {}
+        with EventStore(store_url) as store:
+            for page in store.iter_all():
+                for env in page:
+                    ids.append(env.event_id)
+                    envelopes.append(env)
+                    if env.session_id != REGISTRY_ID:
+                        versions.setdefault(env.session_id, []).append(env.version)
+            if verify_chains:
+                for sid in versions:
+                    verdict = verify_chain_raw(store.raw_history(sid))
+                    if not verdict.ok:
+                        bad[sid] = f"version {verdict.first_bad_version}: {verdict.reason}"
+        return cls(versions, ids, envelopes, bad)
+
+    def final(self, sid: uuid.UUID) -> int:
+        return max(self.versions.get(sid, [0]))
+
+
+@dataclass
+class CheckReport:
+    sessions: int = 0
+    stored_events: int = 0
+    events_checked: int = 0  # stored session events x modules that should see them
+    applied: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    out_of_order: list[str] = field(default_factory=list)
+    phantom: list[str] = field(default_factory=list)
+    store_problems: list[str] = field(default_factory=list)
+    reapplied_after_crash: int = 0
+    published: int | None = None
+    published_duplicates: int = 0
+    unpublished: list[uuid.UUID] = field(default_factory=list)
+    unpublished_positions: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.lost
+            or self.duplicated
+            or self.out_of_order
+            or self.phantom
+            or self.store_problems
+            or self.unpublished
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sessions": self.sessions,
+            "stored_events": self.stored_events,
+            "events_checked": self.events_checked,
+            "applied": self.applied,
+            "lost": len(self.lost),
+            "duplicated_applied": len(self.duplicated),
+            "out_of_order": len(self.out_of_order),
+            "reapplied_after_crash": self.reapplied_after_crash,
+            "published": self.published,
+            "published_duplicates": self.published_duplicates,
+            "unpublished": len(self.unpublished),
+        }
+
+    def assert_ok(self) -> None:
+        if self.ok:
+            return
+        lines = [f"delivery check failed: {self.summary()}"]
+        for name in ("store_problems", "lost", "duplicated", "out_of_order", "phantom"):
+            items: list[str] = getattr(self, name)
+            if items:
+                lines.append(f"{name} ({len(items)}):")
+                lines.extend(f"  {item}" for item in items[:20])
+        if self.unpublished:
+            lines.append(
+                f"unpublished ({len(self.unpublished)}) at store positions "
+                f"{self.unpublished_positions[:40]}: {self.unpublished[:5]}"
+            )
+        raise AssertionError("\n".join(lines))
+
+
+def _incarnations(applied: Any) -> list[Incarnation]:
+    if isinstance(applied, Incarnation):
+        return [applied]
+    if isinstance(applied, Mapping):
+        pairs = [(sid, v) for sid, versions in applied.items() for v in versions]
+        return [Incarnation(applied=[(_uuid(s), int(v)) for s, v in pairs])]
+    items = list(applied)
+    if items and all(isinstance(i, Incarnation) for i in items):
+        return items
+    return [Incarnation(applied=[(_uuid(s), int(v)) for s, v in items])]
+
+
+def _uuid(value: Any) -> uuid.UUID:
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+def _runs(versions: Iterable[int]) -> str:
+    values = list(versions)
+    return ",".join(map(str, values)) if len(values) <= 12 else f"{values[:6]}…{values[-3:]}"
+
+
+def check(
+    store: str | StoreView,
+    applied: Mapping[str, Any],
+    *,
+    sessions: Iterable[uuid.UUID] | None = None,
+    published: Counter[uuid.UUID] | None = None,
+) -> CheckReport:
+    """Check what each module applied against the store (see the module docstring).
+    ``sessions`` limits the module check to those sessions (each must be in the store);
+    by default every session in the store is checked."""
+    view = store if isinstance(store, StoreView) else StoreView.read(store)
+    report = CheckReport(stored_events=len(view.event_ids))
+    targets = list(view.versions) if sessions is None else list(sessions)
+    report.sessions = len(targets)
+    for sid, versions in view.versions.items():
+        if versions != list(range(1, len(versions) + 1)):
+            report.store_problems.append(f"{sid}: stored versions {_runs(versions)}")
+    for sid, reason in view.chains_bad.items():
+        report.store_problems.append(f"{sid}: hash chain broken at {reason}")
+    for sid in targets:
+        if sid not in view.versions:
+            report.store_problems.append(f"{sid}: not in the store")
+    for module_id, raw in applied.items():
+        lives = _incarnations(raw)
+        report.applied += sum(len(life.applied) for life in lives)
+        per_life: list[dict[uuid.UUID, list[int]]] = []
+        for life in lives:
+            by_session: dict[uuid.UUID, list[int]] = {}
+            for sid, version in life.applied:
+                by_session.setdefault(sid, []).append(version)
+            per_life.append(by_session)
+        for sid in targets:
+            final = view.final(sid)
+            report.events_checked += final
+            covered: Counter[int] = Counter()
+            seen_in: dict[int, int] = {}
+            for index, (life, by_session) in enumerate(zip(lives, per_life, strict=True)):
+                got = by_session.get(sid, [])
+                base = life.baseline.get(sid, 0)
+                where = f"{module_id} (life {index + 1}) session {sid}"
+                counts = Counter(got)
+                twice = sorted(v for v, n in counts.items() if n > 1)
+                if twice:
+                    report.duplicated.append(f"{where}: applied {twice} more than once")
+                if any(b <= a for a, b in itertools.pairwise(got)):
+                    report.out_of_order.append(f"{where}: applied {_runs(got)}")
+                too_high = sorted(v for v in counts if v > final or v < 1)
+                if too_high:
+                    report.phantom.append(f"{where}: applied {too_high}, store ends at {final}")
+                at_or_below = sorted(v for v in counts if v <= base)
+                if at_or_below:
+                    report.duplicated.append(
+                        f"{where}: applied {at_or_below}, already in its start state (v{base})"
+                    )
+                if got and not twice and got == sorted(got):
+                    expected = list(range(base + 1, base + 1 + len(got)))
+                    if got != expected:
+                        report.lost.append(
+                            f"{where}: applied {_runs(got)}, expected a run from v{base + 1}"
+                        )
+                for version in counts:
+                    if version in seen_in:
+                        if lives[seen_in[version]].crashed:
+                            report.reapplied_after_crash += 1
+                        else:
+                            report.duplicated.append(
+                                f"{module_id} session {sid}: v{version} applied in life "
+                                f"{seen_in[version] + 1} (which did not crash) and {index + 1}"
+                            )
+                    seen_in[version] = index
+                covered.update(set(counts) | set(range(1, base + 1)))
+            missing = [v for v in range(1, final + 1) if v not in covered]
+            if missing:
+                report.lost.append(
+                    f"{module_id} session {sid}: never applied {_runs(missing)} of 1..{final}"
+                )
+    if published is not None:
+        report.published = sum(published.values())
+        report.published_duplicates = sum(n - 1 for n in published.values() if n > 1)
+        report.unpublished = [eid for eid in view.event_ids if eid not in published]
+        missing = set(report.unpublished)
+        report.unpublished_positions = [
+            env.position for env in view.envelopes if env.event_id in missing
+        ]
+    return report
+
+
+async def read_published(
+    transport: Transport, topology: Topology, *, idle_seconds: float = 2.0
+) -> Counter[uuid.UUID]:
+    """How many times each event id is in the audit stream (what the relay published)."""
+    seen: Counter[uuid.UUID] = Counter()
+    async for item in read_audit_stream(transport, topology, idle_seconds=idle_seconds):
+        if isinstance(item, Exception):
+            raise TypeError(f"undecodable entry in the audit stream: {item}")
+        seen[item.event_id] += 1
+    return seen
+
+
+def read_journal(path: Path) -> list[Incarnation]:
+    """The incarnations of a ``journal_module`` journal, oldest first. One without a
+    ``stop`` line ended by a crash."""
+    lives: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        kind = record["k"]
+        if kind == "start":
+            lives.append(
+                {
+                    "applied": [],
+                    "times": [],
+                    "baseline": {},
+                    "made": [],
+                    "destroyed": [],
+                    "stopped": False,
+                    "started_at": record.get("t"),
+                    "ready_at": None,
+                }
+            )
+            continue
+        life = lives[-1]
+        if kind == "a":
+            life["applied"].append((uuid.UUID(record["s"]), int(record["v"])))
+            life["times"].append(float(record["t"]))
+        elif kind == "baseline":
+            life["baseline"] = {uuid.UUID(k): int(v) for k, v in record["v"].items()}
+        elif kind == "made":
+            life["made"].append((uuid.UUID(record["w"]), uuid.UUID(record["m"])))
+        elif kind == "destroyed":
+            life["destroyed"].append(uuid.UUID(record["m"]))
+        elif kind == "ready":
+            life["ready_at"] = record.get("t")
+        elif kind == "stop":
+            life["stopped"] = True
+    return [
+        Incarnation(
+            applied=life["applied"],
+            baseline=life["baseline"],
+            crashed=not life["stopped"],
+            made=life["made"],
+            destroyed=life["destroyed"],
+            times=life["times"],
+            started_at=life["started_at"],
+            ready_at=life["ready_at"],
+        )
+        for life in lives
+    ]
+
+
+@dataclass
+class Ownership:
+    """What became of the module sessions one module made."""
+
+    made: int = 0
+    linked: int = 0
+    destroyed: int = 0
+    orphan_reported: int = 0
+    died_with_process: int = 0  # made by a crashed life, never linked: gone with it
+    leaked: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "made": self.made,
+            "linked": self.linked,
+            "destroyed": self.destroyed,
+            "orphan_reported": self.orphan_reported,
+            "died_with_process": self.died_with_process,
+            "leaked": len(self.leaked),
+        }
+
+
+def check_ownership(
+    store: str | StoreView, module_id: str, lives: Sequence[Incarnation]
+) -> Ownership:
+    """Every module session the module made is destroyed by it (in some life) or
+    reported orphan by the coordinator; every one it linked is unlinked or reported
+    orphan in the store. A module session made by a life that crashed before linking
+    it is counted as gone with the process (nobody else can know of it)."""
+    view = store if isinstance(store, StoreView) else StoreView.read(store)
+    linked: dict[uuid.UUID, uuid.UUID] = {}  # module session -> workflow session
+    released: set[uuid.UUID] = set()
+    orphaned: set[uuid.UUID] = set()
+    for env in view.envelopes:
+        event = env.event
+        if isinstance(event, Linked) and event.module_id == module_id:
+            linked[event.module_session_id] = env.session_id
+        elif isinstance(event, Unlinked) and event.module_id == module_id:
+            released.add(event.module_session_id)
+        elif isinstance(event, Destroyed) and module_id in event.orphaned:
+            orphaned.add(event.orphaned[module_id])
+        elif isinstance(event, OrphanReported) and event.module_id == module_id:
+            orphaned.add(event.module_session_id)
+    result = Ownership()
+    destroyed = {m for life in lives for m in life.destroyed}
+    result.linked = len(linked)
+    for msid, wsid in linked.items():
+        if msid not in released and msid not in orphaned:
+            result.leaked.append(f"{module_id} session {msid} of {wsid}: linked, never unlinked")
+    for life in lives:
+        for wsid, msid in life.made:
+            result.made += 1
+            if msid in destroyed:
+                result.destroyed += 1
+            elif msid in orphaned:
+                result.orphan_reported += 1
+            elif life.crashed and msid not in linked:
+                result.died_with_process += 1
+            else:
+                result.leaked.append(
+                    f"{module_id} session {msid} of {wsid}: made, never destroyed or "
+                    "reported orphan"
+                )
+    return result
+
+
+async def read_store(store_url: str) -> StoreView:
+    """``StoreView.read`` off the event loop."""
+    return await asyncio.to_thread(StoreView.read, store_url)
