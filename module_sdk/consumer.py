@@ -192,18 +192,20 @@ class EventConsumer:
                     await self._applied(earlier)
                     self.stats.gaps_filled += 1
             await self._applied(env)
-        except _Unfillable as exc:
+        except (_Unfillable, DecodeError) as exc:
             # The coordinator, whose store is the source of truth, has no such session
-            # or not the versions before this one: no redelivery can ever apply it.
+            # or not the versions before this one; or the event cannot follow the
+            # session's state (``fold_session`` refused it): no redelivery can ever
+            # apply it.
             self.stats.dead_lettered += 1
             log.warning("dead-lettering an event that cannot be applied on %s: %s", self.queue, exc)
             await dead_letter(
                 self.transport,
                 self.topology,
                 delivery,
-                reason=str(exc),
-                code=exc.code,
-                field="session_id",
+                reason=f"event v{env.version} of session {sid} cannot be applied: {exc}",
+                code=exc.code if isinstance(exc, _Unfillable) else ErrorCode.INVALID_MESSAGE,
+                field=exc.field if isinstance(exc, DecodeError) else "session_id",
                 rejected_by=self.module_id,
             )
             return
@@ -232,16 +234,14 @@ class EventConsumer:
             if exc.code is ErrorCode.UNKNOWN_SESSION:
                 raise _Unfillable(
                     ErrorCode.UNKNOWN_SESSION,
-                    f"event v{arriving} of session {sid}, which the coordinator does not "
-                    f"know: {exc.error.message}",
+                    f"the coordinator does not know the session: {exc.error.message}",
                 ) from exc
             raise
         by_version = {e.version: e for e in history if applied < e.version < arriving}
         if sorted(by_version) != list(range(applied + 1, arriving)):
             raise _Unfillable(
                 ErrorCode.INVALID_MESSAGE,
-                f"event v{arriving} of session {sid}: the coordinator's history has no "
-                f"versions {applied + 1}..{arriving - 1} before it",
+                f"the coordinator's history has no versions {applied + 1}..{arriving - 1}",
             )
         return [by_version[v] for v in sorted(by_version)]
 

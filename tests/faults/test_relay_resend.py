@@ -1,0 +1,77 @@
+"""The relay's answer to a broker that drops confirmed messages from a stream after a
+restart (RabbitMQ 3.10.8: the audit stream loses what is published between the
+reconnect and the stream's leader coming back, yet confirms it): after the connection
+is restored, what was published since is published once more, a grace period later.
+
+Here the reconnect is simulated on the in-process broker (its ``reconnects`` count),
+so the re-publication is checked exactly: the events committed after the reconnect go
+out twice, the ones before once. ``test_broker_restart`` checks the same end to end on
+a real broker restarted three times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+
+import pytest
+
+from contracts import Topology, codec_for
+from contracts.transport import Delivery, QueueSpec
+from coordinator import relay as relay_module
+from coordinator.relay import OutboxRelay
+from coordinator.service import SessionCoordinator
+from module_sdk.testing import InProcessBus, wait_for
+
+pytestmark = pytest.mark.faults
+
+
+async def test_what_was_published_after_a_reconnect_is_published_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "RESEND_AFTER_RECONNECT", 0.2)
+    topology = Topology("resend")
+    bus = InProcessBus()
+    transport = bus.transport()
+    await transport.connect()
+    await topology.declare(transport)
+    seen: Counter[uuid.UUID] = Counter()
+
+    async def on_event(delivery: Delivery) -> None:
+        seen[codec_for(delivery.content_type).decode_envelope(delivery.body).event_id] += 1
+        await delivery.ack()
+
+    await transport.declare_queue(
+        QueueSpec("resend.tap", bindings=[(topology.events_exchange, "#")])
+    )
+    await transport.consume("resend.tap", on_event)
+    coordinator = SessionCoordinator("memory://")
+    await coordinator.start()
+    store = coordinator.store
+    assert store is not None
+    relay = OutboxRelay(store, transport, topology)
+    coordinator.add_commit_listener(relay.wake)
+    await relay.start()
+    try:
+        for index in range(3):
+            await coordinator.create_workflow_session([f"before-{index}"])
+        before = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
+        await wait_for(lambda: set(seen) == before, timeout=5, what="the first events")
+
+        transport.reconnects += 1  # the connection was lost and restored
+        for index in range(3):
+            await coordinator.create_workflow_session([f"after-{index}"])
+        every = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
+        after = every - before
+        await wait_for(
+            lambda: all(seen[e] == 2 for e in after), timeout=5, what="the re-publication"
+        )
+        await asyncio.sleep(1.2)  # one more relay round: nothing else goes out again
+        assert {e: n for e, n in seen.items() if n > 1} == dict.fromkeys(after, 2)
+        assert all(seen[e] == 1 for e in before)
+        assert relay.resent == len(after)
+    finally:
+        await relay.close()
+        await coordinator.close()
+        await transport.close()
