@@ -23,7 +23,10 @@ class SystemClock:
 
 
 class ManualClock:
-    """A clock that only moves when told to."""
+    """A clock that only moves when told to. Timeouts fire only when something asks
+    (a command, ``SessionCoordinator.run_timeouts``), never on an idle wake-up."""
+
+    autonomous = False
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2030, 1, 1, tzinfo=UTC)
