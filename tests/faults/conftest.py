@@ -34,6 +34,19 @@ def private_broker() -> Iterator[PrivateBroker]:
 
 
 @pytest.fixture
+def private_node(private_broker: PrivateBroker) -> PrivateBroker:
+    """The private node, checked healthy before the test (it outlives many tests)."""
+    problem = private_broker.health()
+    if problem is not None:
+        pytest.fail(
+            f"the private RabbitMQ node {private_broker.node} is not healthy: {problem}\n"
+            f"{private_broker.log_tail()}",
+            pytrace=False,
+        )
+    return private_broker
+
+
+@pytest.fixture
 def private_prefix(request: pytest.FixtureRequest) -> str:
     """A topology prefix for a test on the private node (which is deleted whole at the
     end of the session, so nothing is cleaned up per test)."""

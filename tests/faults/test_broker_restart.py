@@ -33,9 +33,9 @@ RESTARTS = 3
 
 @pytest.mark.timeout(sized(150, 400))
 async def test_broker_restarted_three_times_mid_load_loses_and_duplicates_nothing(
-    private_broker: PrivateBroker, private_prefix: str, tmp_path: Path
+    private_node: PrivateBroker, private_prefix: str, tmp_path: Path
 ) -> None:
-    async with process_system(private_broker.url, private_prefix, tmp_path, MODULES) as system:
+    async with process_system(private_node.url, private_prefix, tmp_path, MODULES) as system:
         load = SessionLoad(system.client, sessions=SESSIONS, rate=RATE, deadline=sized(110, 330))
         running = asyncio.create_task(load.run())
         outages: list[tuple[float, float]] = []
@@ -49,9 +49,9 @@ async def test_broker_restarted_three_times_mid_load_loses_and_duplicates_nothin
             assert not running.done(), "the restart came after the load, not in the middle"
             began = time.monotonic()
             walls.append(datetime.now(UTC))
-            await asyncio.to_thread(private_broker.stop_app)
+            await asyncio.to_thread(private_node.stop_app)
             await asyncio.sleep(0.5)
-            listening = await asyncio.to_thread(private_broker.start_app)
+            listening = await asyncio.to_thread(private_node.start_app)
             outages.append((began, listening))
             walls.append(datetime.now(UTC))
         result = await running

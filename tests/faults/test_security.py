@@ -322,24 +322,24 @@ async def test_a_one_byte_change_in_a_stored_event_is_found_by_sessionctl_verify
 @pytest.mark.slow
 @pytest.mark.timeout(sized(120, 300))
 async def test_coordinator_and_module_run_sessions_end_to_end_over_tls(
-    private_broker: PrivateBroker, private_prefix: str, tmp_path: Path
+    private_node: PrivateBroker, private_prefix: str, tmp_path: Path
 ) -> None:
-    tls_url = private_broker.tls_url()
+    tls_url = private_node.tls_url()
     # Nobody trusts a self-signed certificate by default.
     untrusting = AmqpTransport(
-        f"amqps://guest:guest@localhost:{private_broker.tls_port}/", connect_timeout=5
+        f"amqps://guest:guest@localhost:{private_node.tls_port}/", connect_timeout=5
     )
     with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
         await untrusting.connect()
 
-    context = ssl.create_default_context(cafile=str(private_broker.ca_file))
+    context = ssl.create_default_context(cafile=str(private_node.ca_file))
     async with process_system(
         tls_url, private_prefix, tmp_path, ("executor",), start=False
     ) as system:
         await system.start_coordinator()
         await system.module("executor").start()
         system.transport = AmqpTransport(
-            f"amqps://guest:guest@localhost:{private_broker.tls_port}/",
+            f"amqps://guest:guest@localhost:{private_node.tls_port}/",
             ssl_context=context,
             connection_name=f"{private_prefix} tls client",
         )
@@ -348,7 +348,7 @@ async def test_coordinator_and_module_run_sessions_end_to_end_over_tls(
         result = await load.run()
         assert result.failures == [], result.failures[:10]
         connections = await asyncio.to_thread(
-            private_broker.ctl, "-q", "list_connections", "user", "ssl", "ssl_protocol"
+            private_node.ctl, "-q", "list_connections", "user", "ssl", "ssl_protocol"
         )
         rows = [line.split("\t") for line in connections.strip().splitlines() if line.strip()]
         ours = [row for row in rows if row and row[0] == "guest"]

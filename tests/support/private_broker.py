@@ -165,6 +165,16 @@ class PrivateBroker:
                 raise RuntimeError(f"{self.node} not running after {timeout} s:\n{self.log_tail()}")
             time.sleep(0.05)
 
+    def health(self) -> str | None:
+        """``None`` if the app runs and both listeners accept; else what is wrong."""
+        problems = []
+        if not self.running():
+            problems.append("the RabbitMQ app is not running")
+        for name, port in (("AMQP", self.port), ("TLS", self.tls_port)):
+            if _free(port):
+                problems.append(f"nothing listens on the {name} port {port}")
+        return "; ".join(problems) or None
+
     def log_tail(self, lines: int = 40) -> str:
         log = self.root / "log" / f"{self.node}.log"
         if not log.exists():
@@ -271,4 +281,7 @@ def private_broker() -> Iterator[PrivateBroker]:
         try:
             broker.stop()
         finally:
+            log = root / "log" / f"{broker.node}.log"
+            if log.exists():  # kept for a post-mortem; the node's data goes
+                shutil.copy(log, Path(tempfile.gettempdir()) / f"{broker.node}.log")
             shutil.rmtree(root, ignore_errors=True)
