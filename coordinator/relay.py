@@ -12,6 +12,11 @@ on 3.10.8, broker restarted with ``stop_app``/``start_app``) confirms messages r
 a stream queue whose leader has not restarted yet, and drops them from the stream,
 while quorum queues keep them. The audit stream must hold every event, so the relay
 publishes those again once the stream is back; consumers skip the copies.
+
+What this process commits is handed to the relay with the wake-up (``offer``) and
+published from memory when it follows on from the tracked position, saving a read and
+a decode of what was just written; anything else (another coordinator's events, a gap,
+a backlog after a stall) is read from the log.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ POLL_SECONDS: Final = 1.0
 MAX_BACKOFF: Final = 5.0
 # After a reconnect, publish again what was published since, this much later.
 RESEND_AFTER_RECONNECT: Final = 5.0
+# Committed events kept for publishing from memory at most; beyond, the log is read.
+HANDED_LIMIT: Final = 5_000
 
 
 def traceparent(env: EventEnvelope) -> str | None:
@@ -105,6 +112,8 @@ class OutboxRelay:
         self.published = 0
         self.batches = 0
         self._wake = asyncio.Event()
+        self._handed: list[EventEnvelope] = []  # committed here, maybe not yet published
+        self.from_memory = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._caught_up = asyncio.Event()
@@ -125,6 +134,42 @@ class OutboxRelay:
         """Something was committed: publish it now (the coordinator's commit hook)."""
         self._caught_up.clear()
         self._wake.set()
+
+    def offer(self, saved: Sequence[EventEnvelope]) -> None:
+        """Events this process just committed, with their positions, in store order:
+        wake up and publish them, from memory if they follow on from the position."""
+        if saved:
+            if len(self._handed) + len(saved) > HANDED_LIMIT:
+                # Not keeping up (the broker is away): the log has it all anyway.
+                self._handed.clear()
+            self._handed.extend(saved)
+        self.wake()
+
+    def _prune_handed(self) -> list[EventEnvelope]:
+        """Drop what the relay's position has passed; the rest."""
+        handed = self._handed
+        skip = 0
+        while skip < len(handed) and (handed[skip].position or 0) <= self.position:
+            skip += 1
+        if skip:
+            del handed[:skip]
+        return handed
+
+    def _take_handed(self) -> list[EventEnvelope]:
+        """The next page from memory if it continues the log exactly where the relay
+        stands (no gap, no one else's events in between); else nothing."""
+        handed = self._prune_handed()
+        expected = self.position + 1
+        taken = 0
+        for env in handed:
+            if env.position != expected or taken == self.page:
+                break
+            expected += 1
+            taken += 1
+        page = handed[:taken]
+        if taken == 0 and handed:
+            handed.clear()  # not contiguous with the log: read it instead
+        return page
 
     async def close(self) -> None:
         """Publish what is committed (bounded), then stop. Safe to call twice."""
@@ -237,22 +282,31 @@ class OutboxRelay:
     async def _drain(self) -> None:
         while True:
             self._note_reconnect(self.position)
-            notifications = await asyncio.to_thread(
-                self.store.read_notifications, self.position, self.page
-            )
-            if not notifications:
-                self._caught_up.set()
-                return
+            handed = self._take_handed()
+            if handed:
+                count, last = len(handed), handed[-1].position or 0
+                items = [
+                    (self.topology.routing_key(env.type), event_message(env, self.codec))
+                    for env in handed
+                ]
+                self.from_memory += count
+            else:
+                notifications = await asyncio.to_thread(
+                    self.store.read_notifications, self.position, self.page
+                )
+                if not notifications:
+                    self._caught_up.set()
+                    return
+                count, last = len(notifications), notifications[-1].id
+                items = self._messages(notifications)
             start = self.position
-            items = self._messages(notifications)
             await self.transport.publish_many(self.topology.events_exchange, items)
             # Lost and restored while this page was out: it was published after.
             self._note_reconnect(start)
-            last = notifications[-1].id
             self.position = last
             await self._save(force=False)
             self.published += len(items)
             self.batches += 1
-            if len(notifications) < self.page:
+            if count < self.page and not self._prune_handed():
                 self._caught_up.set()
                 return

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-from contracts import DEFAULT_PREFIX, Topology
+from contracts import DEFAULT_PREFIX, EventEnvelope, Topology
 from contracts.topology import DEFAULT_AUDIT_RETENTION
 from contracts.transport import Transport
 from coordinator.clock import Clock
@@ -145,9 +146,9 @@ class CoordinatorRuntime:
     def is_leader(self) -> bool:
         return self.leadership is not None and self.leadership.is_leader
 
-    def _wake_relay(self, saved: object) -> None:
+    def _wake_relay(self, saved: Sequence[EventEnvelope]) -> None:
         if self.relay is not None:
-            self.relay.wake()
+            self.relay.offer(saved)
 
     async def _on_leadership(self, leader: bool) -> None:
         store = self.coordinator.store

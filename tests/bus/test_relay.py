@@ -123,6 +123,8 @@ async def test_every_stored_event_is_published_once_in_store_order_as_documented
     assert checkpoint[0] == stored[-1].position
     assert rt.relay is not None
     assert rt.relay.position == stored[-1].position
+    # What this process committed went out from memory, and is exactly the log's.
+    assert rt.relay.from_memory > 0
 
 
 async def test_restarted_relay_publishes_only_what_it_had_not_confirmed(
