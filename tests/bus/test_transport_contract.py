@@ -171,6 +171,44 @@ class TestTransportContract:
         assert stats.messages == 0
         assert await drain(t, dlq) == []
 
+    async def test_settling_out_of_order_acks_exactly_what_was_acked(self, bus: Bus) -> None:
+        """Handlers finish in any order; some requeue or reject while later ones are
+        acked (RabbitMQ's consumer acks travel together: no ack may cover a delivery
+        that is still being handled or is requeued)."""
+        dlx, dlq = await with_dead_letters(bus)
+        t = await bus.connect("test")
+        work = f"{bus.prefix}.work"
+        await t.declare_queue(QueueSpec(work, arguments={"x-dead-letter-exchange": dlx}))
+        count = 60
+        seen: list[tuple[int, bool]] = []
+
+        async def settle(delivery: Delivery) -> None:
+            n = int(delivery.body)
+            seen.append((n, delivery.redelivered))
+            await asyncio.sleep((n * 7 % 11) / 1000)  # finish out of arrival order
+            if n % 10 == 3 and not delivery.redelivered:
+                await delivery.requeue()
+            elif n % 10 == 7:
+                await delivery.reject()
+            else:
+                await delivery.ack()
+
+        handle = await t.consume(work, settle, prefetch=32)
+        for n in range(count):
+            await t.publish("", work, message(str(n)))
+        expected = count + count // 10  # every "3" comes twice
+        await wait_for(lambda: len(seen) >= expected, what=f"{expected} deliveries")
+        await asyncio.sleep(0.2)  # anything wrongly requeued would be back by now
+        await handle.close()
+
+        assert len(seen) == expected
+        assert sorted(n for n, again in seen if again) == [n for n in range(count) if n % 10 == 3]
+        stats = await t.queue_stats(work)
+        assert stats is not None
+        assert stats.messages == 0
+        dead = await take(t, dlq, count // 10)
+        assert sorted(int(d.body) for d in dead) == [n for n in range(count) if n % 10 == 7]
+
     async def test_delivery_limit_exceeded_dead_letters_the_message(self, bus: Bus) -> None:
         dlx, dlq = await with_dead_letters(bus)
         t = await bus.connect("test")
