@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import logging
 import ssl
+import struct
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from datetime import UTC
@@ -30,6 +31,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec as amqp_spec
+from pamqp import encode as pamqp_encode
 
 from contracts.transport import (
     DIRECT_REPLY_TO,
@@ -47,7 +49,7 @@ from contracts.transport import (
     Unroutable,
 )
 
-__all__ = ["RECONNECT_ERRORS", "AmqpTransport", "redact_url"]
+__all__ = ["RECONNECT_ERRORS", "AmqpTransport", "FastProperties", "redact_url"]
 
 log = logging.getLogger("sessionbus.amqp")
 
@@ -62,6 +64,8 @@ RECONNECT_ERRORS: tuple[type[BaseException], ...] = (
 # aio-pika raises RuntimeError("... closed") while a robust connection is restored.
 _LOST: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, RuntimeError)
 _CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, aiormq.exceptions.AMQPError)
+_OCTET = struct.Struct(">B")
+_FLAGS = struct.Struct(">H")
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _TRANSIENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
 # How long to give aio-pika's close callback before looking at a closed channel again.
@@ -302,11 +306,66 @@ class _AmqpConsumerHandle(ConsumerHandle):
             await self._channel.close()
 
 
+def _short(value: str) -> bytes:
+    raw = value.encode()
+    if len(raw) > 255:
+        raise TypeError(f"string exceeds maximum length of 255 bytes: {value[:40]!r}…")
+    return _OCTET.pack(len(raw)) + raw
+
+
+class FastProperties(amqp_spec.Basic.Properties):
+    """``Basic.Properties`` with a direct ``marshal``: the same bytes as pamqp's
+    generic one (which looks up and dispatches on each property's type) at a fraction
+    of its cost, which is a good share of every publish."""
+
+    def marshal(self) -> bytes:
+        flags = 0
+        parts: list[bytes] = []
+        # pamqp leaves out exactly the properties that are None or "".
+        if self.content_type:
+            flags |= 0x8000
+            parts.append(_short(self.content_type))
+        if self.content_encoding:
+            flags |= 0x4000
+            parts.append(_short(self.content_encoding))
+        if self.headers is not None:
+            flags |= 0x2000
+            parts.append(pamqp_encode.field_table(self.headers))
+        if self.delivery_mode is not None:
+            flags |= 0x1000
+            parts.append(_OCTET.pack(self.delivery_mode))
+        if self.priority is not None:
+            flags |= 0x0800
+            parts.append(_OCTET.pack(self.priority))
+        for flag, value in (
+            (0x0400, self.correlation_id),
+            (0x0200, self.reply_to),
+            (0x0100, self.expiration),
+            (0x0080, self.message_id),
+        ):
+            if value:
+                flags |= flag
+                parts.append(_short(value))
+        if self.timestamp is not None:
+            flags |= 0x0040
+            parts.append(pamqp_encode.timestamp(self.timestamp))
+        for flag, value in (
+            (0x0020, self.message_type),
+            (0x0010, self.user_id),
+            (0x0008, self.app_id),
+            (0x0004, self.cluster_id),
+        ):
+            if value:
+                flags |= flag
+                parts.append(_short(value))
+        return _FLAGS.pack(flags) + b"".join(parts)
+
+
 def _properties(message: OutgoingMessage) -> amqp_spec.Basic.Properties:
     """The AMQP properties of a message, built directly: an ``aio_pika.Message`` per
     publish (validated attribute by attribute, then converted to these same
     properties) costs more than the publish itself on the command path."""
-    return amqp_spec.Basic.Properties(
+    return FastProperties(
         content_type=message.content_type,
         headers=dict(message.headers) if message.headers else None,
         message_id=message.message_id,

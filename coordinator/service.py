@@ -142,6 +142,7 @@ class SessionCoordinator:
         self._applier: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._commit_listeners: list[CommitListener] = []
+        self._handover: list[WriteJob] = []  # for the writer at the end of this loop pass
         self._created_callbacks: list[WorkflowSessionCallback] = []
         self._destroyed_callbacks: list[WorkflowSessionCallback] = []
         self._linked_callbacks: list[ModuleSessionLinkCallback] = []
@@ -463,7 +464,7 @@ class SessionCoordinator:
         assert self._writer is not None
         assert self._loop is not None
         future: asyncio.Future[tuple[Accepted, list[str]]] = self._loop.create_future()
-        self._writer.submit(
+        self._submit(
             WriteJob(
                 command=command,
                 principal=principal,
@@ -473,6 +474,19 @@ class SessionCoordinator:
             )
         )
         return await future
+
+    def _submit(self, job: WriteJob) -> None:
+        assert self._loop is not None
+        if not self._handover:
+            self._loop.call_soon(self._hand_over)
+        self._handover.append(job)
+
+    def _hand_over(self) -> None:
+        """Give the writer every command of this pass of the event loop at once: a
+        thread wake-up per command costs the loop more than the command's own work."""
+        jobs, self._handover = self._handover, []
+        if self._writer is not None and jobs:
+            self._writer.submit_many(jobs)
 
     async def _read(self, command: Command) -> Result:
         proj = self.projections
@@ -694,7 +708,7 @@ class SessionCoordinator:
         assert self._writer is not None
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._writer.submit(WriteJob.barrier(future))
+        self._submit(WriteJob.barrier(future))
         await future
 
     # -- history ----------------------------------------------------------------------

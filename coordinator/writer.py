@@ -188,6 +188,10 @@ class Writer:
     def submit(self, job: WriteJob) -> None:
         self._queue.put(job)
 
+    def submit_many(self, jobs: list[WriteJob]) -> None:
+        """Jobs in one hand-over: one wake-up of this thread, not one each."""
+        self._queue.put(jobs)
+
     def kick(self) -> None:
         """Wake the thread to fire due timeouts now (the clock may have moved)."""
         self._queue.put(None)
@@ -212,6 +216,8 @@ class Writer:
                     stopping = True
                 elif isinstance(item, WriteJob):
                     batch.append(item)
+                elif isinstance(item, list):
+                    batch.extend(item)
                 elif isinstance(item, _Arm) and item.session_id not in self._gone:
                     self._arm(item.session_id, item.deadline)
             try:
