@@ -33,6 +33,7 @@ from benchmarks.registry import (
 # Modules that register measurements, in the order they run.
 MODULES = (
     "benchmarks.raw",
+    "benchmarks.rawbus",
     "benchmarks.commands",
     "benchmarks.rebuild",
     "benchmarks.memory",
