@@ -15,6 +15,8 @@ JSON encoded with msgspec, and the naive peer stores with eventsourcing alone.
   publish it and await the confirm; one command after another.
 
 Every queue and exchange is named ``bench-rawbus-<hex6>.…`` and deleted afterwards.
+The ``*_cpu_us_per_*`` figures are CPU time of the client (or consumer) process per
+message: on a shared machine the rates move with the load, those much less.
 
 Children: ``python -m benchmarks.rawbus consume URL QUEUE COUNT PREFETCH ACK_EVERY
 MAX_SECONDS`` prints ``ready``, then one JSON line per COUNT messages received;
@@ -306,7 +308,13 @@ class _Bench:
 @contextlib.contextmanager
 def _bench(ctx: Context, kind: str) -> Iterator[_Bench]:
     bench = _Bench(ctx, kind)
-    ctx.params.update(prefix=bench.prefix, amqp_url_host=_host(bench.url))
+    # Other work on the machine takes cores from the client, the broker and the
+    # children alike: keep how busy it was next to the figures.
+    ctx.params.update(
+        prefix=bench.prefix,
+        amqp_url_host=_host(bench.url),
+        load_average_at_setup=[round(x, 2) for x in os.getloadavg()],
+    )
     try:
         yield bench
     finally:
@@ -369,14 +377,22 @@ def rawbus_publish(ctx: Context) -> Iterator[Trial]:
 
         exchange, queue = bench.run(setup(), 30)
 
-        async def publish() -> float:
+        async def publish() -> dict[str, Figure]:
             await queue.purge(timeout=30)
+            cpu = time.process_time()
             deadline = Deadline(seconds)
             sent = await _publish_confirmed(exchange, bodies, deadline)
-            return sent / deadline.elapsed()
+            elapsed = deadline.elapsed()
+            return {
+                "msgs_per_s": Figure(sent / elapsed, "msgs/s"),
+                # What the client costs, whatever else the machine is doing.
+                "client_cpu_us_per_msg": Figure(
+                    (time.process_time() - cpu) / sent * 1e6, "µs", None
+                ),
+            }
 
         def trial() -> dict[str, Figure]:
-            return {"msgs_per_s": Figure(bench.run(publish(), seconds + 30), "msgs/s")}
+            return bench.run(publish(), seconds + 30)
 
         yield trial
 
@@ -441,6 +457,7 @@ def rawbus_e2e(ctx: Context) -> Iterator[Trial]:
                 "msgs_per_s": Figure(count / (got["last"] - started), "msgs/s"),
                 "consumer_msgs_per_s": Figure((count - 1) / (got["last"] - got["first"]), "msgs/s"),
                 "publish_msgs_per_s": Figure(count / (published - started), "msgs/s"),
+                "consumer_cpu_us_per_msg": Figure(got["cpu"] / (count - 1) * 1e6, "µs", None),
             }
 
         def trial() -> dict[str, Figure]:
@@ -560,7 +577,9 @@ def rawbus_rpc(ctx: Context) -> Iterator[Trial]:
             for label, queue in queues.items():
                 await client.load(queue, 8, 10.0, warmup)
                 for inflight in INFLIGHTS:
+                    cpu = time.process_time()
                     latencies, elapsed = await client.load(queue, inflight, seconds, max_requests)
+                    cpu = time.process_time() - cpu
                     key = f"{label}inflight_{inflight}"
                     figures[f"{key}.req_per_s"] = Figure(len(latencies) / elapsed, "req/s")
                     figures[f"{key}.p50_ms"] = Figure(
@@ -568,6 +587,9 @@ def rawbus_rpc(ctx: Context) -> Iterator[Trial]:
                     )
                     figures[f"{key}.p99_ms"] = Figure(
                         percentile(latencies, 0.99) * 1000, "ms", "lower"
+                    )
+                    figures[f"{key}.client_cpu_us_per_req"] = Figure(
+                        cpu / len(latencies) * 1e6, "µs", None
                     )
             return figures
 
@@ -699,18 +721,20 @@ async def _consume(
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.declare_queue(queue_name, passive=True)
         received = 0
-        first = 0.0
+        first = first_cpu = 0.0
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            nonlocal received, first
+            nonlocal received, first, first_cpu
             now = _clock()
             received += 1
             if received == 1:
-                first = now
+                first, first_cpu = now, time.process_time()
             if received % ack_every == 0 or received == count:
                 await message.ack(multiple=True)
             if received == count:
-                print(json.dumps({"count": received, "first": first, "last": now}), flush=True)
+                cpu = time.process_time() - first_cpu
+                report = {"count": received, "first": first, "last": now, "cpu": cpu}
+                print(json.dumps(report), flush=True)
                 received = 0
 
         await queue.consume(on_message)
