@@ -355,7 +355,7 @@ async def _publish_confirmed(
 )
 @contextlib.contextmanager
 def rawbus_publish(ctx: Context) -> Iterator[Trial]:
-    count = ctx.size(5_000, 30_000)
+    count = ctx.size(5_000, 20_000)
     seconds = ctx.size(10, 30)
     # Encoded beforehand: this times the client and the broker, not JSON encoding.
     bodies = [_event(i) for i in range(count)]
@@ -409,7 +409,7 @@ def rawbus_publish(ctx: Context) -> Iterator[Trial]:
 )
 @contextlib.contextmanager
 def rawbus_e2e(ctx: Context) -> Iterator[Trial]:
-    count = ctx.size(5_000, 30_000)
+    count = ctx.size(5_000, 20_000)
     seconds = ctx.size(10, 30)
     # Encoded beforehand: this times the client and the broker, not JSON encoding.
     bodies = [_event(i) for i in range(count)]
@@ -539,7 +539,7 @@ class _RpcClient:
 )
 @contextlib.contextmanager
 def rawbus_rpc(ctx: Context) -> Iterator[Trial]:
-    seconds = 0.8 if ctx.quick else 3.0
+    seconds = 0.8 if ctx.quick else 2.0
     max_requests = ctx.size(10_000, 50_000)
     warmup = 200
     ctx.params.update(
@@ -627,7 +627,7 @@ class _PeerApp(Application[uuid.UUID]):
 )
 @contextlib.contextmanager
 def rawbus_naive_peer(ctx: Context) -> Iterator[Trial]:
-    seconds = 1.5 if ctx.quick else 5.0
+    seconds = 1.5 if ctx.quick else 3.0
     max_commands = ctx.size(5_000, 50_000)
     ctx.params.update(
         seconds_per_trial=seconds,
