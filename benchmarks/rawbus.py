@@ -409,7 +409,7 @@ def rawbus_publish(ctx: Context) -> Iterator[Trial]:
 )
 @contextlib.contextmanager
 def rawbus_e2e(ctx: Context) -> Iterator[Trial]:
-    count = ctx.size(5_000, 20_000)
+    count = ctx.size(4_000, 20_000)
     seconds = ctx.size(10, 30)
     # Encoded beforehand: this times the client and the broker, not JSON encoding.
     bodies = [_event(i) for i in range(count)]
