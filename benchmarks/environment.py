@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import os
@@ -14,13 +15,20 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import aio_pika
 import psycopg
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def postgres_base_url() -> str:
     return os.environ.get("SESSIONBUS_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+def amqp_url() -> str:
+    """The broker, as the test suite finds it."""
+    return os.environ.get("SESSIONBUS_TEST_AMQP_URL", DEFAULT_AMQP_URL)
 
 
 def _package_version(name: str) -> str | None:
@@ -111,6 +119,20 @@ def postgres_reachable(url: str) -> str | None:
         with psycopg.connect(url, connect_timeout=5) as conn:
             conn.execute("SELECT 1")
     except (psycopg.Error, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def rabbitmq_reachable(url: str) -> str | None:
+    """``None`` when RabbitMQ accepts an AMQP connection, else why not."""
+
+    async def connect() -> None:
+        connection = await aio_pika.connect(url, timeout=5)
+        await connection.close()
+
+    try:
+        asyncio.run(connect())
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
         return f"{type(exc).__name__}: {exc}"
     return None
 

@@ -42,6 +42,7 @@ class Context:
     postgres_url: str
     shared: dict[str, Any]
     workdir: Path
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     params: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     cleanups: list[Callable[[], None]] = field(default_factory=list)
@@ -68,7 +69,7 @@ class Measurement:
     setup: Setup
     repeats: tuple[int, int]  # (quick, full)
     budget_s: tuple[float, float]  # time allowed for the repetitions (quick, full)
-    needs: tuple[str, ...] = ()  # "postgres"
+    needs: tuple[str, ...] = ()  # "postgres", "rabbitmq"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from benchmarks.registry import (
 # Modules that register measurements, in the order they run.
 MODULES = (
     "benchmarks.raw",
+    "benchmarks.rawbus",
     "benchmarks.commands",
     "benchmarks.rebuild",
     "benchmarks.memory",
@@ -106,13 +107,24 @@ def run_one(
     repeats: int | None,
 ) -> Outcome:
     outcome = Outcome(m)
-    ctx = Context(quick=quick, postgres_url=postgres_url, shared=shared, workdir=workdir)
+    ctx = Context(
+        quick=quick,
+        postgres_url=postgres_url,
+        shared=shared,
+        workdir=workdir,
+        amqp_url=environment.amqp_url(),
+    )
     wanted = repeats or (m.repeats[0] if quick else m.repeats[1])
     budget = m.budget_s[0] if quick else m.budget_s[1]
     if "postgres" in m.needs:
         why = environment.postgres_reachable(postgres_url)
         if why is not None:
             outcome.error = f"PostgreSQL unreachable at {postgres_url}: {why}"
+            return outcome
+    if "rabbitmq" in m.needs:
+        why = environment.rabbitmq_reachable(ctx.amqp_url)
+        if why is not None:
+            outcome.error = f"RabbitMQ unreachable: {why}"
             return outcome
     print(f"▶ {m.name}: {m.description}", file=sys.stderr, flush=True)
     began = time.perf_counter()
