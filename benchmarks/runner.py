@@ -34,6 +34,7 @@ from benchmarks.registry import (
 MODULES = (
     "benchmarks.raw",
     "benchmarks.commands",
+    "benchmarks.bus",
     "benchmarks.rebuild",
     "benchmarks.memory",
 )
