@@ -651,13 +651,19 @@ async def _relay_to(
     """Start a coordinator on ``store`` (its relay publishes what the store holds past
     its tracked position), wait until each module applied its count, stop it. Whether
     all arrived, and the CPU each party used from the coordinator's ready to then."""
+    began = time.perf_counter()
     coordinator = await h.coordinator(store)
     try:
         await coordinator.wait_ready()
+        ready = time.perf_counter()
         meter = CpuMeter(
             {"coordinator": [coordinator.pid], "modules": [c.pid for c in want]}, bench=False
         )
         done = await _until(lambda: all(c.applied >= n for c, n in want.items()), timeout)
+        h.ctx.log(
+            f"{len(want)} module(s): coordinator ready in {ready - began:.1f}s, "
+            f"every event applied {time.perf_counter() - ready:.1f}s later"
+        )
         return done, meter.stop()
     finally:
         await h.stop(coordinator)
@@ -666,13 +672,13 @@ async def _relay_to(
 @measurement(
     "bus.delivered",
     "committed backlog → applied in 1 and in 7 module processes (outbox relay, SDK consumer)",
-    repeats=(1, 3),
-    budget_s=(30.0, 150.0),
+    repeats=(1, 2),
+    budget_s=(30.0, 200.0),
 )
 @contextlib.contextmanager
 def bus_delivered(ctx: Context) -> Iterator[Trial]:
-    sessions = ctx.size(200, 2000)
-    timeout = 30.0 + sessions * 11 / 200  # far beyond any plausible rate
+    sessions = ctx.size(200, 600)
+    timeout = 30.0 + sessions * 11 / 100  # far beyond any plausible rate
     ctx.params.update(
         sessions_per_phase=sessions,
         events_per_session=11,
@@ -693,7 +699,11 @@ def bus_delivered(ctx: Context) -> Iterator[Trial]:
             first = await h.bench_module(BENCH_MODULES[0], outs[BENCH_MODULES[0]])
             modules = [first]
             try:
+                began = time.perf_counter()
                 a = await _write_backlog(store, sessions)  # while the module starts
+                ctx.log(
+                    f"backlog of {sum(a.values())} events in {time.perf_counter() - began:.1f}s"
+                )
                 await first.wait_ready()
                 total_a = sum(a.values())
                 done_a, cpu_a = await _relay_to(h, store, {first: total_a}, timeout)
@@ -744,52 +754,64 @@ ratio(
 # --- bus.fanout -----------------------------------------------------------------------
 
 
-async def _paced(
-    h: Harness, sessions: list[uuid.UUID], rate: float, seconds: float
-) -> tuple[dict[str, int], float, float, int]:
+@dataclass
+class Paced:
+    wall: float  # time.time() at the start of the schedule
+    scheduled: int
+    sent: int = 0
+    failed: int = 0
+    behind_s: float = 0.0  # how far behind its due time the latest send was
+    seconds: float = 0.0  # from the start to the last reply
+    per_session: dict[str, int] = field(default_factory=dict)  # activity recorded
+
+
+async def _paced(h: Harness, sessions: list[uuid.UUID], rate: float, seconds: float) -> Paced:
     """``record_activity`` (one event each) round-robin over ``sessions``, command i due
-    at start + i/rate: a late command does not push the later ones back. Returns the
-    activity count per session, the wall time of the start, the seconds from the start
-    to the last reply, and how many commands failed."""
-    count = int(rate * seconds)
-    done: dict[str, int] = {str(s): 0 for s in sessions}
-    failed = 0
+    at start + i/rate: a late command does not push the later ones back (an open loop,
+    bounded in flight, in count and in time)."""
+    got = Paced(time.time(), int(rate * seconds))
+    got.per_session = {str(s): 0 for s in sessions}
     inflight: set[asyncio.Task[None]] = set()
-    last_reply = 0.0
+    last_reply = started = time.perf_counter()
 
     async def one(sid: uuid.UUID) -> None:
-        nonlocal failed, last_reply
+        nonlocal last_reply
         try:
             await h.client.record_activity(sid)
         except Exception:  # noqa: BLE001 - counted and reported
-            failed += 1
+            got.failed += 1
             return
-        done[str(sid)] += 1
+        got.per_session[str(sid)] += 1
         last_reply = time.perf_counter()
 
-    wall = time.time()
-    started = time.perf_counter()
-    for i in range(count):
-        delay = started + i / rate - time.perf_counter()
+    for i in range(got.scheduled):
+        due = started + i / rate
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         if time.perf_counter() - started > seconds * 2:
             break  # far behind the schedule: the time bound wins
         while len(inflight) >= 512:  # behind the schedule: bounded in flight
             await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+        got.behind_s = max(got.behind_s, time.perf_counter() - due)
         task = asyncio.create_task(one(sessions[i % len(sessions)]))
         inflight.add(task)
         task.add_done_callback(inflight.discard)
+        got.sent += 1
     if inflight:
-        await asyncio.wait(inflight, timeout=30)
-    return done, wall, last_reply - started, failed
+        _, late = await asyncio.wait(inflight, timeout=30)
+        for task in late:
+            task.cancel()
+        got.failed += len(late)
+    got.seconds = last_reply - started
+    return got
 
 
 @measurement(
     "bus.fanout",
     "commit → applied latency in 7 module processes at a fixed event rate (paced schedule)",
-    repeats=(1, 3),
-    budget_s=(20.0, 120.0),
+    repeats=(1, 2),
+    budget_s=(20.0, 150.0),
 )
 @contextlib.contextmanager
 def bus_fanout(ctx: Context) -> Iterator[Trial]:
@@ -827,8 +849,8 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
                 meter = CpuMeter(
                     {"coordinator": [coordinator.pid], "modules": [m.pid for m in modules]}
                 )
-                done, wall, elapsed, failed = await _paced(h, ids, rate, seconds)
-                expected = {sid: 2 + n for sid, n in done.items()}
+                paced = await _paced(h, ids, rate, seconds)
+                expected = {sid: 2 + n for sid, n in paced.per_session.items()}
                 total = sum(expected.values())
                 if not await _until(lambda: all(m.applied >= total for m in modules), 30):
                     ctx.note(f"trial {trials}: not every event applied within 30 s")
@@ -840,21 +862,25 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
             reports = [_read_report(m, outs[m.name]) for m in modules]
             applied = {r["module_id"]: _applied(r, expected) for r in reports}
             wrong = _check(ctx, f"trial {trials}", applied, reports)
-            if failed:
-                ctx.note(f"trial {trials}: {failed} commands failed")
-            latencies = sorted((a - o) * 1000 for r in reports for o, a in r["pairs"] if o >= wall)
-            events = sum(done.values())
-            achieved = events / elapsed if elapsed > 0 else 0.0
+            if paced.failed:
+                ctx.note(f"trial {trials}: {paced.failed} commands failed or went unanswered")
+            latencies = sorted(
+                (a - o) * 1000 for r in reports for o, a in r["pairs"] if o >= paced.wall
+            )
+            events = sum(paced.per_session.values())
+            achieved = events / paced.seconds if paced.seconds > 0 else 0.0
             if achieved < 0.95 * rate:
                 ctx.note(
-                    f"trial {trials}: target rate {rate:.0f} events/s not reached "
-                    f"({achieved:.0f} events/s achieved)"
+                    f"trial {trials}: target rate {rate:.0f} events/s not reached: "
+                    f"{achieved:.0f} events/s achieved, {paced.sent} of {paced.scheduled} "
+                    f"commands sent, up to {paced.behind_s:.2f} s behind their due time"
                 )
             return {
                 "p50_ms": Figure(percentile(latencies, 0.5), "ms", "lower"),
                 "p99_ms": Figure(percentile(latencies, 0.99), "ms", "lower"),
                 "max_ms": Figure(latencies[-1] if latencies else float("nan"), "ms", "lower"),
                 "achieved_events_per_s": Figure(achieved, "events/s"),
+                "sends_behind_schedule_max_ms": Figure(paced.behind_s * 1000, "ms", "lower"),
                 "deliveries": Figure(len(latencies), "deliveries", None),
                 "wrong_events": Figure(wrong, "events", "lower"),
                 **_cpu_figures("", cpu, events, "event"),
@@ -959,12 +985,12 @@ async def _verify_destroyed(h: Harness, ids: list[uuid.UUID]) -> list[str]:
 @measurement(
     "bus.sessions",
     "whole workflow sessions/s with the 7 reference modules and a coordinator, as processes",
-    repeats=(1, 3),
-    budget_s=(20.0, 120.0),
+    repeats=(1, 2),
+    budget_s=(20.0, 150.0),
 )
 @contextlib.contextmanager
 def bus_sessions(ctx: Context) -> Iterator[Trial]:
-    count = ctx.size(40, 300)
+    count = ctx.size(40, 200)
     concurrency = ctx.size(16, 32)
     ctx.params.update(
         sessions=count,
