@@ -992,9 +992,12 @@ async def _verify_destroyed(h: Harness, ids: list[uuid.UUID]) -> list[str]:
 def bus_sessions(ctx: Context) -> Iterator[Trial]:
     count = ctx.size(40, 200)
     concurrency = ctx.size(16, 32)
+    solo = ctx.size(5, 20)
     ctx.params.update(
         sessions=count,
         concurrency=concurrency,
+        sessions_alone=solo,
+        alone="before the concurrent batch, sessions one at a time: a life without queueing",
         modules=sorted(REFERENCE_MODULES),
         life="create (6 required + 1 optional module link) → ACTIVE → COMPLETED → destroy → "
         "7 unlinks → destroyed; ACTIVE and destroyed seen on an observer queue, then every "
@@ -1013,10 +1016,9 @@ def bus_sessions(ctx: Context) -> Iterator[Trial]:
 
         coordinator, modules = loop.run_until_complete(setup())
 
-        async def trial() -> dict[str, Figure]:
-            nonlocal driven
-            gate = asyncio.Semaphore(concurrency)
-            ids: list[uuid.UUID] = []
+        async def batch(n: int, at_once: int) -> tuple[list[float], list[str], float]:
+            """``n`` sessions, ``at_once`` at a time: their lives (s), errors, seconds."""
+            gate = asyncio.Semaphore(at_once)
             lives: list[float] = []
             errors: list[str] = []
 
@@ -1027,24 +1029,31 @@ def bus_sessions(ctx: Context) -> Iterator[Trial]:
                     except (Exception, TimeoutError) as exc:  # noqa: BLE001 - reported
                         errors.append(f"{type(exc).__name__}: {exc}")
 
+            began = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(n)))
+            return sorted(lives), errors, time.perf_counter() - began
+
+        async def trial() -> dict[str, Figure]:
+            nonlocal driven
+            alone, errors, _ = await batch(solo, 1)
             meter = CpuMeter(
                 {"coordinator": [coordinator.pid], "modules": [m.pid for m in modules]}
             )
-            began = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(count)))
-            elapsed = time.perf_counter() - began
+            lives, more_errors, elapsed = await batch(count, concurrency)
             cpu = meter.stop()
+            errors += more_errors
             ids = list(observer.watches)
             observer.watches.clear()
             driven += len(ids)
             problems = await _verify_destroyed(h, ids)
             for text in [*errors[:5], *problems[:5]]:
                 ctx.note(f"bus.sessions: {text}")
-            lives.sort()
             return {
                 "sessions_per_s": Figure(len(lives) / elapsed, "sessions/s"),
                 "life_p50_ms": Figure(percentile(lives, 0.5) * 1000, "ms", "lower"),
                 "life_p99_ms": Figure(percentile(lives, 0.99) * 1000, "ms", "lower"),
+                "alone.life_p50_ms": Figure(percentile(alone, 0.5) * 1000, "ms", "lower"),
+                "alone.life_max_ms": Figure(alone[-1] * 1000 if alone else 0.0, "ms", "lower"),
                 "failed_sessions": Figure(len(errors), "sessions", "lower"),
                 "not_destroyed": Figure(len(problems), "sessions", "lower"),
                 **_cpu_figures("", cpu, len(lives), "session"),
