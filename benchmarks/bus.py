@@ -13,10 +13,18 @@ a fresh directory, real ``sessionctl coordinator`` processes and module processe
   event's commit to its application in each of seven module processes.
 - ``bus.sessions``: whole workflow sessions with the seven reference modules.
 
-The module processes of ``delivered`` and ``fanout`` run ``python -m benchmarks.bus
---module ID``: a ``SessionManager`` subclass that takes part in no session (so it sends
-no commands back) and consumes its own quorum queue through the SDK's consumer (acks,
-per-session order, dedupe by version), recording what it applied and when.
+A module's queue is bound to every session event (``session.#``), whether or not the
+module linked the session: every module receives every event of every session. The
+module processes of ``delivered`` and ``fanout`` run ``python -m benchmarks.bus --module
+ID``: a ``SessionManager`` subclass that takes part in no session (so it sends no
+commands back) and consumes its own quorum queue through the SDK's consumer (acks,
+per-session order, dedupe by version), recording what it applied and when; the parent
+checks that each applied every committed event once and in order.
+
+Beside each rate: CPU milliseconds per event (or command, or session) of each party
+(coordinator, modules, broker, this process), how long the coordinator waited for a
+CPU while runnable, and how busy the whole machine was: on a small shared machine
+these say where the time went.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,8 +166,9 @@ class Child:
                     self.process.kill()
                 await self.process.wait()
                 self.lines.append(f"(killed after {STOP_GRACE_S:.0f} s without exiting)")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*self._readers), 5)
+        _, unfinished = await asyncio.wait(self._readers, timeout=5)
+        for reader in unfinished:  # a grandchild holding the pipe open
+            reader.cancel()
         code = self.process.returncode
         assert code is not None
         return code
@@ -219,7 +228,8 @@ class Harness:
         self.dir = ctx.tmpdir(f"bus-{label}-")
         self.transport = AmqpTransport(AMQP, connection_name=f"{self.prefix} bench")
         self.client = CoordinatorClient(self.transport, self.topology, timeout=10)
-        self.children: list[Child] = []
+        self.children: list[Child] = []  # running
+        self.started: list[Child] = []
         ctx.params["prefix"] = self.prefix
 
     async def open(self) -> None:
@@ -249,6 +259,7 @@ class Harness:
             "; ready",
         )
         self.children.append(child)
+        self.started.append(child)
         return child
 
     async def bench_module(self, module_id: str, out: Path) -> Child:
@@ -270,6 +281,7 @@ class Harness:
             "ready",
         )
         self.children.append(child)
+        self.started.append(child)
         return child
 
     async def reference_module(self, name: str) -> Child:
@@ -288,6 +300,7 @@ class Harness:
             f"{name}: ready on prefix",
         )
         self.children.append(child)
+        self.started.append(child)
         return child
 
     async def stop(self, *children: Child) -> None:
@@ -332,6 +345,12 @@ def _harness(ctx: Context, label: str) -> Iterator[tuple[asyncio.AbstractEventLo
     try:
         loop.run_until_complete(harness.open())
         yield loop, harness
+    except BaseException:
+        for child in harness.started:  # what the processes said, for the failure
+            ctx.log(f"{child.name} (pid {child.pid}), last lines:")
+            for line in list(child.lines)[-15:]:
+                ctx.log(f"  {line}")
+        raise
     finally:
         try:
             loop.run_until_complete(harness.close())
@@ -425,12 +444,21 @@ def _cpu_figures(prefix: str, use: CpuUse, count: float, what: str) -> dict[str,
     return figures
 
 
-async def _until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``predicate`` (cheap) until it holds; False at the timeout."""
+async def _until(
+    predicate: Callable[[], bool], timeout: float, alive: Sequence[Child] = ()
+) -> bool:
+    """Poll ``predicate`` (cheap) until it holds; False at the timeout. A process of
+    ``alive`` that exits meanwhile ends the wait with its output."""
     deadline = Deadline(timeout)
     while not predicate():
         if deadline.passed():
             return False
+        for child in alive:
+            if child.process.returncode is not None:
+                raise RuntimeError(
+                    f"{child.name} exited ({child.process.returncode}); its output:\n"
+                    + child.tail()
+                )
         await asyncio.sleep(0.02)
     return True
 
@@ -659,7 +687,9 @@ async def _relay_to(
         meter = CpuMeter(
             {"coordinator": [coordinator.pid], "modules": [c.pid for c in want]}, bench=False
         )
-        done = await _until(lambda: all(c.applied >= n for c, n in want.items()), timeout)
+        done = await _until(
+            lambda: all(c.applied >= n for c, n in want.items()), timeout, [coordinator, *want]
+        )
         h.ctx.log(
             f"{len(want)} module(s): coordinator ready in {ready - began:.1f}s, "
             f"every event applied {time.perf_counter() - ready:.1f}s later"
@@ -845,14 +875,15 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
                         *(h.client.create_workflow_session(["bench"]) for _ in range(lanes))
                     )
                 ]
-                await _until(lambda: all(m.applied >= 2 * lanes for m in modules), 30)
+                alive = [coordinator, *modules]
+                await _until(lambda: all(m.applied >= 2 * lanes for m in modules), 30, alive)
                 meter = CpuMeter(
                     {"coordinator": [coordinator.pid], "modules": [m.pid for m in modules]}
                 )
                 paced = await _paced(h, ids, rate, seconds)
                 expected = {sid: 2 + n for sid, n in paced.per_session.items()}
                 total = sum(expected.values())
-                if not await _until(lambda: all(m.applied >= total for m in modules), 30):
+                if not await _until(lambda: all(m.applied >= total for m in modules), 30, alive):
                     ctx.note(f"trial {trials}: not every event applied within 30 s")
                 cpu = meter.stop()
             finally:
