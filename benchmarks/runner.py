@@ -35,6 +35,7 @@ MODULES = (
     "benchmarks.raw",
     "benchmarks.rawbus",
     "benchmarks.commands",
+    "benchmarks.bus",
     "benchmarks.rebuild",
     "benchmarks.memory",
 )
