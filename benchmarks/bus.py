@@ -558,6 +558,12 @@ ratio(
     "commands through the coordinator vs raw aio-pika RPC, 64 in flight (target >= 0.8)",
 )
 ratio(
+    "commands_vs_raw_rpc_64_quorum",
+    ("bus.commands", "inflight_64.commands_per_s"),
+    ("rawbus.rpc", "quorum.inflight_64.req_per_s"),
+    "the same against raw RPC on a quorum request queue, as the coordinator's commands queue is",
+)
+ratio(
     "vs_naive_peer",
     ("bus.commands", "inflight_64.commands_per_s"),
     ("rawbus.naive_peer", "commands_per_s"),
