@@ -31,7 +31,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aiormq import spec as amqp_spec
+from aiormq.abc import ChannelFrame
 from pamqp import encode as pamqp_encode
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 from contracts.transport import (
     DIRECT_REPLY_TO,
@@ -361,6 +364,28 @@ class FastProperties(amqp_spec.Basic.Properties):
         return _FLAGS.pack(flags) + b"".join(parts)
 
 
+async def _send_now(
+    channel: aiormq.Channel, routing_key: str, body: bytes, properties: amqp_spec.Basic.Properties
+) -> None:
+    """Put an unconfirmed publish to the default exchange straight on the connection's
+    write queue: its frames marshalled into one piece, in call order.
+
+    On a channel without publisher confirms there is no delivery tag to keep in step,
+    so aiormq's ``basic_publish`` (a lock, a timeout scope and futures per message)
+    buys nothing here, and replies are the coordinator's most frequent publish.
+    """
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    size = channel.max_content_size
+    frames: list[Any] = [
+        amqp_spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=False),
+        ContentHeader(properties=properties, body_size=len(body)),
+    ]
+    frames.extend(ContentBody(body[i : i + size]) for i in range(0, len(body), size))
+    # The writer's queue is bounded: waiting for room is the backpressure.
+    await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
+
+
 def _properties(message: OutgoingMessage) -> amqp_spec.Basic.Properties:
     """The AMQP properties of a message, built directly: an ``aio_pika.Message`` per
     publish (validated attribute by attribute, then converted to these same
@@ -548,13 +573,7 @@ class AmqpTransport(Transport):
             # Not mandatory: a reply to a client that has gone must not come back as a
             # return. Not waiting for the socket write either: frames leave in order,
             # so a reply is always written before the ack that follows it.
-            await underlay.basic_publish(
-                message.body,
-                routing_key=routing_key,
-                properties=_properties(message),
-                mandatory=False,
-                wait=False,
-            )
+            await _send_now(underlay, routing_key, message.body, _properties(message))
 
     async def consume(
         self,
@@ -609,9 +628,7 @@ class AmqpTransport(Transport):
                 # the pseudo-queue.
                 properties = _properties(message)
                 properties.reply_to = DIRECT_REPLY_TO
-                await underlay.basic_publish(
-                    message.body, routing_key=queue, properties=properties, wait=False
-                )
+                await _send_now(underlay, queue, message.body, properties)
                 return await asyncio.wait_for(future, timeout)
             finally:
                 self._waiting.pop(message.correlation_id, None)
