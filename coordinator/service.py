@@ -306,11 +306,8 @@ class SessionCoordinator:
                 if target is not None:
                     await self._catch_up_to(target)
                 self._arm_touched()
-                for listener in self._commit_listeners:
-                    try:
-                        listener(saved)
-                    except Exception:
-                        log.exception("commit listener failed")
+                # Callers first, then the relay: their replies are scheduled ahead of
+                # the publishing of the same events, which nobody is waiting on.
                 for job, outcome in results:
                     future = job.token
                     if isinstance(future, asyncio.Future) and not future.done():
@@ -318,6 +315,11 @@ class SessionCoordinator:
                             future.set_exception(outcome)
                         else:
                             future.set_result((outcome, job.actions))
+                for listener in self._commit_listeners:
+                    try:
+                        listener(saved)
+                    except Exception:
+                        log.exception("commit listener failed")
                 if self.projections.position - self._checkpointed_at >= self.checkpoint_every:
                     self._checkpointed_at = self.projections.position
                     await asyncio.to_thread(self._checkpoint)
