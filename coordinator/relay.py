@@ -32,7 +32,7 @@ from eventsourcing.persistence import Notification
 
 from contracts import HEADERS, Codec, EventEnvelope, Topology
 from contracts.transport import OutgoingMessage, Transport, TransportError
-from coordinator.store import EventStore
+from coordinator.store import EventStore, positioned
 
 __all__ = ["OutboxRelay", "event_message", "traceparent"]
 
@@ -275,7 +275,7 @@ class OutboxRelay:
         decode = self.store.mapper.decode_envelope
         items = []
         for n in notifications:
-            env = decode(n.state).with_position(n.id)
+            env = positioned(decode(n.state), n.id)
             items.append((self.topology.routing_key(env.type), event_message(env, self.codec)))
         return items
 

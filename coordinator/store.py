@@ -197,6 +197,14 @@ def _resolve(topic: str) -> Any:
     return resolve_topic(topic)
 
 
+def positioned(env: EventEnvelope, position: int) -> EventEnvelope:
+    """``env`` with the position the store assigned, set in place: it was decoded just
+    now and nobody else holds it, so the copy ``with_position`` makes is not needed
+    (on a replay that copy is a tenth of the work)."""
+    msgspec.structs.force_setattr(env, "position", position)
+    return env
+
+
 class EnvelopeMapper(Mapper[uuid.UUID]):
     """Domain events <-> stored events, with msgspec instead of JSON transcoding."""
 
@@ -564,7 +572,7 @@ class EventStore:
     def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
         """Envelopes after a global position, in order, with their positions."""
         decode = self.mapper.decode_envelope
-        return [decode(state).with_position(pos) for pos, state in self._states(after, limit)]
+        return [positioned(decode(state), pos) for pos, state in self._states(after, limit)]
 
     def _states(self, after: int, limit: int) -> Sequence[tuple[int, bytes]]:
         """(position, stored state) of the events after ``after``: all ``read`` needs.
@@ -596,7 +604,7 @@ class EventStore:
                 return
             for start in range(0, len(rows), _DECODE_SLICE):
                 chunk = rows[start : start + _DECODE_SLICE]
-                yield [decode(state).with_position(pos) for pos, state in chunk]
+                yield [positioned(decode(state), pos) for pos, state in chunk]
             after = rows[-1][0]
 
     def history(self, session_id: uuid.UUID) -> list[EventEnvelope]:
