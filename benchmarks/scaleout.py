@@ -55,6 +55,13 @@ async def _load(prefix: str, partitions: int, inflight: int, seconds: float) -> 
     }
 
 
+async def _drain(process: asyncio.subprocess.Process, index: int, logs: list[str]) -> None:
+    assert process.stderr is not None
+    while line := await process.stderr.readline():
+        logs.append(f"[coordinator {index}] {line.decode(errors='replace').rstrip()}")
+        del logs[:-200]
+
+
 async def _run(replicas: int, partitions: int, inflight: int, seconds: float) -> dict[str, float]:
     prefix = f"bscale{uuid.uuid4().hex[:6]}"
     schema = f"bench_{uuid.uuid4().hex[:8]}"
@@ -63,6 +70,8 @@ async def _run(replicas: int, partitions: int, inflight: int, seconds: float) ->
     store = f"{PG}?schema={schema}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
     processes = []
+    drains: list[asyncio.Task[None]] = []
+    logs: list[str] = []
     try:
         for index in range(replicas):
             process = await asyncio.create_subprocess_exec(
@@ -87,13 +96,21 @@ async def _run(replicas: int, partitions: int, inflight: int, seconds: float) ->
             while b"ready" not in await asyncio.wait_for(process.stderr.readline(), 60):
                 pass
             processes.append(process)
+            # Keep reading what it logs: a full pipe would stall the process.
+            drains.append(asyncio.create_task(_drain(process, index, logs)))
         await asyncio.sleep(2.5)  # staggered standby subscriptions settle
-        return await _load(prefix, partitions, inflight, seconds)
+        try:
+            return await _load(prefix, partitions, inflight, seconds)
+        except BaseException:
+            for line in logs[-40:]:
+                print(line, file=sys.stderr)
+            raise
     finally:
         for process in processes:
             process.send_signal(signal.SIGTERM)
         for process in processes:
             await asyncio.wait_for(process.wait(), 60)
+        await asyncio.gather(*drains, return_exceptions=True)
         with psycopg.connect(PG, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE'.encode())
         async with AmqpTransport(AMQP) as transport:

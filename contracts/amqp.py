@@ -161,8 +161,8 @@ class _Acks:
         self._open: dict[int, bool] = {}  # delivery tag → done; arrival (tag) order
         self._done = 0
         self._flushing = False
+        self._lock = asyncio.Lock()
         self.frames = 0
-        self.acked = 0
 
     def opened(self, message: AbstractIncomingMessage) -> None:
         if message.channel is not self._channel:
@@ -195,31 +195,33 @@ class _Acks:
         task.add_done_callback(_log_flush_failure)
 
     async def flush(self) -> None:
-        self._flushing = False
-        channel = self._channel
-        if not self._done or channel is None:
-            return
-        last: int | None = None
-        while self._open:
-            tag, done = next(iter(self._open.items()))
-            if not done:
-                break
-            del self._open[tag]
-            last = tag
-        single = [tag for tag, done in self._open.items() if done]
-        for tag in single:
-            del self._open[tag]
-        self._done = 0
-        if channel.is_closed:
-            return  # the broker requeues them; the redeliveries are deduplicated
-        if last is not None:
-            self.frames += 1
-            self.acked += 1
-            await channel.basic_ack(last, multiple=True, wait=False)
-        for tag in single:
-            self.frames += 1
-            self.acked += 1
-            await channel.basic_ack(tag, wait=False)
+        # One flush at a time, in order: the acks of a flush waiting for room on the
+        # connection's write queue must not be overtaken by a later flush's ``multiple``
+        # ack (the broker refuses to ack a tag twice, and closes the channel).
+        async with self._lock:
+            self._flushing = False
+            channel = self._channel
+            if not self._done or channel is None:
+                return
+            last: int | None = None
+            while self._open:
+                tag, done = next(iter(self._open.items()))
+                if not done:
+                    break
+                del self._open[tag]
+                last = tag
+            single = [tag for tag, done in self._open.items() if done]
+            for tag in single:
+                del self._open[tag]
+            self._done = 0
+            if channel.is_closed:
+                return  # the broker requeues them; the redeliveries are deduplicated
+            if last is not None:
+                self.frames += 1
+                await channel.basic_ack(last, multiple=True, wait=False)
+            for tag in single:
+                self.frames += 1
+                await channel.basic_ack(tag, wait=False)
 
 
 def _log_flush_failure(task: asyncio.Task[None]) -> None:
