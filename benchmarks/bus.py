@@ -937,9 +937,10 @@ async def _paced(h: Harness, sessions: list[uuid.UUID], rate: float, seconds: fl
 
 @measurement(
     "bus.fanout",
-    "commit → applied latency in 7 module processes at a fixed event rate (paced schedule)",
+    "commit → applied latency in 1, then in 7 module processes at a fixed event rate (paced "
+    "schedule); unprefixed figures are the seven modules'",
     repeats=(1, 2),
-    budget_s=(20.0, 150.0),
+    budget_s=(40.0, 200.0),
 )
 @contextlib.contextmanager
 def bus_fanout(ctx: Context) -> Iterator[Trial]:
@@ -959,12 +960,10 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
     with _harness(ctx, "fanout") as (loop, h):
         trials = 0
 
-        async def trial() -> dict[str, Figure]:
-            nonlocal trials
-            trials += 1
-            outs = {m: h.dir / f"fanout-{m}-{trials}.json" for m in BENCH_MODULES}
-            coordinator = await h.coordinator(h.dir / f"fanout-{trials}.sqlite")
-            modules = [await h.bench_module(m, outs[m]) for m in BENCH_MODULES]
+        async def run(module_ids: tuple[str, ...], label: str) -> dict[str, Figure]:
+            outs = {m: h.dir / f"fanout-{m}-{label}-{trials}.json" for m in module_ids}
+            coordinator = await h.coordinator(h.dir / f"fanout-{label}-{trials}.sqlite")
+            modules = [await h.bench_module(m, outs[m]) for m in module_ids]
             try:
                 await asyncio.gather(*(c.wait_ready() for c in (coordinator, *modules)))
                 ids = [
@@ -982,17 +981,19 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
                 expected = {sid: 2 + n for sid, n in paced.per_session.items()}
                 total = sum(expected.values())
                 if not await _until(lambda: all(m.applied >= total for m in modules), 30, alive):
-                    ctx.note(f"trial {trials}: not every event applied within 30 s")
+                    ctx.note(f"trial {trials} ({label}): not every event applied within 30 s")
                 cpu = meter.stop()
             finally:
                 await h.stop(*modules)
                 await h.stop(coordinator)
-                await _delete_module_queues(h, BENCH_MODULES)
+                await _delete_module_queues(h, module_ids)
             reports = [_read_report(m, outs[m.name]) for m in modules]
             applied = {r["module_id"]: _applied(r, expected) for r in reports}
-            wrong = _check(ctx, f"trial {trials}", applied, reports)
+            wrong = _check(ctx, f"trial {trials} ({label})", applied, reports)
             if paced.failed:
-                ctx.note(f"trial {trials}: {paced.failed} commands failed or went unanswered")
+                ctx.note(
+                    f"trial {trials} ({label}): {paced.failed} commands failed or went unanswered"
+                )
             latencies = sorted(
                 (a - o) * 1000 for r in reports for o, a in r["pairs"] if o >= paced.wall
             )
@@ -1000,7 +1001,7 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
             achieved = events / paced.seconds if paced.seconds > 0 else 0.0
             if achieved < 0.95 * rate:
                 ctx.note(
-                    f"trial {trials}: target rate {rate:.0f} events/s not reached: "
+                    f"trial {trials} ({label}): target rate {rate:.0f} events/s not reached: "
                     f"{achieved:.0f} events/s achieved, {paced.sent} of {paced.scheduled} "
                     f"commands sent, up to {paced.behind_s:.2f} s behind their due time"
                 )
@@ -1014,6 +1015,13 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
                 "wrong_events": Figure(wrong, "events", "lower"),
                 **_cpu_figures("", cpu, events, "event"),
             }
+
+        async def trial() -> dict[str, Figure]:
+            nonlocal trials
+            trials += 1
+            one = await run(BENCH_MODULES[:1], "one module")
+            seven = await run(BENCH_MODULES, "seven modules")
+            return {**{f"one_module.{k}": v for k, v in one.items()}, **seven}
 
         yield lambda: loop.run_until_complete(trial())
 
