@@ -62,6 +62,21 @@ def rabbitmq_version() -> str | None:
     return lines[-1].strip() if done.returncode == 0 and lines else None
 
 
+def erlang_version() -> str | None:
+    """The Erlang/OTP release the broker runs on (``rabbitmq-diagnostics``)."""
+    tool = shutil.which("rabbitmq-diagnostics")
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run(
+            [tool, "-q", "erlang_version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = done.stdout.strip()
+    return text.splitlines()[-1].strip() if done.returncode == 0 and text else None
+
+
 def versions(postgres_url: str) -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
@@ -73,6 +88,7 @@ def versions(postgres_url: str) -> dict[str, str | None]:
         "sqlite": sqlite3.sqlite_version,
         "postgresql": postgres_server_version(postgres_url),
         "rabbitmq": rabbitmq_version(),
+        "erlang": erlang_version(),
     }
 
 
