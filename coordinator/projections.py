@@ -5,16 +5,20 @@ by status and by module; the module registry; orphaned module sessions; and the
 command ids already applied (so a retried command is answered, not re-applied, even
 after a restart). It is owned by one thread at a time: built in a worker thread at
 start-up, then updated only on the event loop.
+
+Sessions are held compactly (``SessionTable``): the most recently folded ones as
+``WorkflowSession`` objects, every other one packed by ``coordinator.compact`` (about a
+tenth of the memory) and unpacked when read.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, TypeAlias
 
 import msgspec
 
@@ -37,8 +41,10 @@ from contracts import (
     WorkflowSession,
     fold_session,
 )
+from coordinator.compact import created_key, deadline_of, micros, pack, unpack
+from coordinator.domain import next_deadline
 
-__all__ = ["ProjectionSnapshot", "Projections", "integrity_report"]
+__all__ = ["ProjectionSnapshot", "Projections", "SessionTable", "integrity_report"]
 
 log = logging.getLogger("sessionbus.coordinator.projections")
 
@@ -49,6 +55,12 @@ HEALTHY_INTERVALS: Final = 3
 COMMAND_MEMORY: Final = 100_000
 # How many destroyed sessions keep their final state in memory for reads.
 DESTROYED_MEMORY: Final = 10_000
+# How many of the most recently folded sessions stay unpacked, at least (the rest are
+# packed; see SessionTable): while serving, during a replay (begin_replay), and of the
+# destroyed sessions remembered.
+HOT_SESSIONS: Final = 512
+BULK_HOT_SESSIONS: Final = 1024
+DESTROYED_HOT: Final = 64
 
 
 class ProjectionSnapshot(msgspec.Struct, kw_only=True):
@@ -64,17 +76,151 @@ class ProjectionSnapshot(msgspec.Struct, kw_only=True):
 
 SessionListener = Callable[[EventEnvelope, WorkflowSession], None]
 
+# A packed session: its id object (the one every index shares) and its packed state.
+_Packed: TypeAlias = tuple[uuid.UUID, bytes]
+
+
+class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
+    """Sessions by id, in insertion order: the most recently stored ones as objects,
+    the others packed (``coordinator.compact``) and unpacked on every read, so a read
+    never hands out an object the table holds on to. A state that cannot be packed
+    exactly stays an object.
+
+    "Most recently" is by generations of ``hot`` distinct sessions: a state is packed
+    when a whole generation has gone by without it being stored again, so between
+    ``hot`` and twice as many stay unpacked (cheaper per store than an exact LRU).
+
+    Entries are keyed by ``UUID.int`` (hashed in C; ``UUID.__hash__`` is Python code
+    and a replay looks sessions up several times per event); the id object itself is
+    the packed entry's first item or the state's ``session_id``."""
+
+    def __init__(self, hot: int = HOT_SESSIONS, *, ordered: bool = False) -> None:
+        self._data: dict[int, WorkflowSession | _Packed] = {}
+        self._young: dict[int, None] = {}  # stored during this generation
+        self._old: dict[int, None] = {}  # stored during the previous one
+        self.hot = hot
+        # Keys in the order they were first stored, for ``popitem`` (an ``ordered``
+        # table: the destroyed sessions a projection remembers).
+        self._order: deque[int] | None = deque() if ordered else None
+
+    def __getitem__(self, session_id: uuid.UUID) -> WorkflowSession:
+        return self._state(self._data[session_id.int])
+
+    def get(self, session_id: uuid.UUID, default: None = None) -> WorkflowSession | None:  # type: ignore[override]
+        value = self._data.get(session_id.int)
+        return None if value is None else self._state(value)
+
+    @staticmethod
+    def _state(value: WorkflowSession | _Packed) -> WorkflowSession:
+        if isinstance(value, tuple):
+            return unpack(value[0], value[1])
+        return value
+
+    @staticmethod
+    def _id(value: WorkflowSession | _Packed) -> uuid.UUID:
+        return value[0] if isinstance(value, tuple) else value.session_id
+
+    def __contains__(self, session_id: object) -> bool:
+        return isinstance(session_id, uuid.UUID) and session_id.int in self._data
+
+    def __iter__(self) -> Iterator[uuid.UUID]:
+        return map(self._id, self._data.values())
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        unpacked = len(self._young.keys() | self._old.keys())
+        return f"SessionTable({len(self._data)} sessions, {unpacked} unpacked)"
+
+    def entry(self, session_id: uuid.UUID) -> tuple[uuid.UUID, WorkflowSession] | None:
+        """The id object the table holds for ``session_id`` (every index shares it)
+        and the state, or ``None``."""
+        value = self._data.get(session_id.int)
+        if value is None:
+            return None
+        if isinstance(value, tuple):
+            return value[0], unpack(value[0], value[1])
+        return value.session_id, value
+
+    def put(self, state: WorkflowSession) -> None:
+        """Store ``state`` under its ``session_id``, unpacked until ``hot`` more recent
+        states push it out."""
+        key = state.session_id.int
+        data = self._data
+        if self._order is not None and key not in data:
+            self._order.append(key)
+        data[key] = state
+        young = self._young
+        young[key] = None
+        if len(young) >= self.hot:
+            # A generation has gone by: pack what the previous one stored and this
+            # one did not store again.
+            for old in self._old:
+                if old not in young:
+                    self._pack(old)
+            self._old, self._young = young, {}
+
+    def pop(self, session_id: uuid.UUID) -> None:
+        key = session_id.int
+        self._data.pop(key, None)
+        self._young.pop(key, None)
+        self._old.pop(key, None)
+
+    def popitem(self) -> None:
+        """Forget the entry first stored longest ago (an ``ordered`` table)."""
+        assert self._order is not None
+        while self._order:
+            key = self._order.popleft()
+            if self._data.pop(key, None) is not None:
+                self._young.pop(key, None)
+                self._old.pop(key, None)
+                return
+
+    def compact(self) -> None:
+        """Pack every unpacked state."""
+        for generation in (self._old, self._young):
+            for key in generation:
+                self._pack(key)
+        self._old, self._young = {}, {}
+
+    def _pack(self, key: int) -> None:
+        state = self._data.get(key)
+        if state is None or isinstance(state, tuple):
+            return
+        blob = pack(state, next_deadline(state))
+        if blob is not None:
+            self._data[key] = (state.session_id, blob)
+
+    def created(self, session_id: uuid.UUID) -> int:
+        """``created_at`` of a session as microseconds since the epoch (orders as the
+        datetimes do), without unpacking it."""
+        value = self._data[session_id.int]
+        if isinstance(value, tuple):
+            return created_key(value[1])
+        return micros(value.created_at)
+
+    def deadlines(self) -> Iterator[tuple[datetime, uuid.UUID]]:
+        """``(next_deadline(state), id)`` of every session that has one."""
+        for value in self._data.values():
+            if isinstance(value, tuple):
+                sid, deadline = value[0], deadline_of(value[1])
+            else:
+                sid, deadline = value.session_id, next_deadline(value)
+            if deadline is not None:
+                yield deadline, sid
+
 
 class Projections:
     """Every read the seed's SessionCoordinator needs, as in-memory indexes."""
 
     def __init__(self) -> None:
         self.position = 0
-        self.sessions: dict[uuid.UUID, WorkflowSession] = {}
+        self.sessions = SessionTable()
         self.by_status: dict[SessionStatus, set[uuid.UUID]] = {s: set() for s in SessionStatus}
         self.by_module: dict[str, set[uuid.UUID]] = {}
         self.destroyed: set[uuid.UUID] = set()
-        self.recently_destroyed: OrderedDict[uuid.UUID, WorkflowSession] = OrderedDict()
+        self.recently_destroyed = SessionTable(hot=DESTROYED_HOT, ordered=True)
         self.modules: dict[str, ModuleRegistered] = {}
         self.heartbeats: dict[str, tuple[Heartbeat, datetime]] = {}
         self.orphans: dict[uuid.UUID, dict[str, uuid.UUID]] = {}
@@ -105,20 +251,36 @@ class Projections:
         for env in envelopes:
             self.apply(env)
 
+    def begin_replay(self) -> None:
+        """Until ``end_replay``: a long history is folded at once, so more states stay
+        unpacked (fewer unpack/pack round trips). Destroyed sessions are packed only
+        if still remembered at the end."""
+        self.sessions.hot = BULK_HOT_SESSIONS
+        self.recently_destroyed.hot = DESTROYED_MEMORY
+
+    def end_replay(self) -> None:
+        """Back to serving: every state packed, the most recent ones unpacked as they
+        are folded again."""
+        self.sessions.hot = HOT_SESSIONS
+        self.recently_destroyed.hot = DESTROYED_HOT
+        self.sessions.compact()
+        self.recently_destroyed.compact()
+
     def _apply_session(self, env: EventEnvelope) -> uuid.UUID:
         """Fold a session event into the indexes; returns the session's id object.
 
         Every index holds the one id object of the session's first event, not the copy
         each decoded envelope brings (a UUID object is ~100 bytes), and an index is only
         touched when what it indexes changed: a replay spends most of its time here."""
-        old = self.sessions.get(env.session_id)
-        if old is None:
+        entry = self.sessions.entry(env.session_id)
+        if entry is None:
+            old = None
             sid = env.session_id
             if sid in self.destroyed:
                 return sid  # nothing follows Destroyed; a replayed duplicate is ignored
             old_modules: dict[str, ModuleSessionInfo] = {}
         else:
-            sid = old.session_id
+            sid, old = entry
             old_modules = old.modules
         new = fold_session(old, env)
         status_changed = old is None or new.status is not old.status
@@ -129,14 +291,17 @@ class Projections:
                 self._unindex_module(module_id, sid)
             for module_id in new.modules.keys() - old_modules.keys():
                 self.by_module.setdefault(module_id, set()).add(sid)
+        if new.session_id is not sid:
+            # The fold keeps the id object of the state it folded: the table's own.
+            new = msgspec.structs.replace(new, session_id=sid)
         if new.destroyed:
-            self.sessions.pop(sid, None)
+            self.sessions.pop(sid)
             self.destroyed.add(sid)
-            self.recently_destroyed[sid] = new
+            self.recently_destroyed.put(new)
             if len(self.recently_destroyed) > DESTROYED_MEMORY:
-                self.recently_destroyed.popitem(last=False)
+                self.recently_destroyed.popitem()
         else:
-            self.sessions[sid] = new
+            self.sessions.put(new)
             if status_changed:
                 self.by_status[new.status].add(sid)
         for listener in self.listeners:
@@ -201,7 +366,12 @@ class Projections:
     # -- queries ----------------------------------------------------------------------
 
     def get(self, session_id: uuid.UUID) -> WorkflowSession | None:
-        return self.sessions.get(session_id) or self.recently_destroyed.get(session_id)
+        session = self.sessions.get(session_id)
+        return session if session is not None else self.recently_destroyed.get(session_id)
+
+    def deadlines(self) -> list[tuple[datetime, uuid.UUID]]:
+        """The next timeout deadline of every live session that has one."""
+        return list(self.sessions.deadlines())
 
     def active_session_ids(
         self, status: SessionStatus | None = None, module_id: str | None = None
@@ -212,7 +382,7 @@ class Projections:
             ids = set().union(*(self.by_status[s] for s in ACTIVE_STATUSES))
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
-        return sorted(ids, key=lambda sid: self.sessions[sid].created_at)
+        return sorted(ids, key=self.sessions.created)
 
     def sessions_page(
         self, status: SessionStatus | None, module_id: str | None, offset: int, limit: int
@@ -221,7 +391,8 @@ class Projections:
         ids = set(self.by_status[status]) if status is not None else set(self.sessions)
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
-        ordered = sorted(ids, key=lambda sid: (self.sessions[sid].created_at, sid))
+        created = self.sessions.created
+        ordered = sorted(ids, key=lambda sid: (created(sid), sid))
         page = ordered[offset : offset + limit]
         more = offset + limit < len(ordered)
         return SessionsPage(
@@ -271,20 +442,83 @@ class Projections:
             commands=list(self.commands.items()),
         )
 
+    def encode_snapshot(self) -> bytes:
+        """``snapshot()`` encoded with msgpack, the same bytes, one session at a time
+        (``snapshot()`` unpacks every session at once)."""
+        enc = _snapshot_encoder
+        buf = bytearray(b"\x86")  # a map of ProjectionSnapshot's six fields, in order
+        enc.encode_into("position", buf, -1)
+        enc.encode_into(self.position, buf, -1)
+        enc.encode_into("sessions", buf, -1)
+        buf += _array_header(len(self.sessions))
+        for session in self.sessions.values():
+            enc.encode_into(session, buf, -1)
+        enc.encode_into("destroyed", buf, -1)
+        enc.encode_into(list(self.destroyed), buf, -1)
+        enc.encode_into("modules", buf, -1)
+        enc.encode_into(self.modules, buf, -1)
+        enc.encode_into("orphans", buf, -1)
+        enc.encode_into(self.orphans, buf, -1)
+        enc.encode_into("commands", buf, -1)
+        enc.encode_into(list(self.commands.items()), buf, -1)
+        return bytes(buf)
+
+    @classmethod
+    def decode_snapshot(cls, data: bytes) -> Projections:
+        """``restore`` from ``encode_snapshot``'s bytes, one session at a time."""
+        snap = _lazy_snapshot_decoder.decode(data)
+        proj = cls()
+        proj.begin_replay()
+        proj._restore(snap, (_session_decoder.decode(raw) for raw in snap.sessions))
+        proj.end_replay()
+        return proj
+
     @classmethod
     def restore(cls, snap: ProjectionSnapshot) -> Projections:
         proj = cls()
+        proj._restore(snap, snap.sessions)
+        return proj
+
+    def _restore(
+        self, snap: ProjectionSnapshot | _LazySnapshot, sessions: Iterable[WorkflowSession]
+    ) -> None:
+        proj = self
         proj.position = snap.position
-        for session in snap.sessions:
-            proj.sessions[session.session_id] = session
-            proj.by_status[session.status].add(session.session_id)
+        for session in sessions:
+            sid = session.session_id
+            proj.sessions.put(session)
+            proj.by_status[session.status].add(sid)
             for module_id in session.modules:
-                proj.by_module.setdefault(module_id, set()).add(session.session_id)
+                proj.by_module.setdefault(module_id, set()).add(sid)
         proj.destroyed = set(snap.destroyed)
         proj.modules = dict(snap.modules)
         proj.orphans = {k: dict(v) for k, v in snap.orphans.items()}
         proj.commands = OrderedDict(snap.commands)
-        return proj
+
+
+class _LazySnapshot(msgspec.Struct, kw_only=True):
+    """``ProjectionSnapshot`` with its sessions left encoded until each is restored."""
+
+    position: int
+    sessions: list[msgspec.Raw]
+    destroyed: list[uuid.UUID]
+    modules: dict[str, ModuleRegistered]
+    orphans: dict[uuid.UUID, dict[str, uuid.UUID]]
+    commands: list[tuple[uuid.UUID, Accepted]]
+
+
+_snapshot_encoder: Final = msgspec.msgpack.Encoder()
+_lazy_snapshot_decoder: Final = msgspec.msgpack.Decoder(_LazySnapshot)
+_session_decoder: Final = msgspec.msgpack.Decoder(WorkflowSession)
+
+
+def _array_header(length: int) -> bytes:
+    """A msgpack array header."""
+    if length < 16:
+        return bytes([0x90 | length])
+    if length < 2**16:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
 
 
 def integrity_report(

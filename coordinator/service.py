@@ -79,7 +79,7 @@ from contracts import (
 from coordinator.clock import Clock, SystemClock
 from coordinator.domain import OPERATOR, Principal, next_deadline
 from coordinator.errors import CommandRejected, CoordinatorError
-from coordinator.projections import Projections, ProjectionSnapshot, integrity_report
+from coordinator.projections import Projections, integrity_report
 from coordinator.store import EventStore
 from coordinator.writer import Outcome, WriteJob, Writer
 
@@ -94,8 +94,6 @@ CommitListener = Callable[[list[EventEnvelope]], None]
 RebuildProgress = Callable[[int, int], None]
 
 _CHECKPOINT: Final = "projections"
-_snapshot_encoder = msgspec.msgpack.Encoder()
-_snapshot_decoder = msgspec.msgpack.Decoder(ProjectionSnapshot)
 
 
 class SessionCoordinator:
@@ -177,11 +175,7 @@ class SessionCoordinator:
         self._checkpointed_at = self.projections.position
         self.projections.listeners.append(self._on_session_event)
         proj = self.projections
-        deadlines = [
-            (deadline, sid)
-            for sid, session in proj.sessions.items()
-            if (deadline := next_deadline(session)) is not None
-        ]
+        deadlines = proj.deadlines()
         self._writer = Writer(
             store,
             self.clock,
@@ -259,19 +253,21 @@ class SessionCoordinator:
         saved = self.store.checkpoints.get(_CHECKPOINT) if from_checkpoint else None
         if saved is not None:
             try:
-                proj = Projections.restore(_snapshot_decoder.decode(saved[1]))
+                proj = Projections.decode_snapshot(saved[1])
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 log.warning("projection checkpoint unreadable (%s); rebuilding from history", exc)
                 proj = Projections()
         total = self.store.max_position()
         gc_was_enabled = gc.isenabled()
         gc.disable()
+        proj.begin_replay()
         try:
             for page in self.store.iter_all(proj.position, self.rebuild_page):
                 proj.apply_all(page)
                 if self.progress is not None:
                     self.progress(proj.position, total)
         finally:
+            proj.end_replay()
             if gc_was_enabled:
                 gc.enable()
             gc.freeze()
@@ -284,7 +280,7 @@ class SessionCoordinator:
         proj = self.projections
         if proj.position == 0:
             return
-        data = _snapshot_encoder.encode(proj.snapshot())
+        data = proj.encode_snapshot()
         self.store.checkpoints.put(_CHECKPOINT, proj.position, data)
         self._checkpointed_at = proj.position
 

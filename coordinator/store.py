@@ -556,7 +556,12 @@ class EventStore:
         crossed = {env.session_id for env in saved if env.version % interval == 0}
         if not crossed:
             return
-        snapshots = [Snapshot.take(a) for a in aggregates if a.id in crossed]
+        chosen = [a for a in aggregates if a.id in crossed]
+        for aggregate in chosen:
+            # A compacted session aggregate unpacks its state into the attributes a
+            # snapshot copies when it is read.
+            getattr(aggregate, "state", None)
+        snapshots = [Snapshot.take(a) for a in chosen]
         if snapshots:
             self._app.snapshots.put(snapshots)
 

@@ -49,6 +49,7 @@ from coordinator.domain import (
     Mark,
     ModuleRegistry,
     Principal,
+    UnpackedStates,
     WorkflowSessionAggregate,
     require_module,
 )
@@ -148,6 +149,8 @@ class Writer:
         self.cache_size = cache_size
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._cache: OrderedDict[uuid.UUID, WorkflowSessionAggregate] = OrderedDict()
+        # Cached aggregates hold their state packed, but for the most recently used.
+        self._unpacked = UnpackedStates()
         self._registry: ModuleRegistry | None = None
         self._applied: OrderedDict[uuid.UUID, Accepted] = OrderedDict(applied)
         self._applied_memory = applied_memory
@@ -382,6 +385,7 @@ class Writer:
         aggregate = self._cache.get(session_id)
         if aggregate is not None:
             self._cache.move_to_end(session_id)
+            self._unpacked.used(aggregate)
             return aggregate
         loaded = self.store.load(session_id)
         if loaded is None:
@@ -393,6 +397,7 @@ class Writer:
 
     def _cache_put(self, aggregate: WorkflowSessionAggregate) -> None:
         self._cache[aggregate.id] = aggregate
+        self._unpacked.used(aggregate)
         while len(self._cache) > self.cache_size:
             victim_id, victim = next(iter(self._cache.items()))
             if victim.pending_events:
