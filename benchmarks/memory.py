@@ -4,9 +4,10 @@ The parent writes a SQLite store of N live sessions (created, required and optio
 modules linked, ACTIVE, a little activity; none ended). A fresh child process then
 imports sessionbus, reads its RSS, starts ``SessionCoordinator`` on the store (rebuild
 from scratch: every session lands in the projections), reads RSS again, then records
-activity on as many sessions as the writer's aggregate cache holds (so the cache is
-full, as in a coordinator that has been serving those sessions) and reads RSS a third
-time. RSS is /proc/self/status VmRSS; peak is VmHWM.
+activity on every one of those sessions, as a coordinator that has been serving them
+has (its writer's aggregate cache full, every session's state folded and stored again
+since the start, the command memory refilled), and reads RSS a third time. RSS is
+/proc/self/status VmRSS; peak is VmHWM.
 
 Child: ``python -m benchmarks.memory STORE_URL EXPECTED_SESSIONS`` prints one JSON line.
 """
@@ -155,7 +156,7 @@ async def _child(url: str, expected: int, touch: bool) -> dict[str, Any]:
             raise RuntimeError(f"expected {expected} active sessions, found {len(active)}")
         writer = coordinator._writer
         assert writer is not None
-        touched = active[: writer.cache_size] if touch else []
+        touched = active if touch else []
         for offset in range(0, len(touched), 256):
             wave = touched[offset : offset + 256]
             await asyncio.gather(*(coordinator.record_activity(sid) for sid in wave))

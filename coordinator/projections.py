@@ -13,9 +13,10 @@ tenth of the memory) and unpacked when read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Final, TypeAlias
@@ -51,8 +52,10 @@ log = logging.getLogger("sessionbus.coordinator.projections")
 _S = SessionStatus
 # A module is healthy while its last heartbeat is younger than this many intervals.
 HEALTHY_INTERVALS: Final = 3
-# How many applied command ids are remembered for idempotent retries.
+# How many applied command ids are remembered for idempotent retries (at least; up
+# to _COMMAND_SLACK more between evictions).
 COMMAND_MEMORY: Final = 100_000
+_COMMAND_SLACK: Final = 1_000
 # How many destroyed sessions keep their final state in memory for reads.
 DESTROYED_MEMORY: Final = 10_000
 # How many of the most recently folded sessions stay unpacked, at least (the rest are
@@ -224,7 +227,8 @@ class Projections:
         self.modules: dict[str, ModuleRegistered] = {}
         self.heartbeats: dict[str, tuple[Heartbeat, datetime]] = {}
         self.orphans: dict[uuid.UUID, dict[str, uuid.UUID]] = {}
-        self.commands: OrderedDict[uuid.UUID, Accepted] = OrderedDict()
+        # Oldest first (a plain dict: an OrderedDict costs twice the memory per entry).
+        self.commands: dict[uuid.UUID, Accepted] = {}
         self.listeners: list[SessionListener] = []
         self.events_applied = 0
 
@@ -336,19 +340,21 @@ class Projections:
         """Record the command behind ``env``; ``session_id`` is the session's shared id
         object, ``None`` for a registry event."""
         assert env.causation_id is not None
-        previous = self.commands.get(env.causation_id)
+        commands = self.commands
+        # Popped and inserted again: the most recently remembered command is last.
+        previous = commands.pop(env.causation_id, None)
         count = previous.events + 1 if previous is not None else 1
         if previous is not None and previous.session_id is not None and session_id is None:
             session_id, version = previous.session_id, previous.version
         else:
             version = env.version
-        self.commands[env.causation_id] = Accepted(
-            session_id=session_id, version=version, events=count
-        )
-        if previous is not None:  # a new key is inserted last already
-            self.commands.move_to_end(env.causation_id)
-        if len(self.commands) > COMMAND_MEMORY:
-            self.commands.popitem(last=False)
+        commands[env.causation_id] = Accepted(session_id=session_id, version=version, events=count)
+        if len(commands) > COMMAND_MEMORY + _COMMAND_SLACK:
+            # The oldest go in batches: a dict finds its first entry by stepping over
+            # the ones deleted before it (until it next resizes), so one at a time
+            # would cost a scan per command.
+            for oldest in list(itertools.islice(commands, len(commands) - COMMAND_MEMORY)):
+                del commands[oldest]
 
     # -- heartbeats (not event-sourced) -----------------------------------------------
 
@@ -493,7 +499,7 @@ class Projections:
         proj.destroyed = set(snap.destroyed)
         proj.modules = dict(snap.modules)
         proj.orphans = {k: dict(v) for k, v in snap.orphans.items()}
-        proj.commands = OrderedDict(snap.commands)
+        proj.commands = dict(snap.commands)
 
 
 class _LazySnapshot(msgspec.Struct, kw_only=True):
