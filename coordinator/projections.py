@@ -448,7 +448,7 @@ class Projections:
             commands=list(self.commands.items()),
         )
 
-    def encode_snapshot(self) -> bytes:
+    def encode_snapshot(self) -> bytearray:
         """``snapshot()`` encoded with msgpack, the same bytes, one session at a time
         (``snapshot()`` unpacks every session at once)."""
         enc = _snapshot_encoder
@@ -467,7 +467,7 @@ class Projections:
         enc.encode_into(self.orphans, buf, -1)
         enc.encode_into("commands", buf, -1)
         enc.encode_into(list(self.commands.items()), buf, -1)
-        return bytes(buf)
+        return buf
 
     @classmethod
     def decode_snapshot(cls, data: bytes) -> Projections:

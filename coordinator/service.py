@@ -79,6 +79,7 @@ from contracts import (
 from coordinator.clock import Clock, SystemClock
 from coordinator.domain import OPERATOR, Principal, next_deadline
 from coordinator.errors import CommandRejected, CoordinatorError
+from coordinator.memory import release_free_memory
 from coordinator.projections import Projections, integrity_report
 from coordinator.store import EventStore
 from coordinator.writer import Outcome, WriteJob, Writer
@@ -271,6 +272,7 @@ class SessionCoordinator:
             if gc_was_enabled:
                 gc.enable()
             gc.freeze()
+            release_free_memory()
         self.rebuild_seconds = time.perf_counter() - started
         self.rebuilt_events = proj.events_applied
         return proj
@@ -282,6 +284,8 @@ class SessionCoordinator:
             return
         data = proj.encode_snapshot()
         self.store.checkpoints.put(_CHECKPOINT, proj.position, data)
+        del data
+        release_free_memory()
         self._checkpointed_at = proj.position
 
     def _deliver(self, saved: list[EventEnvelope], results: list[tuple[WriteJob, Outcome]]) -> None:

@@ -318,7 +318,7 @@ class Checkpoints(Protocol):
 
     def get(self, name: str) -> tuple[int, bytes] | None: ...
 
-    def put(self, name: str, position: int, data: bytes = b"") -> None: ...
+    def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None: ...
 
     def close(self) -> None: ...
 
@@ -330,8 +330,8 @@ class _MemoryCheckpoints:
     def get(self, name: str) -> tuple[int, bytes] | None:
         return self._rows.get(name)
 
-    def put(self, name: str, position: int, data: bytes = b"") -> None:
-        self._rows[name] = (position, data)
+    def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
+        self._rows[name] = (position, bytes(data))
 
     def close(self) -> None:
         pass
@@ -344,7 +344,9 @@ class _SQLiteCheckpoints:
     )
 
     def __init__(self, path: str) -> None:
-        self._conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
+        # No statement cache: a cached statement keeps its last bound values, and SQLite
+        # holds its own copy of a bound blob (a projection checkpoint: hundreds of MB).
+        self._conn = sqlite3.connect(path, timeout=10, check_same_thread=False, cached_statements=0)
         self._lock = threading.Lock()
         with self._lock, self._conn:
             self._conn.execute(self._DDL)
@@ -356,7 +358,7 @@ class _SQLiteCheckpoints:
             ).fetchone()
         return (int(row[0]), bytes(row[1])) if row else None
 
-    def put(self, name: str, position: int, data: bytes = b"") -> None:
+    def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
         with self._lock, self._conn:
             self._conn.execute(
                 "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, ?) "
@@ -389,7 +391,7 @@ class _PostgresCheckpoints:
             ).fetchone()
         return (int(row[0]), bytes(row[1])) if row else None
 
-    def put(self, name: str, position: int, data: bytes = b"") -> None:
+    def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
         with self._lock:
             self._conn.execute(
                 f"INSERT INTO {self._table} (name, position, data) VALUES (%s, %s, %s) "  # noqa: S608
