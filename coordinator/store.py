@@ -351,21 +351,35 @@ class _SQLiteCheckpoints:
         with self._lock, self._conn:
             self._conn.execute(self._DDL)
 
+    # The blob is written and read through SQLite's blob handle: a bound or selected
+    # value is copied whole by SQLite (on an insert twice: the value, then the record),
+    # and a projection checkpoint is hundreds of MB.
+
     def get(self, name: str) -> tuple[int, bytes] | None:
         with self._lock:
             row = self._conn.execute(
-                "SELECT position, data FROM sessionbus_checkpoints WHERE name = ?", (name,)
+                "SELECT rowid, position FROM sessionbus_checkpoints WHERE name = ?", (name,)
             ).fetchone()
-        return (int(row[0]), bytes(row[1])) if row else None
+            if row is None:
+                return None
+            with self._conn.blobopen(
+                "sessionbus_checkpoints", "data", row[0], readonly=True
+            ) as blob:
+                return int(row[1]), blob.read()
 
     def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
         with self._lock, self._conn:
             self._conn.execute(
-                "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE "
+                "INSERT INTO sessionbus_checkpoints (name, position, data) "
+                "VALUES (?, ?, zeroblob(?)) ON CONFLICT(name) DO UPDATE "
                 "SET position = excluded.position, data = excluded.data",
-                (name, position, data),
+                (name, position, len(data)),
             )
+            (rowid,) = self._conn.execute(
+                "SELECT rowid FROM sessionbus_checkpoints WHERE name = ?", (name,)
+            ).fetchone()
+            with self._conn.blobopen("sessionbus_checkpoints", "data", rowid) as blob:
+                blob.write(data)
 
     def close(self) -> None:
         with self._lock:
