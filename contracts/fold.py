@@ -19,6 +19,7 @@ from contracts.events import (
     EventEnvelope,
     Linked,
     SessionCreated,
+    SessionEvent,
     StatusChanged,
     Unlinked,
 )
@@ -37,7 +38,7 @@ LINKED_ID_FIELDS: Final[dict[str, str]] = {
 _replace = msgspec.structs.replace
 
 
-def fold_session(state: WorkflowSession | None, env: EventEnvelope) -> WorkflowSession:
+def fold_session(state: WorkflowSession | None, env: SessionEvent) -> WorkflowSession:
     """Apply one event to a session's state (``None`` before its first event).
 
     Raises ``ValidationError`` when the event cannot follow ``state``: wrong session,

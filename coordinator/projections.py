@@ -28,7 +28,6 @@ from contracts import (
     REGISTRY_ID,
     TERMINAL_STATUSES,
     Accepted,
-    EventEnvelope,
     Heartbeat,
     ModuleInfo,
     ModuleRegistered,
@@ -36,6 +35,7 @@ from contracts import (
     ModuleUnregistered,
     OrphanCleanupRequested,
     OrphanReported,
+    SessionEvent,
     SessionIntegrityReport,
     SessionsPage,
     SessionStatus,
@@ -77,7 +77,7 @@ class ProjectionSnapshot(msgspec.Struct, kw_only=True):
     commands: list[tuple[uuid.UUID, Accepted]]
 
 
-SessionListener = Callable[[EventEnvelope, WorkflowSession], None]
+SessionListener = Callable[[SessionEvent, WorkflowSession], None]
 
 # A packed session: its id object (the one every index shares) and its packed state.
 _Packed: TypeAlias = tuple[uuid.UUID, bytes]
@@ -234,7 +234,7 @@ class Projections:
 
     # -- folding ----------------------------------------------------------------------
 
-    def apply(self, env: EventEnvelope) -> None:
+    def apply(self, env: SessionEvent) -> None:
         """Fold one envelope. Envelopes at or before the tracked position are skipped,
         so a replay overlapping what is already applied is harmless."""
         position = env.position or 0
@@ -251,7 +251,7 @@ class Projections:
             self.position = position
         self.events_applied += 1
 
-    def apply_all(self, envelopes: Iterable[EventEnvelope]) -> None:
+    def apply_all(self, envelopes: Iterable[SessionEvent]) -> None:
         for env in envelopes:
             self.apply(env)
 
@@ -270,7 +270,7 @@ class Projections:
         self.sessions.compact()
         self.recently_destroyed.compact()
 
-    def _apply_session(self, env: EventEnvelope) -> uuid.UUID:
+    def _apply_session(self, env: SessionEvent) -> uuid.UUID:
         """Fold a session event into the indexes; returns the session's id object.
 
         Every index holds the one id object of the session's first event, not the copy
@@ -319,7 +319,7 @@ class Projections:
             if not members:
                 del self.by_module[module_id]
 
-    def _apply_registry(self, env: EventEnvelope) -> None:
+    def _apply_registry(self, env: SessionEvent) -> None:
         event = env.event
         if isinstance(event, ModuleRegistered):
             self.modules[event.module_id] = event
@@ -336,13 +336,14 @@ class Projections:
                 if not held:
                     del self.orphans[event.workflow_session_id]
 
-    def _remember(self, env: EventEnvelope, session_id: uuid.UUID | None) -> None:
+    def _remember(self, env: SessionEvent, session_id: uuid.UUID | None) -> None:
         """Record the command behind ``env``; ``session_id`` is the session's shared id
         object, ``None`` for a registry event."""
         assert env.causation_id is not None
         commands = self.commands
-        # Popped and inserted again: the most recently remembered command is last.
-        previous = commands.pop(env.causation_id, None)
+        # Kept where it was first remembered: a command's events are committed together,
+        # so first remembered is (to within one commit) last remembered, without moving.
+        previous = commands.get(env.causation_id)
         count = previous.events + 1 if previous is not None else 1
         if previous is not None and previous.session_id is not None and session_id is None:
             session_id, version = previous.session_id, previous.version

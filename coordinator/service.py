@@ -60,6 +60,7 @@ from contracts import (
     ReportOrphan,
     Result,
     SessionCreated,
+    SessionEvent,
     SessionHistory,
     SessionIds,
     SessionIntegrityReport,
@@ -263,7 +264,7 @@ class SessionCoordinator:
         gc.disable()
         proj.begin_replay()
         try:
-            for page in self.store.iter_all(proj.position, self.rebuild_page):
+            for page in self.store.replay(proj.position, self.rebuild_page):
                 proj.apply_all(page)
                 if self.progress is not None:
                     self.progress(proj.position, total)
@@ -393,7 +394,7 @@ class SessionCoordinator:
         relay's wake-up)."""
         self._commit_listeners.append(listener)
 
-    def _on_session_event(self, env: EventEnvelope, state: WorkflowSession) -> None:
+    def _on_session_event(self, env: SessionEvent, state: WorkflowSession) -> None:
         self._touched.add(env.session_id)
         event = env.event
         if isinstance(event, SessionCreated):

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import psycopg
@@ -40,7 +40,14 @@ from eventsourcing.utils import get_topic, resolve_topic, retry
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 
-from contracts import SCHEMA_VERSION, Codec, ContractsError, EventEnvelope, WorkflowSession
+from contracts import (
+    SCHEMA_VERSION,
+    Codec,
+    ContractsError,
+    EventEnvelope,
+    ReplayedEvent,
+    WorkflowSession,
+)
 from coordinator.domain import EnvelopeAggregate, ModuleRegistry, RegistryState
 from coordinator.errors import ConfigurationError, StoreUnavailable
 
@@ -55,6 +62,7 @@ __all__ = [
 
 DEFAULT_STORE_URL: Final = "sqlite:///sessionbus.sqlite"
 _SNAPSHOT_TOPIC: Final = get_topic(Snapshot)
+_E = TypeVar("_E", bound=msgspec.Struct)
 # Envelopes decoded at a time by ``EventStore.iter_all`` (see there).
 _DECODE_SLICE: Final = 128
 
@@ -197,7 +205,7 @@ def _resolve(topic: str) -> Any:
     return resolve_topic(topic)
 
 
-def positioned(env: EventEnvelope, position: int) -> EventEnvelope:
+def positioned(env: _E, position: int) -> _E:
     """``env`` with the position the store assigned, set in place: it was decoded just
     now and nobody else holds it, so the copy ``with_position`` makes is not needed
     (on a replay that copy is a tenth of the work)."""
@@ -234,6 +242,18 @@ class EnvelopeMapper(Mapper[uuid.UUID]):
                 return env
         raw = self.decode_raw(data)
         return msgspec.convert(self.upcaster.upcast(raw), EventEnvelope)
+
+    def decode_replayed(self, data: bytes) -> ReplayedEvent | EventEnvelope:
+        """Only what folding reads (see ``ReplayedEvent``); an older schema version
+        takes the full path, with upcasting."""
+        if self.upcaster.target == SCHEMA_VERSION:
+            try:
+                event = self.codec.decode(data, ReplayedEvent)
+            except ContractsError:
+                event = None
+            if event is not None and event.schema_version == SCHEMA_VERSION:
+                return event
+        return self.decode_envelope(data)
 
     def decode_raw(self, data: bytes) -> dict[str, Any]:
         """The stored envelope as a plain dict, exactly as written."""
@@ -619,6 +639,21 @@ class EventStore:
         freshly decoded objects are still in the CPU cache replays ~25% faster than one
         handed a whole decoded page of 1,000 (measured on a 1M-event replay)."""
         decode = self.mapper.decode_envelope
+        while True:
+            rows = self._states(after, page)
+            if not rows:
+                return
+            for start in range(0, len(rows), _DECODE_SLICE):
+                chunk = rows[start : start + _DECODE_SLICE]
+                yield [positioned(decode(state), pos) for pos, state in chunk]
+            after = rows[-1][0]
+
+    def replay(
+        self, after: int = 0, page: int = 1000
+    ) -> Iterator[list[ReplayedEvent | EventEnvelope]]:
+        """``iter_all`` for folding: each event decoded only as far as a fold reads it
+        (``ReplayedEvent``), about half the cost of a full envelope."""
+        decode = self.mapper.decode_replayed
         while True:
             rows = self._states(after, page)
             if not rows:

@@ -19,6 +19,7 @@ from contracts import (
     GENESIS_HASH,
     REGISTRY_ID,
     ActivityRecorded,
+    ReplayedEvent,
     SessionCreated,
     SessionStatus,
     compute_hash_raw,
@@ -275,6 +276,10 @@ async def test_old_schema_versions_are_upcast_on_read_and_verified_as_stored(
         assert verify_chain_raw(raw_history).ok
         # The hash covers the stored form; the upcast form no longer matches it.
         assert not verify_chain(upcast).ok
+        # A replay (what a rebuild folds) takes the upcasting path for old versions.
+        replayed = [e for page in reader.replay() for e in page]
+        assert [e.event for e in replayed] == [e.event for e in upcast]
+        assert [e.schema_version for e in replayed] == [2, 2]
         aggregate = reader.load(sid)
         assert isinstance(aggregate, WorkflowSessionAggregate)
         assert aggregate.state.steps == ["old", "migrated"]
@@ -283,6 +288,28 @@ async def test_old_schema_versions_are_upcast_on_read_and_verified_as_stored(
         assert aggregate.version == 2
     finally:
         reader.close()
+
+
+async def test_a_replay_reads_every_field_a_fold_needs_as_the_full_envelope_has_it(
+    coordinator: SessionCoordinator,
+) -> None:
+    """Rebuilds decode only what folding reads (``ReplayedEvent``): the same session,
+    version, time, event, position and cause as the full envelopes, in the same order."""
+    await coordinator.register_module("executor", required=False)
+    for _ in range(3):
+        sid = (await coordinator.create_workflow_session(["a"])).session_id
+        await coordinator.link_module_session(sid, "executor", uuid.uuid4())
+        await coordinator.record_activity(sid, "executor")
+        await coordinator.destroy_workflow_session(sid)
+    store = store_of(coordinator)
+    full = [e for page in store.iter_all() for e in page]
+    light = [e for page in store.replay() for e in page]
+    assert len(light) == len(full) > 10
+    fields = ("session_id", "version", "occurred_at", "event", "position", "causation_id")
+    for replayed, env in zip(light, full, strict=True):
+        assert isinstance(replayed, ReplayedEvent)
+        assert {f: getattr(replayed, f) for f in fields} == {f: getattr(env, f) for f in fields}
+        assert replayed.type == env.type
 
 
 def test_an_upcaster_with_a_missing_step_is_refused() -> None:
