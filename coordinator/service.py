@@ -96,6 +96,8 @@ CommitListener = Callable[[list[EventEnvelope]], None]
 RebuildProgress = Callable[[int, int], None]
 
 _CHECKPOINT: Final = "projections"
+# Young collections every 50k allocations instead of 700; full ones rarer still.
+GC_THRESHOLDS: Final = (50_000, 20, 100)
 
 
 class SessionCoordinator:
@@ -104,6 +106,8 @@ class SessionCoordinator:
     Use as ``async with SessionCoordinator("sqlite:///s.db") as coordinator: …``.
     ``principal`` is who in-process calls act as (default: an operator who may act for
     every module); the bus passes each command's own principal to ``execute``.
+    ``tune_gc`` raises the process's garbage-collection thresholds on start (see
+    ``GC_THRESHOLDS``): a coordinator owns its process; pass False when embedding it.
     """
 
     def __init__(
@@ -118,8 +122,10 @@ class SessionCoordinator:
         progress: RebuildProgress | None = None,
         follow_interval: float | None = 1.0,
         follow_log: bool = True,
+        tune_gc: bool = True,
     ) -> None:
         self._store_arg = store
+        self.tune_gc = tune_gc
         self.clock: Clock = clock or SystemClock()
         self.principal = principal
         self.max_batch = max_batch
@@ -174,6 +180,12 @@ class SessionCoordinator:
             self.store = await asyncio.to_thread(EventStore, url)
         store = self.store
         self.projections = await asyncio.to_thread(self._rebuild)
+        if self.tune_gc:
+            # The process holds a large, long-lived heap (read models, caches) and
+            # allocates a few dozen short-lived containers per command; at CPython's
+            # default thresholds collections took a third of the CPU of a busy
+            # coordinator (measured: 101-158 vs 76-84 µs per event under group commit).
+            gc.set_threshold(*GC_THRESHOLDS)
         self._checkpointed_at = self.projections.position
         self.projections.listeners.append(self._on_session_event)
         proj = self.projections
