@@ -47,14 +47,14 @@ def postgres_server_version(url: str) -> str | None:
         return None
 
 
-def rabbitmq_version() -> str | None:
-    """``rabbitmqctl version``, or ``None`` when the tool is absent or fails."""
-    tool = shutil.which("rabbitmqctl")
+def _last_line(*argv: str) -> str | None:
+    """The last line a broker tool prints, or ``None`` when it is absent or fails."""
+    tool = shutil.which(argv[0])
     if tool is None:
         return None
     try:
         done = subprocess.run(
-            [tool, "version"], capture_output=True, text=True, timeout=30, check=False
+            [tool, *argv[1:]], capture_output=True, text=True, timeout=30, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -62,19 +62,14 @@ def rabbitmq_version() -> str | None:
     return lines[-1].strip() if done.returncode == 0 and lines else None
 
 
+def rabbitmq_version() -> str | None:
+    """``rabbitmqctl version``."""
+    return _last_line("rabbitmqctl", "version")
+
+
 def erlang_version() -> str | None:
     """The Erlang/OTP release the broker runs on (``rabbitmq-diagnostics``)."""
-    tool = shutil.which("rabbitmq-diagnostics")
-    if tool is None:
-        return None
-    try:
-        done = subprocess.run(
-            [tool, "-q", "erlang_version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    text = done.stdout.strip()
-    return text.splitlines()[-1].strip() if done.returncode == 0 and text else None
+    return _last_line("rabbitmq-diagnostics", "-q", "erlang_version")
 
 
 def versions(postgres_url: str) -> dict[str, str | None]:

@@ -638,22 +638,16 @@ class EventStore:
         in lists of at most ``_DECODE_SLICE``. A caller that folds each list while its
         freshly decoded objects are still in the CPU cache replays ~25% faster than one
         handed a whole decoded page of 1,000 (measured on a 1M-event replay)."""
-        decode = self.mapper.decode_envelope
-        while True:
-            rows = self._states(after, page)
-            if not rows:
-                return
-            for start in range(0, len(rows), _DECODE_SLICE):
-                chunk = rows[start : start + _DECODE_SLICE]
-                yield [positioned(decode(state), pos) for pos, state in chunk]
-            after = rows[-1][0]
+        return self._decoded(self.mapper.decode_envelope, after, page)
 
     def replay(
         self, after: int = 0, page: int = 1000
     ) -> Iterator[list[ReplayedEvent | EventEnvelope]]:
         """``iter_all`` for folding: each event decoded only as far as a fold reads it
         (``ReplayedEvent``), about half the cost of a full envelope."""
-        decode = self.mapper.decode_replayed
+        return self._decoded(self.mapper.decode_replayed, after, page)
+
+    def _decoded(self, decode: Callable[[bytes], _E], after: int, page: int) -> Iterator[list[_E]]:
         while True:
             rows = self._states(after, page)
             if not rows:
