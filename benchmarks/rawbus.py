@@ -343,6 +343,23 @@ async def _publish_confirmed(
     return sent
 
 
+def _bodies(ctx: Context, count: int, seconds: float) -> list[bytes]:
+    """The event bodies to publish, encoded beforehand (this times the client and the
+    broker, not JSON encoding), and the parameters every publishing baseline shares."""
+    bodies = [_event(i) for i in range(count)]
+    ctx.params.update(
+        messages=count,
+        max_seconds=seconds,
+        window=WINDOW,
+        body_bytes=len(bodies[0]),
+        bodies="distinct, encoded before the timed part",
+        exchange="topic, durable",
+        queue="quorum, durable",
+        delivery_mode="persistent",
+    )
+    return bodies
+
+
 # --- rawbus.publish -----------------------------------------------------------------
 
 
@@ -355,20 +372,8 @@ async def _publish_confirmed(
 )
 @contextlib.contextmanager
 def rawbus_publish(ctx: Context) -> Iterator[Trial]:
-    count = ctx.size(5_000, 20_000)
-    seconds = ctx.size(10, 30)
-    # Encoded beforehand: this times the client and the broker, not JSON encoding.
-    bodies = [_event(i) for i in range(count)]
-    ctx.params.update(
-        messages=count,
-        max_seconds=seconds,
-        window=WINDOW,
-        body_bytes=len(bodies[0]),
-        bodies="distinct, encoded before the timed part",
-        exchange="topic, durable",
-        queue="quorum, durable",
-        delivery_mode="persistent",
-    )
+    count, seconds = ctx.size(5_000, 20_000), ctx.size(10, 30)
+    bodies = _bodies(ctx, count, seconds)
     with _bench(ctx, "publish") as bench:
 
         async def setup() -> tuple[AbstractExchange, AbstractQueue]:
@@ -409,22 +414,9 @@ def rawbus_publish(ctx: Context) -> Iterator[Trial]:
 )
 @contextlib.contextmanager
 def rawbus_e2e(ctx: Context) -> Iterator[Trial]:
-    count = ctx.size(4_000, 20_000)
-    seconds = ctx.size(10, 30)
-    # Encoded beforehand: this times the client and the broker, not JSON encoding.
-    bodies = [_event(i) for i in range(count)]
-    ctx.params.update(
-        messages=count,
-        max_seconds=seconds,
-        window=WINDOW,
-        prefetch=PREFETCH,
-        ack_every=ACK_EVERY,
-        body_bytes=len(bodies[0]),
-        bodies="distinct, encoded before the timed part",
-        exchange="topic, durable",
-        queue="quorum, durable",
-        delivery_mode="persistent",
-    )
+    count, seconds = ctx.size(4_000, 20_000), ctx.size(10, 30)
+    bodies = _bodies(ctx, count, seconds)
+    ctx.params.update(prefetch=PREFETCH, ack_every=ACK_EVERY)
     with _bench(ctx, "e2e") as bench:
 
         async def setup() -> tuple[AbstractExchange, _Child]:

@@ -159,10 +159,8 @@ class _Acks:
     def __init__(self) -> None:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._open: dict[int, bool] = {}  # delivery tag → done; arrival (tag) order
-        self._done = 0
         self._flushing = False
         self._lock = asyncio.Lock()
-        self.frames = 0
 
     def opened(self, message: AbstractIncomingMessage) -> None:
         if message.channel is not self._channel:
@@ -170,7 +168,6 @@ class _Acks:
             # (the broker redelivers what they named).
             self._channel = message.channel
             self._open.clear()
-            self._done = 0
         if message.delivery_tag is not None:
             self._open[message.delivery_tag] = False
 
@@ -179,16 +176,14 @@ class _Acks:
         if message.channel is not self._channel or tag not in self._open:
             return
         self._open[tag] = True
-        self._done += 1
         if not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush_soon)
 
     def forget(self, message: AbstractIncomingMessage) -> None:
         """Settled otherwise (its nack or reject is already queued)."""
-        tag = message.delivery_tag
-        if message.channel is self._channel and tag is not None and self._open.pop(tag, False):
-            self._done -= 1
+        if message.channel is self._channel and message.delivery_tag is not None:
+            self._open.pop(message.delivery_tag, None)
 
     def _flush_soon(self) -> None:
         task = asyncio.get_running_loop().create_task(self.flush())
@@ -201,7 +196,7 @@ class _Acks:
         async with self._lock:
             self._flushing = False
             channel = self._channel
-            if not self._done or channel is None:
+            if channel is None:
                 return
             last: int | None = None
             while self._open:
@@ -213,14 +208,11 @@ class _Acks:
             single = [tag for tag, done in self._open.items() if done]
             for tag in single:
                 del self._open[tag]
-            self._done = 0
             if channel.is_closed:
                 return  # the broker requeues them; the redeliveries are deduplicated
             if last is not None:
-                self.frames += 1
                 await channel.basic_ack(last, multiple=True, wait=False)
             for tag in single:
-                self.frames += 1
                 await channel.basic_ack(tag, wait=False)
 
 

@@ -264,32 +264,29 @@ class OutboxRelay:
             if not notifications:
                 break
             await self.transport.publish_many(
-                self.topology.events_exchange, self._messages(notifications)
+                self.topology.events_exchange, self._messages(self._decoded(notifications))
             )
             after = notifications[-1].id
             self.resent += len(notifications)
         log.info("re-published positions %d..%d after a reconnect", self._resend_from + 1, until)
         self._resend_from = None
 
-    def _messages(self, notifications: Sequence[Notification]) -> list[tuple[str, OutgoingMessage]]:
+    def _decoded(self, notifications: Sequence[Notification]) -> list[EventEnvelope]:
         decode = self.store.mapper.decode_envelope
-        items = []
-        for n in notifications:
-            env = positioned(decode(n.state), n.id)
-            items.append((self.topology.routing_key(env.type), event_message(env, self.codec)))
-        return items
+        return [positioned(decode(n.state), n.id) for n in notifications]
+
+    def _messages(self, envelopes: Sequence[EventEnvelope]) -> list[tuple[str, OutgoingMessage]]:
+        return [
+            (self.topology.routing_key(env.type), event_message(env, self.codec))
+            for env in envelopes
+        ]
 
     async def _drain(self) -> None:
         while True:
             self._note_reconnect(self.position)
-            handed = self._take_handed()
-            if handed:
-                count, last = len(handed), handed[-1].position or 0
-                items = [
-                    (self.topology.routing_key(env.type), event_message(env, self.codec))
-                    for env in handed
-                ]
-                self.from_memory += count
+            envelopes = self._take_handed()
+            if envelopes:
+                self.from_memory += len(envelopes)
             else:
                 notifications = await asyncio.to_thread(
                     self.store.read_notifications, self.position, self.page
@@ -297,16 +294,16 @@ class OutboxRelay:
                 if not notifications:
                     self._caught_up.set()
                     return
-                count, last = len(notifications), notifications[-1].id
-                items = self._messages(notifications)
+                envelopes = self._decoded(notifications)
+            items = self._messages(envelopes)
             start = self.position
             await self.transport.publish_many(self.topology.events_exchange, items)
             # Lost and restored while this page was out: it was published after.
             self._note_reconnect(start)
-            self.position = last
+            self.position = envelopes[-1].position or self.position
             await self._save(force=False)
             self.published += len(items)
             self.batches += 1
-            if count < self.page and not self._prune_handed():
+            if len(envelopes) < self.page and not self._prune_handed():
                 self._caught_up.set()
                 return
