@@ -132,6 +132,44 @@ class TestTransportContract:
         await t.publish(plain, "somebody.listens", message("kept"))
         assert [d.body for d in await drain(t, queue)] == [b"kept"]
 
+    async def test_a_batch_arrives_in_order_and_an_unroutable_one_fails_only_itself(
+        self, bus: Bus
+    ) -> None:
+        """``publish_many`` sends every message of a batch, in order; one that matches
+        no queue makes the call raise ``Unroutable`` but the others are delivered; and
+        batches and single publishes running at once are all confirmed (the confirms
+        stay matched to their messages)."""
+        t = await bus.connect("test")
+        plain = f"{bus.prefix}.batches"
+        queue = f"{bus.prefix}.batched"
+        await t.declare_exchange(ExchangeSpec(plain, "topic"))
+        await t.declare_queue(QueueSpec(queue, bindings=[(plain, "kept.#")]))
+        batch = [(f"kept.{i}", message(f"m{i}", message_id=f"id-{i}")) for i in range(300)]
+        await t.publish_many(plain, batch)
+        got = await take(t, queue, 300)
+        assert [d.body for d in got] == [f"m{i}".encode() for i in range(300)]
+        assert [d.message_id for d in got] == [f"id-{i}" for i in range(300)]
+
+        mixed = [("kept.a", message("a")), ("nobody.b", message("b")), ("kept.c", message("c"))]
+        with pytest.raises(Unroutable):
+            await t.publish_many(plain, mixed)
+        assert [d.body for d in await take(t, queue, 2)] == [b"a", b"c"]
+
+        async def single(i: int) -> None:
+            await t.publish(plain, f"kept.s{i}", message(f"s{i}"))
+
+        async def many(i: int) -> None:
+            await t.publish_many(
+                plain, [(f"kept.b{i}.{j}", message(f"b{i}.{j}")) for j in range(50)]
+            )
+
+        await asyncio.wait_for(
+            asyncio.gather(*(single(i) if i % 2 else many(i) for i in range(20))), 30
+        )
+        bodies = {d.body for d in await take(t, queue, 10 + 10 * 50)}
+        assert len(bodies) == 10 + 10 * 50
+        assert await drain(t, queue) == []
+
     async def test_ack_removes_requeue_redelivers_reject_dead_letters(self, bus: Bus) -> None:
         dlx, dlq = await with_dead_letters(bus)
         t = await bus.connect("test")
@@ -473,3 +511,27 @@ class TestTransportContract:
         await t.close()
         with pytest.raises(TransportClosed):
             await t.publish("", queue, message("too late"))
+
+
+async def test_a_nacked_message_of_a_batch_fails_the_batch_and_the_channel_goes_on(
+    amqp_bus: Bus,
+) -> None:
+    """RabbitMQ nacks what a full ``reject-publish`` queue refuses: the batch raises
+    ``TransportError``, the messages it took are there, and the next publishes on the
+    same confirming channel are confirmed as before."""
+    t = await amqp_bus.connect("test")
+    exchange, queue = f"{amqp_bus.prefix}.x", f"{amqp_bus.prefix}.small"
+    await t.declare_exchange(ExchangeSpec(exchange, "topic"))
+    await t.declare_queue(
+        QueueSpec(
+            queue,
+            bindings=[(exchange, "#")],
+            arguments={"x-max-length": 2, "x-overflow": "reject-publish"},
+        )
+    )
+    with pytest.raises(TransportError, match="did not accept"):
+        await t.publish_many(exchange, [("k", message(f"m{i}")) for i in range(5)])
+    assert [d.body for d in await drain(t, queue)] == [b"m0", b"m1"]
+    await t.publish_many(exchange, [("k", message("again"))])
+    await t.publish(exchange, "k", message("single"))
+    assert [d.body for d in await drain(t, queue)] == [b"again", b"single"]
