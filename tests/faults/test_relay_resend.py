@@ -58,6 +58,9 @@ async def test_what_was_published_after_a_reconnect_is_published_again(
             await coordinator.create_workflow_session([f"before-{index}"])
         before = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
         await wait_for(lambda: set(seen) == before, timeout=5, what="the first events")
+        # Delivered is not yet confirmed: a reconnect noticed while the last page is
+        # still out counts that page as published after it, so wait for the relay.
+        await relay.wait_idle()
 
         transport.reconnects += 1  # the connection was lost and restored
         for index in range(3):
