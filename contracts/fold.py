@@ -65,7 +65,7 @@ def fold_session(state: WorkflowSession | None, env: SessionEvent) -> WorkflowSe
             config=event.config,
             version=1,
         )
-    if env.session_id != state.session_id:
+    if env.session_id.int != state.session_id.int:
         raise ValidationError(
             f"event of session {env.session_id} applied to session {state.session_id}",
             field="session_id",

@@ -38,7 +38,7 @@ from coordinator.errors import CoordinatorError
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
 from coordinator.service import SessionCoordinator
-from coordinator.store import DEFAULT_STORE_URL, EventStore
+from coordinator.store import DEFAULT_STORE_URL, MAX_PARTITIONS, EventStore
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 from module_sdk.reference.__main__ import main as run_module
@@ -99,6 +99,18 @@ def schema(kind: str, prefix: str) -> None:
     sys.stdout.write(schema_mod.dumps(doc))
 
 
+# A long history without a checkpoint is folded by this many processes (``coordinator
+# .rebuild``); for the coordinator and for ``replay``.
+_rebuild_workers = click.option(
+    "--rebuild-workers",
+    envvar="SESSIONBUS_REBUILD_WORKERS",
+    type=click.IntRange(1, MAX_PARTITIONS),
+    default=None,
+    help="Processes that fold a long history without a checkpoint on start "
+    "[default: one per core, at most 4].",
+)
+
+
 @main.command()
 @click.option(
     "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
@@ -135,6 +147,7 @@ def schema(kind: str, prefix: str) -> None:
     default=None,
     help="Serve Prometheus /metrics on this port (0: any free port).",
 )
+@_rebuild_workers
 def coordinator(
     amqp_url: str,
     store: str,
@@ -144,6 +157,7 @@ def coordinator(
     partitions: int,
     replica: str | None,
     metrics_port: int | None,
+    rebuild_workers: int | None,
 ) -> None:
     """Run the coordinator service until SIGTERM or SIGINT."""
     try:
@@ -159,7 +173,16 @@ def coordinator(
         return
     try:
         asyncio.run(
-            _serve(transport, store, topology, idmap, audit_retention, metrics_port, replica_of)
+            _serve(
+                transport,
+                store,
+                topology,
+                idmap,
+                audit_retention,
+                metrics_port,
+                replica_of,
+                rebuild_workers,
+            )
         )
     except TransportError as exc:
         _fail(f"broker at {redact_url(amqp_url)}: {exc}", 3)
@@ -175,6 +198,7 @@ async def _serve(
     audit_retention: str,
     metrics_port: int | None,
     replica: tuple[int, int] | None = None,
+    rebuild_workers: int | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -188,6 +212,7 @@ async def _serve(
         audit_retention=audit_retention,
         metrics_port=metrics_port,
         replica=replica,
+        rebuild_workers=rebuild_workers,
     )
     async with runtime:
         click.echo(
@@ -758,7 +783,8 @@ def dlq_replay(
 @click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--page", default=1000, show_default=True, type=click.IntRange(10, 100_000))
-def replay(store: str, as_json: bool, page: int) -> None:
+@_rebuild_workers
+def replay(store: str, as_json: bool, page: int, rebuild_workers: int | None) -> None:
     """Rebuild the projections from the whole history, with progress, and save them as
     the checkpoint a coordinator starts from."""
     with _open_store(store) as event_store:
@@ -776,7 +802,12 @@ def replay(store: str, as_json: bool, page: int) -> None:
             def report(position: int, _total: int) -> None:
                 progress.update(task, completed=position)
 
-            coordinator = SessionCoordinator(event_store, progress=report, rebuild_page=page)
+            coordinator = SessionCoordinator(
+                event_store,
+                progress=report,
+                rebuild_page=page,
+                rebuild_workers=rebuild_workers,
+            )
             coordinator.store = event_store
             started = time.perf_counter()
             coordinator.projections = coordinator.rebuild_from_scratch()
@@ -790,13 +821,15 @@ def replay(store: str, as_json: bool, page: int) -> None:
         "live_sessions": len(proj.sessions),
         "destroyed_sessions": len(proj.destroyed),
         "position": proj.position,
+        "processes": coordinator.rebuild_processes,
     }
     if as_json:
         _emit_json(figures)
     else:
         click.echo(
             f"replayed {figures['events']} events in {seconds:.2f} s "
-            f"({figures['events_per_second'] or 0:,} events/s): "
+            f"({figures['events_per_second'] or 0:,} events/s, "
+            f"{coordinator.rebuild_processes} process(es)): "
             f"{figures['live_sessions']} live and {figures['destroyed_sessions']} destroyed "
             f"sessions, position {proj.position}"
         )

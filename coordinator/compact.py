@@ -14,8 +14,11 @@ exactly (a naive or non-UTC datetime, metadata that is not plain JSON data, a fi
 an unexpected type) is not packed: ``pack`` returns ``None`` and the caller keeps the
 object.
 
-The form lives only in this process's memory: module ids and statuses are numbered by
-process-wide tables, and it is never stored or sent.
+The form lives in one process's memory: module ids and statuses are numbered by
+process-wide tables, and it is never stored. The one place it crosses processes is a
+partitioned rebuild, which sends each worker's name table along (``names``) and
+renumbers what a worker packed into this process's numbers (``renumbering``,
+``renumber``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ from contracts import (
 )
 from contracts.fold import LINKED_ID_FIELDS
 
-__all__ = ["created_key", "deadline_of", "micros", "pack", "unpack"]
+__all__ = [
+    "created_key",
+    "deadline_of",
+    "micros",
+    "names",
+    "pack",
+    "renumber",
+    "renumbering",
+    "unpack",
+]
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
@@ -77,6 +89,29 @@ class _Names:
 
 
 _names: Final = _Names()
+
+
+def names() -> list[str]:
+    """This process's module ids, by number (a copy)."""
+    with _names._lock:
+        return list(_names.names)
+
+
+def renumbering(foreign: list[str]) -> list[int] | None:
+    """How to bring states packed with another process's ``foreign`` name table into
+    this process's numbers: ``mapping[theirs] == ours``; ``None`` when they agree."""
+    mapping = [_names.number(name) for name in foreign]
+    return None if all(ours == theirs for theirs, ours in enumerate(mapping)) else mapping
+
+
+def renumber(blob: bytes, mapping: list[int]) -> bytes:
+    """``blob`` packed with another process's names, in this process's (see
+    ``renumbering``). Everything else is copied as it is."""
+    p = _decoder.decode(memoryview(blob)[_HEADER:])
+    p.required_modules = [mapping[i] for i in p.required_modules]
+    for m in p.modules:
+        m.name = mapping[m.name]
+    return blob[:_HEADER] + _encoder.encode(p)
 
 
 # The packed shapes: positional (array_like), untracked by the GC (gc=False: decoded

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
@@ -50,6 +51,7 @@ __all__ = ["ProjectionSnapshot", "Projections", "SessionTable", "integrity_repor
 log = logging.getLogger("sessionbus.coordinator.projections")
 
 _S = SessionStatus
+_REGISTRY: Final = REGISTRY_ID.int
 # A module is healthy while its last heartbeat is younger than this many intervals.
 HEALTHY_INTERVALS: Final = 3
 # How many applied command ids are remembered for idempotent retries (at least; up
@@ -164,6 +166,33 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
                     self._pack(old)
             self._old, self._young = young, {}
 
+    def entries(self) -> Iterator[tuple[uuid.UUID, WorkflowSession | bytes]]:
+        """Every entry as stored, in order: (id object, state or packed state)."""
+        for value in self._data.values():
+            if isinstance(value, tuple):
+                yield value
+            else:
+                yield value.session_id, value
+
+    def adopt(self, session_id: uuid.UUID, value: WorkflowSession | bytes) -> None:
+        """Append an entry as ``entries`` gives it (``session_id`` becomes the entry's
+        id object), not counted as recently stored: for merging tables."""
+        key = session_id.int
+        if self._order is not None and key not in self._data:
+            self._order.append(key)
+        if isinstance(value, bytes):
+            self._data[key] = (session_id, value)
+        else:
+            if value.session_id is not session_id:
+                value = msgspec.structs.replace(value, session_id=session_id)
+            self._data[key] = value
+
+    def clear(self) -> None:
+        self._data.clear()
+        self._young, self._old = {}, {}
+        if self._order is not None:
+            self._order.clear()
+
     def pop(self, session_id: uuid.UUID) -> None:
         key = session_id.int
         self._data.pop(key, None)
@@ -217,7 +246,11 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
 class Projections:
     """Every read the seed's SessionCoordinator needs, as in-memory indexes."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, command_memory: int = COMMAND_MEMORY, destroyed_memory: int = DESTROYED_MEMORY
+    ) -> None:
+        self.command_memory = command_memory
+        self.destroyed_memory = destroyed_memory
         self.position = 0
         self.sessions = SessionTable()
         self.by_status: dict[SessionStatus, set[uuid.UUID]] = {s: set() for s in SessionStatus}
@@ -227,10 +260,18 @@ class Projections:
         self.modules: dict[str, ModuleRegistered] = {}
         self.heartbeats: dict[str, tuple[Heartbeat, datetime]] = {}
         self.orphans: dict[uuid.UUID, dict[str, uuid.UUID]] = {}
-        # Oldest first (a plain dict: an OrderedDict costs twice the memory per entry).
-        self.commands: dict[uuid.UUID, Accepted] = {}
+        # By ``UUID.int`` (hashed in C; see SessionTable), oldest first (a plain dict: an
+        # OrderedDict costs twice the memory per entry). ``applied_commands`` has the ids.
+        self.commands: dict[int, Accepted] = {}
         self.listeners: list[SessionListener] = []
         self.events_applied = 0
+        # Kept between track_positions() and untrack() (a partitioned rebuild's merge
+        # orders by them): the position of each remembered command's first event, by
+        # the order the commands were first seen (the memory holds the last ones), and
+        # of each session's Destroyed.
+        self._command_first: array[int] | None = None
+        self._commands_dropped = 0
+        self._destroyed_at: dict[int, int] | None = None
 
     # -- folding ----------------------------------------------------------------------
 
@@ -241,7 +282,7 @@ class Projections:
         if position and position <= self.position:
             return
         session_id: uuid.UUID | None = None
-        if env.session_id == REGISTRY_ID:
+        if env.session_id.int == _REGISTRY:
             self._apply_registry(env)
         else:
             session_id = self._apply_session(env)
@@ -260,7 +301,7 @@ class Projections:
         unpacked (fewer unpack/pack round trips). Destroyed sessions are packed only
         if still remembered at the end."""
         self.sessions.hot = BULK_HOT_SESSIONS
-        self.recently_destroyed.hot = DESTROYED_MEMORY
+        self.recently_destroyed.hot = self.destroyed_memory
 
     def end_replay(self) -> None:
         """Back to serving: every state packed, the most recent ones unpacked as they
@@ -299,10 +340,12 @@ class Projections:
             # The fold keeps the id object of the state it folded: the table's own.
             new = msgspec.structs.replace(new, session_id=sid)
         if new.destroyed:
+            if self._destroyed_at is not None:
+                self._destroyed_at.setdefault(sid.int, env.position or 0)
             self.sessions.pop(sid)
             self.destroyed.add(sid)
             self.recently_destroyed.put(new)
-            if len(self.recently_destroyed) > DESTROYED_MEMORY:
+            if len(self.recently_destroyed) > self.destroyed_memory:
                 self.recently_destroyed.popitem()
         else:
             self.sessions.put(new)
@@ -343,19 +386,65 @@ class Projections:
         commands = self.commands
         # Kept where it was first remembered: a command's events are committed together,
         # so first remembered is (to within one commit) last remembered, without moving.
-        previous = commands.get(env.causation_id)
-        count = previous.events + 1 if previous is not None else 1
-        if previous is not None and previous.session_id is not None and session_id is None:
-            session_id, version = previous.session_id, previous.version
+        key = env.causation_id.int
+        previous = commands.get(key)
+        version = env.version
+        if previous is None:
+            count = 1
+            if self._command_first is not None:
+                self._command_first.append(env.position or 0)
         else:
-            version = env.version
-        commands[env.causation_id] = Accepted(session_id=session_id, version=version, events=count)
-        if len(commands) > COMMAND_MEMORY + _COMMAND_SLACK:
+            count = previous.events + 1
+            if previous.session_id is not None and session_id is None:
+                session_id, version = previous.session_id, previous.version
+        commands[key] = Accepted(session_id=session_id, version=version, events=count)
+        if len(commands) > self.command_memory + _COMMAND_SLACK:
             # The oldest go in batches: a dict finds its first entry by stepping over
             # the ones deleted before it (until it next resizes), so one at a time
             # would cost a scan per command.
-            for oldest in list(itertools.islice(commands, len(commands) - COMMAND_MEMORY)):
+            dropped = list(itertools.islice(commands, len(commands) - self.command_memory))
+            for oldest in dropped:
                 del commands[oldest]
+            self._commands_dropped += len(dropped)
+
+    def track_positions(self) -> None:
+        """Keep the positions ``commands_at`` and ``recently_destroyed_at`` give, from
+        an empty start (see ``__init__``)."""
+        assert self.position == 0, "tracking starts empty"
+        self._command_first = array("q")
+        self._commands_dropped = 0
+        self._destroyed_at = {}
+
+    def untrack(self) -> None:
+        self._command_first = self._destroyed_at = None
+
+    def applied_commands(self) -> list[tuple[uuid.UUID, Accepted]]:
+        """(command id, outcome) of every remembered command, oldest first."""
+        return list(zip(uuids(self.commands), self.commands.values(), strict=True))
+
+    def commands_at(self) -> list[tuple[int, int, Accepted]]:
+        """(first position, command id's ``int``, outcome) of every remembered command,
+        oldest first; needs ``track_positions``."""
+        first = self._command_first
+        assert first is not None, "positions not tracked"
+        base = self._commands_dropped
+        return [(first[base + i], cid, a) for i, (cid, a) in enumerate(self.commands.items())]
+
+    def recently_destroyed_at(self) -> list[tuple[int, uuid.UUID, WorkflowSession | bytes]]:
+        """(position of Destroyed, id, state as stored) of the destroyed sessions kept
+        for reads, oldest first; needs ``track_positions``."""
+        at = self._destroyed_at
+        assert at is not None, "positions not tracked"
+        return [(at[sid.int], sid, value) for sid, value in self.recently_destroyed.entries()]
+
+    def commands_kept(self, distinct: int) -> int:
+        """How many of ``distinct`` commands remembered one after another ``_remember``
+        keeps: all up to the memory and its slack, then it drops to the memory in
+        batches."""
+        memory, slack = self.command_memory, _COMMAND_SLACK
+        if distinct <= memory + slack:
+            return distinct
+        return memory + (distinct - memory) % (slack + 1)
 
     # -- heartbeats (not event-sourced) -----------------------------------------------
 
@@ -389,7 +478,9 @@ class Projections:
             ids = set().union(*(self.by_status[s] for s in ACTIVE_STATUSES))
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
-        return sorted(ids, key=self.sessions.created)
+        created = self.sessions.created
+        # Ties (one clock tick) by id: the sets' own order depends on how they were built.
+        return sorted(ids, key=lambda sid: (created(sid), sid))
 
     def sessions_page(
         self, status: SessionStatus | None, module_id: str | None, offset: int, limit: int
@@ -446,7 +537,7 @@ class Projections:
             destroyed=list(self.destroyed),
             modules=dict(self.modules),
             orphans={k: dict(v) for k, v in self.orphans.items()},
-            commands=list(self.commands.items()),
+            commands=self.applied_commands(),
         )
 
     def encode_snapshot(self) -> bytearray:
@@ -467,7 +558,7 @@ class Projections:
         enc.encode_into("orphans", buf, -1)
         enc.encode_into(self.orphans, buf, -1)
         enc.encode_into("commands", buf, -1)
-        enc.encode_into(list(self.commands.items()), buf, -1)
+        enc.encode_into(self.applied_commands(), buf, -1)
         return buf
 
     @classmethod
@@ -500,7 +591,7 @@ class Projections:
         proj.destroyed = set(snap.destroyed)
         proj.modules = dict(snap.modules)
         proj.orphans = {k: dict(v) for k, v in snap.orphans.items()}
-        proj.commands = dict(snap.commands)
+        proj.commands = {cid.int: outcome for cid, outcome in snap.commands}
 
 
 class _LazySnapshot(msgspec.Struct, kw_only=True):
@@ -517,6 +608,17 @@ class _LazySnapshot(msgspec.Struct, kw_only=True):
 _snapshot_encoder: Final = msgspec.msgpack.Encoder()
 _lazy_snapshot_decoder: Final = msgspec.msgpack.Decoder(_LazySnapshot)
 _session_decoder: Final = msgspec.msgpack.Decoder(WorkflowSession)
+
+
+_uuid_list_decoder: Final = msgspec.msgpack.Decoder(list[uuid.UUID])
+
+
+def uuids(keys: Iterable[int]) -> list[uuid.UUID]:
+    """The ``UUID`` of each ``UUID.int``, made by msgspec (``uuid.UUID(int=…)`` is
+    Python code, twice as slow)."""
+    return _uuid_list_decoder.decode(
+        _snapshot_encoder.encode([key.to_bytes(16, "big") for key in keys])
+    )
 
 
 def _array_header(length: int) -> bytes:

@@ -79,9 +79,15 @@ from contracts import (
 )
 from coordinator.clock import Clock, SystemClock
 from coordinator.domain import OPERATOR, Principal, next_deadline
-from coordinator.errors import CommandRejected, CoordinatorError
+from coordinator.errors import CommandRejected, ConfigurationError, CoordinatorError
 from coordinator.memory import release_free_memory
 from coordinator.projections import Projections, integrity_report
+from coordinator.rebuild import (
+    MAX_PARTITIONS,
+    PARALLEL_MIN_EVENTS,
+    default_workers,
+    rebuild_partitioned,
+)
 from coordinator.store import EventStore
 from coordinator.writer import Outcome, WriteJob, Writer
 
@@ -119,6 +125,8 @@ class SessionCoordinator:
         max_batch: int = 512,
         checkpoint_every: int = 50_000,
         rebuild_page: int = 1000,
+        rebuild_workers: int | None = None,
+        parallel_rebuild_min: int = PARALLEL_MIN_EVENTS,
         progress: RebuildProgress | None = None,
         follow_interval: float | None = 1.0,
         follow_log: bool = True,
@@ -131,6 +139,12 @@ class SessionCoordinator:
         self.max_batch = max_batch
         self.checkpoint_every = checkpoint_every
         self.rebuild_page = rebuild_page
+        self.rebuild_workers = default_workers() if rebuild_workers is None else rebuild_workers
+        if not 1 <= self.rebuild_workers <= MAX_PARTITIONS:
+            raise ConfigurationError(
+                f"rebuild_workers must be 1 to {MAX_PARTITIONS}, not {rebuild_workers}"
+            )
+        self.parallel_rebuild_min = parallel_rebuild_min
         self.progress = progress
         self.follow_interval = follow_interval
         self.follow_log = follow_log
@@ -157,6 +171,7 @@ class SessionCoordinator:
         self.published_position = 0
         self.rebuild_seconds = 0.0
         self.rebuilt_events = 0
+        self.rebuild_processes = 0  # how many processes folded the last rebuild
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -195,7 +210,7 @@ class SessionCoordinator:
             self.clock,
             self._deliver,
             max_batch=self.max_batch,
-            applied=list(proj.commands.items()),
+            applied=proj.applied_commands(),
             deadlines=deadlines,
             log_position=proj.position,
             follow_log=self.follow_log,
@@ -258,9 +273,10 @@ class SessionCoordinator:
         self._checkpoint()
 
     def _rebuild(self, *, from_checkpoint: bool = True) -> Projections:
-        """Load the projection checkpoint if any, then fold everything after it.
-        GC is paused: the objects made here live long and a collection pass over them
-        costs a large share of a bulk replay."""
+        """Load the projection checkpoint if any, then fold everything after it; a long
+        history without a checkpoint is folded by several processes (``rebuild_workers``,
+        see ``coordinator.rebuild``). GC is paused: the objects made here live long and a
+        collection pass over them costs a large share of a bulk replay."""
         assert self.store is not None
         started = time.perf_counter()
         proj = Projections()
@@ -274,8 +290,19 @@ class SessionCoordinator:
         total = self.store.max_position()
         gc_was_enabled = gc.isenabled()
         gc.disable()
-        proj.begin_replay()
         try:
+            self.rebuild_processes = 1
+            if proj.position == 0 and total >= max(self.parallel_rebuild_min, 1):
+                merged = rebuild_partitioned(
+                    self.store,
+                    total,
+                    workers=self.rebuild_workers,
+                    page=self.rebuild_page,
+                    progress=self.progress,
+                )
+                if merged is not None:
+                    proj, self.rebuild_processes = merged, self.rebuild_workers
+            proj.begin_replay()
             for page in self.store.replay(proj.position, self.rebuild_page):
                 proj.apply_all(page)
                 if self.progress is not None:
