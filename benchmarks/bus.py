@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu import CpuMeter, CpuUse, cpu_figures
 from benchmarks.registry import (
     Context,
     Deadline,
@@ -360,92 +361,6 @@ def _harness(ctx: Context, label: str) -> Iterator[tuple[asyncio.AbstractEventLo
             loop.close()
 
 
-def _sched(pid: int) -> tuple[float, float]:
-    """Seconds a process's threads have run on a CPU and have waited, runnable, for one
-    (``/proc/PID/task/*/schedstat``); zeros when it is gone."""
-    run = wait = 0
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                ran, waited, _ = (task / "schedstat").read_text().split()
-                run += int(ran)
-                wait += int(waited)
-    return run / 1e9, wait / 1e9
-
-
-def _machine_busy_seconds() -> float:
-    """CPU time every core of the machine spent busy (not idle, not waiting for I/O)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return 0.0
-    return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _broker_pid() -> int | None:
-    """The local RabbitMQ node's Erlang VM, if it runs on this machine."""
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "beam.smp":
-                return int(entry.name)
-    return None
-
-
-@dataclass(frozen=True)
-class CpuUse:
-    ran: dict[str, float]  # CPU seconds per party over the window
-    waited: dict[str, float]  # seconds runnable but not running (the CPU was taken)
-    busy: float  # seconds every core of the machine was busy, whoever used it
-    elapsed: float  # the window, wall-clock seconds
-
-
-class CpuMeter:
-    """Where the time goes: CPU used by each party over a window, the time our own
-    processes waited for a CPU, and how busy the whole machine was (its 2 cores are
-    shared with other work). The broker's figure includes its schedulers' busy-waiting."""
-
-    def __init__(self, parties: dict[str, list[int]], *, bench: bool = True) -> None:
-        self.parties = dict(parties)
-        if bench:
-            self.parties["bench"] = [os.getpid()]
-        broker = _broker_pid()
-        if broker is not None:
-            self.parties["broker"] = [broker]
-        self.began = time.perf_counter()
-        self.start = self._sample()
-
-    def _sample(self) -> tuple[dict[str, tuple[float, float]], float]:
-        parties = {}
-        for party, pids in self.parties.items():
-            samples = [_sched(p) for p in pids]
-            parties[party] = (sum(r for r, _ in samples), sum(w for _, w in samples))
-        return parties, _machine_busy_seconds()
-
-    def stop(self) -> CpuUse:
-        elapsed = time.perf_counter() - self.began
-        (end, busy), (start, busy0) = self._sample(), self.start
-        return CpuUse(
-            {k: end[k][0] - start[k][0] for k in end},
-            {k: end[k][1] - start[k][1] for k in end},
-            busy - busy0,
-            elapsed,
-        )
-
-
-def _cpu_figures(prefix: str, use: CpuUse, count: float, what: str) -> dict[str, Figure]:
-    """CPU milliseconds per ``what`` of each party; how long the coordinator was kept
-    waiting for a CPU (seconds per second); how busy the machine was."""
-    figures = {
-        f"{prefix}cpu_ms_per_{what}.{party}": Figure(ran / max(count, 1) * 1000, "ms", None)
-        for party, ran in sorted(use.ran.items())
-    }
-    if "coordinator" in use.waited:
-        waited = use.waited["coordinator"] / use.elapsed
-        figures[f"{prefix}coordinator_waiting_for_cpu"] = Figure(waited, "s/s", None)
-    figures[f"{prefix}machine_busy_cores"] = Figure(use.busy / use.elapsed, "cores", None)
-    return figures
-
-
 async def _until(
     predicate: Callable[[], bool], timeout: float, alive: Sequence[Child] = ()
 ) -> bool:
@@ -547,7 +462,7 @@ def bus_commands(ctx: Context) -> Iterator[Trial]:
                 figures[f"inflight_{n}.p50_ms"] = Figure(got["p50_ms"], "ms", "lower")
                 figures[f"inflight_{n}.p99_ms"] = Figure(got["p99_ms"], "ms", "lower")
                 if n > 1:
-                    figures |= _cpu_figures(f"inflight_{n}.", use, got["commands"], "command")
+                    figures |= cpu_figures(f"inflight_{n}.", use, got["commands"], "command")
             return figures
 
         yield lambda: loop.run_until_complete(trial())
@@ -863,8 +778,8 @@ def bus_delivered(ctx: Context) -> Iterator[Trial]:
                 "seven_modules.deliveries_per_s": Figure(deliveries / window, "deliveries/s"),
                 "seven_modules.wrong_events": Figure(wrong_seven, "events", "lower"),
                 "events_per_phase": Figure(total_b, "events", None),
-                **_cpu_figures("one_module.", cpu_a, total_a, "event"),
-                **_cpu_figures("seven_modules.", cpu_b, total_b, "event"),
+                **cpu_figures("one_module.", cpu_a, total_a, "event"),
+                **cpu_figures("seven_modules.", cpu_b, total_b, "event"),
             }
 
         yield lambda: loop.run_until_complete(trial())
@@ -1013,7 +928,7 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
                 "sends_behind_schedule_max_ms": Figure(paced.behind_s * 1000, "ms", "lower"),
                 "deliveries": Figure(len(latencies), "deliveries", None),
                 "wrong_events": Figure(wrong, "events", "lower"),
-                **_cpu_figures("", cpu, events, "event"),
+                **cpu_figures("", cpu, events, "event"),
             }
 
         async def trial() -> dict[str, Figure]:
@@ -1027,6 +942,19 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
 
 
 target("fan-out p99 at 1k events/s", "bus.fanout", "p99_ms", "<=", 5, "ms")
+ratio(
+    "fanout_p99_vs_raw",
+    ("bus.fanout", "p99_ms"),
+    ("rawbus.fanout", "p99_ms"),
+    "fan-out p99 to seven modules (commit → applied) vs raw aio-pika publish → consume "
+    "into seven quorum queues at the same rate (lower is better; 1 = the broker's floor)",
+)
+ratio(
+    "fanout_p99_vs_raw_one",
+    ("bus.fanout", "one_module.p99_ms"),
+    ("rawbus.fanout", "one_queue.p99_ms"),
+    "the same with one module and one queue",
+)
 
 
 # --- bus.sessions ---------------------------------------------------------------------
@@ -1193,7 +1121,7 @@ def bus_sessions(ctx: Context) -> Iterator[Trial]:
                 "alone.life_max_ms": Figure(alone[-1] * 1000 if alone else 0.0, "ms", "lower"),
                 "failed_sessions": Figure(len(errors), "sessions", "lower"),
                 "not_destroyed": Figure(len(problems), "sessions", "lower"),
-                **_cpu_figures("", cpu, len(lives), "session"),
+                **cpu_figures("", cpu, len(lives), "session"),
             }
 
         try:

@@ -11,6 +11,9 @@ JSON encoded with msgspec, and the naive peer stores with eventsourcing alone.
 - ``rawbus.rpc``: requests to a queue served by a child process, replies through
   direct reply-to, at 1 and at 64 in flight; a classic request queue with transient
   requests, and a quorum one as the coordinator's commands queue is.
+- ``rawbus.fanout``: the floor under the coordinator's fan-out latency: confirmed
+  publishes paced at a fixed rate into one, then seven, quorum queues, each consumed
+  by a process of its own that acks every message; publish → callback latency.
 - ``rawbus.naive_peer``: per command, save one eventsourcing event to SQLite, then
   publish it and await the confirm; one command after another.
 
@@ -20,8 +23,10 @@ message: on a shared machine the rates move with the load, those much less.
 
 Children: ``python -m benchmarks.rawbus consume URL QUEUE COUNT PREFETCH ACK_EVERY
 MAX_SECONDS`` prints ``ready``, then one JSON line per COUNT messages received;
-``python -m benchmarks.rawbus serve URL PREFETCH MAX_SECONDS QUEUE...`` prints
-``ready`` and answers requests. Both exit when their stdin closes.
+``python -m benchmarks.rawbus stamps URL QUEUE COUNT PREFETCH MAX_SECONDS`` prints
+``ready``, then one JSON line of latencies per COUNT messages; ``python -m
+benchmarks.rawbus serve URL PREFETCH MAX_SECONDS QUEUE...`` prints ``ready`` and
+answers requests. All exit when their stdin closes.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from aio_pika.abc import (
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
+from benchmarks.cpu import CpuMeter, cpu_figures
 from benchmarks.registry import Context, Deadline, Figure, Trial, measurement, percentile
 
 T = TypeVar("T")
@@ -161,6 +167,7 @@ class _Child:
                 stderr=stderr,
                 cwd=ROOT,
                 env=env,
+                limit=1 << 24,  # a line of latencies can be long
             )
         except BaseException:
             stderr.close()
@@ -591,6 +598,123 @@ def rawbus_rpc(ctx: Context) -> Iterator[Trial]:
         yield trial
 
 
+# --- rawbus.fanout ------------------------------------------------------------------
+
+
+async def _paced_publish(
+    exchange: AbstractExchange, bodies: list[bytes], rate: float, seconds: float
+) -> tuple[int, float]:
+    """Publish ``bodies`` one by one, message i due at start + i/rate, each confirmed
+    in its own task (an open loop: a late confirm holds back no later publish; in
+    flight bounded). The publish time rides in a header. Returns (sent, seconds)."""
+    inflight: set[asyncio.Task[Any]] = set()
+    started = time.perf_counter()
+    sent = 0
+    for i, body in enumerate(bodies):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if time.perf_counter() - started > 2 * seconds:
+            break  # far behind the schedule: the time bound wins
+        while len(inflight) >= 512:
+            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+        message = _event_message(body, i)
+        message.headers = {"sent": _clock()}
+        task = asyncio.create_task(exchange.publish(message, EVENT_KEY))
+        inflight.add(task)
+        task.add_done_callback(inflight.discard)
+        sent += 1
+    if inflight:
+        await asyncio.gather(*inflight)
+    return sent, time.perf_counter() - started
+
+
+@measurement(
+    "rawbus.fanout",
+    "aio-pika alone: publish → consume latency at a fixed rate into 1, then 7 quorum queues "
+    "each consumed by its own process; unprefixed figures are the seven queues'",
+    repeats=(1, 3),
+    budget_s=(40.0, 150.0),
+    needs=("rabbitmq",),
+)
+@contextlib.contextmanager
+def rawbus_fanout(ctx: Context) -> Iterator[Trial]:
+    rate = float(ctx.size(250, 1000))
+    seconds = 3.0 if ctx.quick else 8.0
+    count = int(rate * seconds)
+    bodies = _bodies(ctx, count, seconds)
+    ctx.params.update(
+        target_msgs_per_s=rate,
+        queues=[1, 7],
+        prefetch=PREFETCH,
+        consumer_acks="one per message, as it arrives",
+        publisher="one confirmed publish per message, paced (open loop)",
+        latency="publish (header stamped just before it) to the consumer's callback; "
+        "CLOCK_MONOTONIC in both processes; every message in every queue",
+    )
+    with _bench(ctx, "fanout") as bench:
+
+        async def setup() -> tuple[AbstractExchange, list[AbstractQueue], list[_Child]]:
+            channel = await (await bench.connection()).channel(publisher_confirms=True)
+            name = bench.name("events")
+            bench.exchanges.append(name)
+            exchange = await channel.declare_exchange(
+                name, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            queues, consumers = [], []
+            for index in range(7):
+                queue = await bench.queue(channel, f"fanout.q{index}", QUORUM)
+                queues.append(queue)
+                consumers.append(
+                    await bench.child(
+                        f"consumer {index}",
+                        "stamps",
+                        bench.url,
+                        queue.name,
+                        str(count),
+                        str(PREFETCH),
+                        "900",
+                    )
+                )
+            # Queue 0 bound now; the others join for the seven-queue case.
+            await queues[0].bind(exchange, "session.#")
+            return exchange, queues, consumers
+
+        exchange, queues, consumers = bench.run(setup(), 120)
+
+        async def case(receivers: list[_Child]) -> dict[str, Figure]:
+            meter = CpuMeter({"consumers": [c.process.pid for c in receivers]})
+            sent, elapsed = await _paced_publish(exchange, bodies, rate, seconds)
+            reports = [json.loads(await c.line(seconds + 60)) for c in receivers]
+            cpu = meter.stop()
+            if sent < count or any(r["count"] != count for r in reports):
+                raise RuntimeError(f"sent {sent} of {count}; consumers got {reports}")
+            latencies = sorted(ms for r in reports for ms in r["latencies_ms"])
+            return {
+                "p50_ms": Figure(percentile(latencies, 0.5), "ms", "lower"),
+                "p99_ms": Figure(percentile(latencies, 0.99), "ms", "lower"),
+                "max_ms": Figure(latencies[-1], "ms", "lower"),
+                "achieved_msgs_per_s": Figure(sent / elapsed, "msgs/s"),
+                **cpu_figures("", cpu, sent, "msg"),
+            }
+
+        async def both() -> dict[str, Figure]:
+            one = await case(consumers[:1])
+            for queue in queues[1:]:
+                await queue.bind(exchange, "session.#")
+            try:
+                seven = await case(consumers)
+            finally:
+                for queue in queues[1:]:
+                    await queue.unbind(exchange, "session.#")
+            return {**{f"one_queue.{k}": v for k, v in one.items()}, **seven}
+
+        def trial() -> dict[str, Figure]:
+            return bench.run(both(), 4 * seconds + 180)
+
+        yield trial
+
+
 # --- rawbus.naive_peer --------------------------------------------------------------
 
 
@@ -734,6 +858,36 @@ async def _consume(
         await _until_stdin_closes(max_seconds)
 
 
+async def _stamps(url: str, queue_name: str, count: int, prefetch: int, max_seconds: float) -> None:
+    """Per message, the time since the publisher's ``sent`` header; one JSON line of
+    them for every ``count`` messages."""
+    async with await aio_pika.connect(url, timeout=10) as connection:
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        latencies: list[float] = []
+        first_cpu = 0.0
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            nonlocal first_cpu
+            now = _clock()
+            if not latencies:
+                first_cpu = time.process_time()
+            sent = message.headers.get("sent")
+            assert isinstance(sent, float), message.headers
+            latencies.append((now - sent) * 1000)
+            await message.ack()
+            if len(latencies) == count:
+                cpu = time.process_time() - first_cpu
+                print(json.dumps({"count": count, "latencies_ms": latencies, "cpu": cpu}))
+                sys.stdout.flush()
+                latencies.clear()
+
+        await queue.consume(on_message)
+        print("ready", flush=True)
+        await _until_stdin_closes(max_seconds)
+
+
 async def _serve(url: str, prefetch: int, max_seconds: float, queue_names: list[str]) -> None:
     async with await aio_pika.connect(url, timeout=10) as connection:
         channel = await connection.channel(publisher_confirms=False)
@@ -766,6 +920,8 @@ def _main(argv: list[str]) -> None:
             asyncio.run(
                 _consume(url, queue, int(count), int(prefetch), int(ack_every), float(max_seconds))
             )
+        case ["stamps", url, queue, count, prefetch, max_seconds]:
+            asyncio.run(_stamps(url, queue, int(count), int(prefetch), float(max_seconds)))
         case ["serve", url, prefetch, max_seconds, *queues] if queues:
             asyncio.run(_serve(url, int(prefetch), float(max_seconds), queues))
         case _:
