@@ -14,11 +14,11 @@ exactly (a naive or non-UTC datetime, metadata that is not plain JSON data, a fi
 an unexpected type) is not packed: ``pack`` returns ``None`` and the caller keeps the
 object.
 
-The form lives in one process's memory: module ids and statuses are numbered by
-process-wide tables, and it is never stored. The one place it crosses processes is a
-partitioned rebuild, which sends each worker's name table along (``names``) and
-renumbers what a worker packed into this process's numbers (``renumbering``,
-``renumber``).
+Module ids and statuses are numbered by process-wide tables. Where packed states
+leave the process — a partitioned rebuild's workers, the projection checkpoint — the
+name table goes with them (``names``) and the receiver renumbers them into its own
+(``renumbering``, ``renumber``). A checkpoint records ``FORMAT`` too: change the packed
+shapes below and bump it, so that older checkpoints are set aside, not misread.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from contracts import (
 from contracts.fold import LINKED_ID_FIELDS
 
 __all__ = [
+    "FORMAT",
     "created_key",
     "deadline_of",
     "micros",
@@ -52,6 +53,8 @@ __all__ = [
     "unpack",
 ]
 
+# The packed shapes' version (see the module's docstring).
+FORMAT: Final = 1
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND: Final = timedelta(microseconds=1)
 # Before the msgpack body: created_at, and a deadline the caller gives (or _NO_TIME),

@@ -43,6 +43,7 @@ from contracts import (
     WorkflowSession,
     fold_session,
 )
+from coordinator import compact
 from coordinator.compact import created_key, deadline_of, micros, pack, unpack
 from coordinator.domain import next_deadline
 
@@ -540,49 +541,72 @@ class Projections:
             commands=self.applied_commands(),
         )
 
-    def encode_snapshot(self) -> bytearray:
-        """``snapshot()`` encoded with msgpack, the same bytes, one session at a time
-        (``snapshot()`` unpacks every session at once)."""
-        enc = _snapshot_encoder
-        buf = bytearray(b"\x86")  # a map of ProjectionSnapshot's six fields, in order
-        enc.encode_into("position", buf, -1)
-        enc.encode_into(self.position, buf, -1)
-        enc.encode_into("sessions", buf, -1)
-        buf += _array_header(len(self.sessions))
-        for session in self.sessions.values():
-            enc.encode_into(session, buf, -1)
-        enc.encode_into("destroyed", buf, -1)
-        enc.encode_into(list(self.destroyed), buf, -1)
-        enc.encode_into("modules", buf, -1)
-        enc.encode_into(self.modules, buf, -1)
-        enc.encode_into("orphans", buf, -1)
-        enc.encode_into(self.orphans, buf, -1)
-        enc.encode_into("commands", buf, -1)
-        enc.encode_into(self.applied_commands(), buf, -1)
-        return buf
+    def encode_snapshot(self) -> bytes:
+        """The read models as a checkpoint: every state as the table holds it (packed
+        ones are not unpacked, so writing one costs little memory and time), with the
+        module-name table the packed ones use."""
+        sessions = list(self.sessions.entries())
+        return _checkpoint_encoder.encode(
+            _Checkpoint(
+                format=CHECKPOINT_FORMAT,
+                packing=compact.FORMAT,
+                position=self.position,
+                # Taken after the states: the table only grows, so it numbers them all.
+                names=compact.names(),
+                sessions=sessions,
+                by_status={s: list(ids) for s, ids in self.by_status.items() if ids},
+                by_module={m: list(ids) for m, ids in self.by_module.items() if ids},
+                destroyed=list(self.destroyed),
+                modules=self.modules,
+                orphans=self.orphans,
+                commands=self.applied_commands(),
+            )
+        )
 
     @classmethod
     def decode_snapshot(cls, data: bytes) -> Projections:
-        """``restore`` from ``encode_snapshot``'s bytes, one session at a time."""
-        snap = _lazy_snapshot_decoder.decode(data)
+        """The projections ``encode_snapshot`` wrote. Raises ``msgspec.DecodeError`` or
+        ``msgspec.ValidationError`` for bytes that are not such a checkpoint, or one of
+        another format (the caller folds the history instead)."""
+        snap = _checkpoint_decoder.decode(data)
+        if (snap.format, snap.packing) != (CHECKPOINT_FORMAT, compact.FORMAT):
+            raise msgspec.ValidationError(
+                f"checkpoint format {snap.format}.{snap.packing}; "
+                f"this version reads {CHECKPOINT_FORMAT}.{compact.FORMAT}"
+            )
+        mapping = compact.renumbering(snap.names)
         proj = cls()
-        proj.begin_replay()
-        proj._restore(snap, (_session_decoder.decode(raw) for raw in snap.sessions))
-        proj.end_replay()
+        proj.position = snap.position
+        ids: dict[int, uuid.UUID] = {}  # one id object per session, shared by every index
+        table = proj.sessions
+        for sid, value in snap.sessions:
+            ids[sid.int] = sid
+            if mapping is not None and isinstance(value, bytes):
+                value = compact.renumber(value, mapping)  # noqa: PLW2901
+            table.adopt(sid, value)
+        for status, members in snap.by_status.items():
+            proj.by_status[status] = {ids.get(m.int, m) for m in members}
+        proj.by_module = {
+            m: {ids.get(sid.int, sid) for sid in members} for m, members in snap.by_module.items()
+        }
+        proj.destroyed = {ids.setdefault(sid.int, sid) for sid in snap.destroyed}
+        proj.modules = snap.modules
+        proj.orphans = snap.orphans
+
+        def shared(a: Accepted) -> Accepted:
+            sid = a.session_id
+            own = None if sid is None else ids.get(sid.int)
+            return a if own is None else msgspec.structs.replace(a, session_id=own)
+
+        proj.commands = {cid.int: shared(a) for cid, a in snap.commands}
         return proj
 
     @classmethod
     def restore(cls, snap: ProjectionSnapshot) -> Projections:
+        """Projections holding ``snapshot()``'s read models."""
         proj = cls()
-        proj._restore(snap, snap.sessions)
-        return proj
-
-    def _restore(
-        self, snap: ProjectionSnapshot | _LazySnapshot, sessions: Iterable[WorkflowSession]
-    ) -> None:
-        proj = self
         proj.position = snap.position
-        for session in sessions:
+        for session in snap.sessions:
             sid = session.session_id
             proj.sessions.put(session)
             proj.by_status[session.status].add(sid)
@@ -592,42 +616,38 @@ class Projections:
         proj.modules = dict(snap.modules)
         proj.orphans = {k: dict(v) for k, v in snap.orphans.items()}
         proj.commands = {cid.int: outcome for cid, outcome in snap.commands}
+        return proj
 
 
-class _LazySnapshot(msgspec.Struct, kw_only=True):
-    """``ProjectionSnapshot`` with its sessions left encoded until each is restored."""
+class _Checkpoint(msgspec.Struct, array_like=True):
+    """The persisted read models. A checkpoint is a cache: one that cannot be read, or
+    of another ``format`` (this layout) or ``packing`` (``compact.FORMAT``), is set
+    aside and the history folded instead."""
 
+    format: int
+    packing: int
     position: int
-    sessions: list[msgspec.Raw]
+    names: list[str]  # the module-name numbers the packed states use
+    sessions: list[tuple[uuid.UUID, bytes | WorkflowSession]]  # as ``SessionTable.entries``
+    by_status: dict[SessionStatus, list[uuid.UUID]]
+    by_module: dict[str, list[uuid.UUID]]
     destroyed: list[uuid.UUID]
     modules: dict[str, ModuleRegistered]
     orphans: dict[uuid.UUID, dict[str, uuid.UUID]]
     commands: list[tuple[uuid.UUID, Accepted]]
 
 
-_snapshot_encoder: Final = msgspec.msgpack.Encoder()
-_lazy_snapshot_decoder: Final = msgspec.msgpack.Decoder(_LazySnapshot)
-_session_decoder: Final = msgspec.msgpack.Decoder(WorkflowSession)
-
-
+CHECKPOINT_FORMAT: Final = 2
+_checkpoint_encoder: Final = msgspec.msgpack.Encoder(uuid_format="bytes")
+_checkpoint_decoder: Final = msgspec.msgpack.Decoder(_Checkpoint)
+_encoder: Final = msgspec.msgpack.Encoder()
 _uuid_list_decoder: Final = msgspec.msgpack.Decoder(list[uuid.UUID])
 
 
 def uuids(keys: Iterable[int]) -> list[uuid.UUID]:
     """The ``UUID`` of each ``UUID.int``, made by msgspec (``uuid.UUID(int=…)`` is
     Python code, twice as slow)."""
-    return _uuid_list_decoder.decode(
-        _snapshot_encoder.encode([key.to_bytes(16, "big") for key in keys])
-    )
-
-
-def _array_header(length: int) -> bytes:
-    """A msgpack array header."""
-    if length < 16:
-        return bytes([0x90 | length])
-    if length < 2**16:
-        return b"\xdc" + length.to_bytes(2, "big")
-    return b"\xdd" + length.to_bytes(4, "big")
+    return _uuid_list_decoder.decode(_encoder.encode([key.to_bytes(16, "big") for key in keys]))
 
 
 def integrity_report(

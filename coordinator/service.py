@@ -281,16 +281,18 @@ class SessionCoordinator:
         started = time.perf_counter()
         proj = Projections()
         saved = self.store.checkpoints.get(_CHECKPOINT) if from_checkpoint else None
-        if saved is not None:
-            try:
-                proj = Projections.decode_snapshot(saved[1])
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                log.warning("projection checkpoint unreadable (%s); rebuilding from history", exc)
-                proj = Projections()
         total = self.store.max_position()
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
+            if saved is not None:
+                try:
+                    proj = Projections.decode_snapshot(saved[1])
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    log.warning(
+                        "projection checkpoint unreadable (%s); rebuilding from history", exc
+                    )
+                    proj = Projections()
             self.rebuild_processes = 1
             if proj.position == 0 and total >= max(self.parallel_rebuild_min, 1):
                 merged = rebuild_partitioned(

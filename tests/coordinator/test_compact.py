@@ -179,7 +179,11 @@ async def test_a_coordinator_with_everything_packed_reads_as_one_without(
         proj.sessions.compact()
         assert all(isinstance(v, tuple) for v in proj.sessions._data.values())
         reference = Projections.restore(proj.snapshot())
-        assert proj.encode_snapshot() == msgspec.msgpack.encode(proj.snapshot())
+        # The checkpoint holds the packed states as they are and gives back the same.
+        restored = Projections.decode_snapshot(proj.encode_snapshot())
+        assert msgspec.msgpack.encode(restored.snapshot()) == msgspec.msgpack.encode(
+            proj.snapshot()
+        )
         # A snapshot leaves out the destroyed sessions' final states: from history.
         gone = fold_history((await coordinator.get_session_history(ids[1])).events)
         assert gone is not None

@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import msgspec
+import pytest
 
 from contracts import (
     ErrorCode,
@@ -16,8 +17,15 @@ from contracts import (
     StandardError,
     WorkflowConfig,
 )
+from coordinator import compact
 from coordinator.clock import ManualClock
-from coordinator.projections import ProjectionSnapshot
+from coordinator.projections import (
+    CHECKPOINT_FORMAT,
+    Projections,
+    ProjectionSnapshot,
+    _checkpoint_decoder,
+    _checkpoint_encoder,
+)
 from coordinator.service import SessionCoordinator
 from tests.coordinator.conftest import Backend
 from tests.coordinator.support import position
@@ -161,6 +169,63 @@ async def test_restart_from_checkpoint_and_from_full_replay_agree(
         assert replayed.rebuilt_events == total
         assert _normalized(replayed.projections.snapshot()) == expected
         assert await _observed(replayed, ids) == seen
+
+
+async def test_a_checkpoint_of_another_format_is_set_aside(
+    backend: Backend, clock: ManualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint this version cannot read — another layout (the earlier map of
+    unpacked states), another format number, or bytes that are not msgpack — is
+    logged and the history folded instead: the same projections, nothing lost."""
+    async with SessionCoordinator(backend.url, clock=clock) as live:
+        ids = await _build_varied(live, clock)
+        expected = _normalized(live.projections.snapshot())
+        seen = await _observed(live, ids)
+        earlier = msgspec.msgpack.encode(live.projections.snapshot())
+        newer = msgspec.msgpack.decode(live.projections.encode_snapshot())
+    total = expected["position"]
+    newer[0] = CHECKPOINT_FORMAT + 1
+    for data in (
+        earlier,
+        msgspec.msgpack.encode(newer),
+        b"\xc1 not msgpack",
+    ):
+        backend.put_checkpoint(CHECKPOINT, total, data)
+        caplog.clear()
+        async with SessionCoordinator(backend.url, clock=clock) as restarted:
+            assert restarted.rebuilt_events == total
+            assert _normalized(restarted.projections.snapshot()) == expected
+            assert await _observed(restarted, ids) == seen
+        assert "projection checkpoint unreadable" in caplog.text
+
+
+async def test_a_checkpoint_packed_with_other_module_numbers_is_renumbered(
+    backend: Backend, clock: ManualClock
+) -> None:
+    """Packed states number module ids by the writing process's table; a process that
+    numbered them otherwise renumbers them on reading (here: every number reversed)."""
+    async with SessionCoordinator(backend.url, clock=clock) as live:
+        ids = await _build_varied(live, clock)
+        live.projections.sessions.compact()
+        expected = _normalized(live.projections.snapshot())
+        snap = _checkpoint_decoder.decode(live.projections.encode_snapshot())
+    assert any(isinstance(value, bytes) for _sid, value in snap.sessions)
+    theirs = list(reversed(snap.names))
+    to_theirs = [theirs.index(name) for name in snap.names]
+    foreign = msgspec.structs.replace(
+        snap,
+        names=theirs,
+        sessions=[
+            (sid, compact.renumber(v, to_theirs) if isinstance(v, bytes) else v)
+            for sid, v in snap.sessions
+        ],
+    )
+    assert foreign.sessions != snap.sessions
+    restored = Projections.decode_snapshot(_checkpoint_encoder.encode(foreign))
+    assert _normalized(restored.snapshot()) == expected
+    assert [restored.linked_sessions(sid) for sid in ids] == [
+        live.get_linked_sessions(sid) for sid in ids
+    ]
 
 
 async def test_restart_from_a_periodic_checkpoint_replays_only_the_tail(
