@@ -580,10 +580,14 @@ class Projections:
         ids: dict[int, uuid.UUID] = {}  # one id object per session, shared by every index
         table = proj.sessions
         for sid, value in snap.sessions:
-            ids[sid.int] = sid
-            if mapping is not None and isinstance(value, bytes):
-                value = compact.renumber(value, mapping)  # noqa: PLW2901
-            table.adopt(sid, value)
+            if isinstance(value, bytes):
+                ids[sid.int] = sid
+                table.adopt(sid, compact.renumber(value, mapping) if mapping else value)
+            else:
+                # Hot when written (or not packable): stored as recently folded, so it
+                # is packed once it cools, as any other.
+                ids[sid.int] = value.session_id
+                table.put(value)
         for status, members in snap.by_status.items():
             proj.by_status[status] = {ids.get(m.int, m) for m in members}
         proj.by_module = {

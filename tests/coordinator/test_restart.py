@@ -161,6 +161,9 @@ async def test_restart_from_checkpoint_and_from_full_replay_agree(
 
     async with SessionCoordinator(backend.url, clock=clock) as from_checkpoint:
         assert from_checkpoint.rebuilt_events == 0
+        # States written unpacked (the live coordinator's hot ones) are packed again.
+        held = from_checkpoint.projections.sessions._data.values()
+        assert all(isinstance(value, tuple) for value in held)
         assert _normalized(from_checkpoint.projections.snapshot()) == expected
         assert await _observed(from_checkpoint, ids) == seen
 
