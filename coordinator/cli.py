@@ -819,7 +819,7 @@ def replay(store: str, as_json: bool, page: int, rebuild_workers: int | None) ->
         "seconds": round(seconds, 3),
         "events_per_second": round(proj.events_applied / seconds) if seconds > 0 else None,
         "live_sessions": len(proj.sessions),
-        "destroyed_sessions": len(proj.destroyed),
+        "destroyed_sessions": proj.destroyed,
         "position": proj.position,
         "processes": coordinator.rebuild_processes,
     }

@@ -72,6 +72,7 @@ class DemoResult:
     chains_ok: int = 0
     chains_bad: int = 0
     integrity_ok: int = 0
+    destroyed: list[uuid.UUID] = field(default_factory=list)  # whose chains are checked
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -236,7 +237,7 @@ async def _drive(
         nonlocal done
         async with slots:
             try:
-                outcome = await _one_session(client, coordinator, rng)
+                outcome = await _one_session(client, coordinator, rng, result.destroyed)
             except (SdkError, TimeoutError) as exc:
                 outcome = "error"
                 result.errors.append(f"session {index}: {exc}")
@@ -261,7 +262,13 @@ async def _drive(
     result.events = coordinator.projections.position
 
 
-async def _one_session(client: CoordinatorClient, coordinator: object, rng: random.Random) -> str:
+async def _one_session(
+    client: CoordinatorClient,
+    coordinator: object,
+    rng: random.Random,
+    destroyed: list[uuid.UUID],
+) -> str:
+    """One session through its life; its id is added to ``destroyed`` once it is."""
 
     assert isinstance(coordinator, SessionCoordinator)
     session = await client.create_workflow_session(
@@ -271,7 +278,8 @@ async def _one_session(client: CoordinatorClient, coordinator: object, rng: rand
     await _until(lambda: _status(coordinator, sid) is not _S.INITIALIZING, 25)
     if _status(coordinator, sid) is not _S.ACTIVE:
         await client.destroy_workflow_session(sid, "did not become active")
-        await _until(lambda: sid in coordinator.projections.destroyed, 25)
+        await _until(lambda: sid in coordinator.projections.recently_destroyed, 25)
+        destroyed.append(sid)
         return "failed to activate"
     for _ in range(rng.randint(1, 3)):
         await client.record_activity(sid, "executor")
@@ -294,7 +302,8 @@ async def _one_session(client: CoordinatorClient, coordinator: object, rng: rand
         await client.update_session_status(sid, _S.CANCELLED, reason="user cancelled")
         outcome = "cancelled"
     await client.destroy_workflow_session(sid, "demo finished")
-    await _until(lambda: sid in coordinator.projections.destroyed, 25)
+    await _until(lambda: sid in coordinator.projections.recently_destroyed, 25)
+    destroyed.append(sid)
     return outcome
 
 
@@ -321,7 +330,7 @@ def _view(runtime: CoordinatorRuntime, done: int, total: int, rate: float) -> Ta
     for status, count in proj.status_counts().items():
         if count:
             table.add_row(f"  live {status.value}", str(count))
-    table.add_row("  destroyed", str(len(proj.destroyed)))
+    table.add_row("  destroyed", str(proj.destroyed))
     table.add_row("events stored", str(proj.position))
     table.add_row("events published", str(runtime.relay.position if runtime.relay else 0))
     table.add_row("events / s", f"{rate:,.0f}")
@@ -336,7 +345,7 @@ async def _verify(runtime: CoordinatorRuntime, result: DemoResult) -> None:
     store = coordinator.store
     assert store is not None
     result.published = runtime.relay.position if runtime.relay else 0
-    for sid in list(coordinator.projections.destroyed):
+    for sid in result.destroyed:
         verdict = verify_chain_raw(await asyncio.to_thread(store.raw_history, sid))
         if verdict.ok:
             result.chains_ok += 1

@@ -57,7 +57,7 @@ class _StateCollector(Collector):
             sessions.add_metric([status.value], count)
         yield sessions
         destroyed = GaugeMetricFamily("sessionbus_sessions_destroyed", "Destroyed sessions.")
-        destroyed.add_metric([], len(proj.destroyed))
+        destroyed.add_metric([], proj.destroyed)
         yield destroyed
         healthy = GaugeMetricFamily(
             "sessionbus_module_healthy",

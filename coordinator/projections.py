@@ -74,7 +74,7 @@ class ProjectionSnapshot(msgspec.Struct, kw_only=True):
 
     position: int
     sessions: list[WorkflowSession]
-    destroyed: list[uuid.UUID]
+    destroyed: int  # how many sessions were destroyed
     modules: dict[str, ModuleRegistered]
     orphans: dict[uuid.UUID, dict[str, uuid.UUID]]
     commands: list[tuple[uuid.UUID, Accepted]]
@@ -256,7 +256,9 @@ class Projections:
         self.sessions = SessionTable()
         self.by_status: dict[SessionStatus, set[uuid.UUID]] = {s: set() for s in SessionStatus}
         self.by_module: dict[str, set[uuid.UUID]] = {}
-        self.destroyed: set[uuid.UUID] = set()
+        # Destroyed sessions are counted, not listed (their ids would grow without
+        # bound); the newest keep their final state, older ones are read from the store.
+        self.destroyed = 0
         self.recently_destroyed = SessionTable(hot=DESTROYED_HOT, ordered=True)
         self.modules: dict[str, ModuleRegistered] = {}
         self.heartbeats: dict[str, tuple[Heartbeat, datetime]] = {}
@@ -322,7 +324,7 @@ class Projections:
         if entry is None:
             old = None
             sid = env.session_id
-            if sid in self.destroyed:
+            if sid in self.recently_destroyed:
                 return sid  # nothing follows Destroyed; a replayed duplicate is ignored
             old_modules: dict[str, ModuleSessionInfo] = {}
         else:
@@ -344,7 +346,7 @@ class Projections:
             if self._destroyed_at is not None:
                 self._destroyed_at.setdefault(sid.int, env.position or 0)
             self.sessions.pop(sid)
-            self.destroyed.add(sid)
+            self.destroyed += 1
             self.recently_destroyed.put(new)
             if len(self.recently_destroyed) > self.destroyed_memory:
                 self.recently_destroyed.popitem()
@@ -535,7 +537,7 @@ class Projections:
         return ProjectionSnapshot(
             position=self.position,
             sessions=list(self.sessions.values()),
-            destroyed=list(self.destroyed),
+            destroyed=self.destroyed,
             modules=dict(self.modules),
             orphans={k: dict(v) for k, v in self.orphans.items()},
             commands=self.applied_commands(),
@@ -556,7 +558,7 @@ class Projections:
                 sessions=sessions,
                 by_status={s: list(ids) for s, ids in self.by_status.items() if ids},
                 by_module={m: list(ids) for m, ids in self.by_module.items() if ids},
-                destroyed=list(self.destroyed),
+                destroyed=self.destroyed,
                 modules=self.modules,
                 orphans=self.orphans,
                 commands=self.applied_commands(),
@@ -593,7 +595,7 @@ class Projections:
         proj.by_module = {
             m: {ids.get(sid.int, sid) for sid in members} for m, members in snap.by_module.items()
         }
-        proj.destroyed = {ids.setdefault(sid.int, sid) for sid in snap.destroyed}
+        proj.destroyed = snap.destroyed
         proj.modules = snap.modules
         proj.orphans = snap.orphans
 
@@ -616,7 +618,7 @@ class Projections:
             proj.by_status[session.status].add(sid)
             for module_id in session.modules:
                 proj.by_module.setdefault(module_id, set()).add(sid)
-        proj.destroyed = set(snap.destroyed)
+        proj.destroyed = snap.destroyed
         proj.modules = dict(snap.modules)
         proj.orphans = {k: dict(v) for k, v in snap.orphans.items()}
         proj.commands = {cid.int: outcome for cid, outcome in snap.commands}
@@ -635,7 +637,7 @@ class _Checkpoint(msgspec.Struct, array_like=True):
     sessions: list[tuple[uuid.UUID, bytes | WorkflowSession]]  # as ``SessionTable.entries``
     by_status: dict[SessionStatus, list[uuid.UUID]]
     by_module: dict[str, list[uuid.UUID]]
-    destroyed: list[uuid.UUID]
+    destroyed: int
     modules: dict[str, ModuleRegistered]
     orphans: dict[uuid.UUID, dict[str, uuid.UUID]]
     commands: list[tuple[uuid.UUID, Accepted]]

@@ -67,7 +67,7 @@ class _Part(msgspec.Struct, array_like=True):
     sessions: list[tuple[uuid.UUID, bytes | WorkflowSession]]
     by_status: dict[SessionStatus, list[uuid.UUID]]
     by_module: dict[str, list[uuid.UUID]]
-    destroyed: list[uuid.UUID]
+    destroyed: int
     recently_destroyed: list[tuple[int, uuid.UUID, bytes | WorkflowSession]]
     modules: dict[str, ModuleRegistered]
     orphans: dict[uuid.UUID, dict[str, uuid.UUID]]
@@ -130,7 +130,7 @@ def _part(proj: Projections) -> _Part:
         sessions=list(proj.sessions.entries()),
         by_status={s: list(ids) for s, ids in proj.by_status.items() if ids},
         by_module={m: list(ids) for m, ids in proj.by_module.items()},
-        destroyed=list(proj.destroyed),
+        destroyed=proj.destroyed,
         recently_destroyed=proj.recently_destroyed_at(),
         modules=proj.modules,
         orphans=proj.orphans,
@@ -241,8 +241,6 @@ def _merge(own: Projections, parts: list[_Part], until: int) -> Projections:
     ids: dict[int, uuid.UUID] = {}  # one id object per session, shared by every index
     for sid, _value in proj.sessions.entries():
         ids[sid.int] = sid
-    for sid in proj.destroyed:
-        ids.setdefault(sid.int, sid)
     for part in parts:
         _renumber(part)
         for sid, value in part.sessions:
@@ -252,9 +250,7 @@ def _merge(own: Projections, parts: list[_Part], until: int) -> Projections:
             proj.by_status[status].update(ids[m.int] for m in members)
         for module_id, members in part.by_module.items():
             proj.by_module.setdefault(module_id, set()).update(ids[m.int] for m in members)
-        for sid in part.destroyed:
-            shared = ids.setdefault(sid.int, sid)
-            proj.destroyed.add(shared)
+        proj.destroyed += part.destroyed
         proj.modules.update(part.modules)
         for workflow_id, held in part.orphans.items():
             proj.orphans.setdefault(workflow_id, {}).update(held)

@@ -22,6 +22,7 @@ import msgspec
 
 from contracts import (
     ACTIVE_STATUSES,
+    REGISTRY_ID,
     WRITE_COMMANDS,
     Accepted,
     ChainVerdict,
@@ -591,9 +592,10 @@ class SessionCoordinator:
         await self.handle(DestroyWorkflowSession(session_id=session_id, reason=reason))
 
     async def get_workflow_session(self, session_id: uuid.UUID) -> WorkflowSession | None:
-        """The session as projected; a destroyed one long evicted is read from history."""
+        """The session as projected; one not held (destroyed long ago, or never a
+        workflow session) is read from its history in the store."""
         session = self.projections.get(session_id)
-        if session is None and session_id in self.projections.destroyed:
+        if session is None and session_id != REGISTRY_ID:
             assert self.store is not None
             session = fold_history(await asyncio.to_thread(self.store.history, session_id))
         return session
@@ -723,7 +725,7 @@ class SessionCoordinator:
         now = self.clock.now()
         counts = proj.status_counts()
         return CoordinatorHealth(
-            total_workflow_sessions=len(proj.sessions) + len(proj.destroyed),
+            total_workflow_sessions=len(proj.sessions) + proj.destroyed,
             active_workflow_sessions=sum(counts[s] for s in ACTIVE_STATUSES),
             registered_modules=sorted(proj.modules),
             module_health_status={m: proj.is_healthy(m, now) for m in sorted(proj.modules)},

@@ -109,7 +109,7 @@ async def wait_destroyed(
 ) -> None:
     projections = runtime.coordinator.projections
     await wait_for(
-        lambda: session_id in projections.destroyed,
+        lambda: session_id in projections.recently_destroyed,
         timeout=timeout,
         what=f"session {session_id} destroyed",
     )

@@ -120,7 +120,9 @@ async def test_definitions_grant_each_module_exactly_what_the_sdk_uses(
             )
             await client.destroy_workflow_session(session.session_id)
             await wait_for(
-                lambda: session.session_id in projections.destroyed, timeout=15, what="destroy"
+                lambda: session.session_id in projections.recently_destroyed,
+                timeout=15,
+                what="destroy",
             )
             assert executor.destroyed == 1
 
@@ -193,7 +195,7 @@ async def test_frontend_api_serves_session_queries_and_execute_steps() -> None:
         status, health = await _asgi_call(app, "GET", "/health")
         assert health["active_workflow_sessions"] == 1
         assert (await _asgi_call(app, "POST", f"/sessions/{sid}/destroy"))[0] == 202
-        await wait_for(lambda: uuid.UUID(sid) in runtime.coordinator.projections.destroyed)
+        await wait_for(lambda: uuid.UUID(sid) in runtime.coordinator.projections.recently_destroyed)
 
         status, error = await _asgi_call(app, "POST", "/sessions", b'{"steps": 3}')
         assert (status, error["code"], error["field"]) == (400, "INVALID_MESSAGE", "$.steps")

@@ -86,7 +86,7 @@ async def test_sessions_destroy_drives_the_modules_to_clean_up(system: System) -
     assert result.code == 0, result.err
     assert "cleanup started" in result.out
     await wait_for(
-        lambda: sid in system.runtime.coordinator.projections.destroyed,
+        lambda: sid in system.runtime.coordinator.projections.recently_destroyed,
         timeout=15,
         what="the session destroyed",
     )
@@ -347,7 +347,7 @@ async def test_module_command_runs_a_reference_module_until_sigterm(system: Syst
         )
         await system.client.destroy_workflow_session(session.session_id)
         await wait_for(
-            lambda: session.session_id in projections.destroyed, timeout=15, what="destroy"
+            lambda: session.session_id in projections.recently_destroyed, timeout=15, what="destroy"
         )
     finally:
         process.send_signal(signal.SIGTERM)

@@ -93,6 +93,36 @@ async def test_verify_history_accepts_a_real_session(coordinator: SessionCoordin
     assert (await coordinator.verify_history(REGISTRY_ID)).ok
 
 
+async def test_sessions_destroyed_long_ago_are_counted_and_read_from_the_store(
+    coordinator: SessionCoordinator,
+) -> None:
+    """The read models keep the final state of the newest destroyed sessions only and
+    count the rest: an older one is read from its history, an id that never was a
+    workflow session (or the registry's) reads as None."""
+    coordinator.projections.destroyed_memory = 2
+    ids = []
+    for _ in range(4):
+        sid = (await coordinator.create_workflow_session()).session_id
+        await coordinator.destroy_workflow_session(sid, "done")
+        ids.append(sid)
+    proj = coordinator.projections
+    assert proj.destroyed == 4
+    assert list(proj.recently_destroyed) == ids[2:]
+    for sid in ids:
+        session = await coordinator.get_workflow_session(sid)
+        assert session is not None
+        assert session.destroyed
+        assert session == fold_history((await coordinator.get_session_history(sid)).events)
+    assert await coordinator.get_workflow_session(uuid.uuid4()) is None
+    assert await coordinator.get_workflow_session(REGISTRY_ID) is None
+    health = await coordinator.get_coordinator_health()
+    assert health.total_workflow_sessions == 4
+    old = await coordinator.validate_session_integrity(ids[0])
+    recent = await coordinator.validate_session_integrity(ids[3])
+    assert old.workflow_session_id == ids[0]
+    assert msgspec.structs.replace(old, workflow_session_id=ids[3]) == recent
+
+
 @pytest.mark.parametrize("how", sorted(TAMPERING))
 async def test_one_flipped_byte_in_the_database_is_found_and_located(
     coordinator: SessionCoordinator, backend: Backend, how: str

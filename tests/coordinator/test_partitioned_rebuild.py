@@ -77,7 +77,7 @@ def _everything(proj: Projections) -> dict[str, Any]:
         "sessions": {sid: proj.sessions[sid] for sid in proj.sessions},
         "by_status": {status: set(ids) for status, ids in proj.by_status.items()},
         "by_module": {m: set(ids) for m, ids in proj.by_module.items()},
-        "destroyed": set(proj.destroyed),
+        "destroyed": proj.destroyed,
         "recently_destroyed": [
             (sid, proj.recently_destroyed[sid]) for sid in proj.recently_destroyed
         ],
