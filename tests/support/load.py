@@ -82,9 +82,13 @@ class SessionLoad:
         deadline: float = 90.0,
         config: WorkflowConfig | None = None,
         poll: float = 0.1,
+        until: asyncio.Event | None = None,
     ) -> None:
         self.client = client
         self.count = sessions
+        # Past ``sessions``, keep creating (at the rate) until this is set: a fault test
+        # on a slow machine then still strikes mid-load, not after it (bounded below).
+        self.until = until
         self.rate = rate
         self.concurrency = concurrency
         self.deadline_seconds = deadline
@@ -104,6 +108,10 @@ class SessionLoad:
         """Sessions whose creation was acknowledged so far."""
         return self._created
 
+    def answered_after(self, moment: float) -> bool:
+        """Whether a request was answered after ``moment`` (``time.monotonic()``)."""
+        return bool(self._answered) and self._answered[-1] > moment
+
     async def run(self) -> LoadResult:
         result = self.result
         result.started_at = time.monotonic()
@@ -111,7 +119,11 @@ class SessionLoad:
         gate = asyncio.Semaphore(self.concurrency)
         tasks = []
         try:
-            for index in range(self.count):
+            for index in range(self.count * 20):  # bounded: ``until`` may never be set
+                if index >= self.count and (
+                    self.until is None or self.until.is_set() or time.monotonic() >= self._deadline
+                ):
+                    break
                 if self.rate:
                     due = result.started_at + index / self.rate
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
