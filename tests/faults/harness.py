@@ -33,6 +33,7 @@ from tests.support.checker import (
     read_published,
 )
 from tests.support.journal_module import JournalModule, incarnation
+from tests.support.load import LoadResult, SessionLoad
 from tests.support.processes import Child, coordinator_argv, journal_module_argv
 
 __all__ = [
@@ -57,6 +58,22 @@ async def wait_until(predicate: object, *, timeout: float, what: str, every: flo
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(every)
+
+
+async def end_load_after(
+    load: SessionLoad, running: asyncio.Task[LoadResult], moment: float
+) -> LoadResult:
+    """End a load started with ``until`` once a request sent after the last fault
+    (``moment``, ``time.monotonic()``) has been answered, and return its result: the
+    faults then all strike mid-load however slow the machine makes them."""
+    await wait_until(
+        lambda: load.answered_after(moment),
+        timeout=60,
+        what="a request answered after the last fault",
+    )
+    assert load.until is not None
+    load.until.set()
+    return await running
 
 
 @dataclass

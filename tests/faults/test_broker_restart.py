@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import process_system, wait_until
+from tests.faults.harness import end_load_after, process_system, wait_until
 from tests.faults.report import Row, record, seconds
 from tests.faults.sizes import sized
 from tests.support.load import SessionLoad
@@ -38,13 +38,12 @@ async def test_broker_restarted_three_times_mid_load_loses_and_duplicates_nothin
     async with process_system(private_node.url, private_prefix, tmp_path, MODULES) as system:
         # At least SESSIONS, and more until the last restart is over: on a slow machine
         # a restart takes long enough for the planned sessions to finish first.
-        restarted = asyncio.Event()
         load = SessionLoad(
             system.client,
             sessions=SESSIONS,
             rate=RATE,
             deadline=sized(110, 330),
-            until=restarted,
+            until=asyncio.Event(),
         )
         running = asyncio.create_task(load.run())
         outages: list[tuple[float, float]] = []
@@ -63,14 +62,7 @@ async def test_broker_restarted_three_times_mid_load_loses_and_duplicates_nothin
             listening = await asyncio.to_thread(private_node.start_app)
             outages.append((began, listening))
             walls.append(datetime.now(UTC))
-        # One more session's worth of load after the last restart, then let it end.
-        await wait_until(
-            lambda: load.answered_after(outages[-1][1]),
-            timeout=60,
-            what="a command answered after the last restart",
-        )
-        restarted.set()
-        result = await running
+        result = await end_load_after(load, running, outages[-1][1])
         assert result.failures == [], result.failures[:10]
         assert len(result.finished) == len(result.sessions) >= SESSIONS
 
