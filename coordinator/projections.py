@@ -576,36 +576,43 @@ class Projections:
                 f"checkpoint format {snap.format}.{snap.packing}; "
                 f"this version reads {CHECKPOINT_FORMAT}.{compact.FORMAT}"
             )
-        mapping = compact.renumbering(snap.names)
         proj = cls()
         proj.position = snap.position
-        ids: dict[int, uuid.UUID] = {}  # one id object per session, shared by every index
-        table = proj.sessions
-        for sid, value in snap.sessions:
+        ids: dict[int, uuid.UUID] = {}
+        proj.adopt(
+            snap.sessions, snap.by_status, snap.by_module, compact.renumbering(snap.names), ids
+        )
+        proj.destroyed = snap.destroyed
+        proj.modules = snap.modules
+        proj.orphans = snap.orphans
+        proj.commands = {cid.int: shared_session_id(a, ids) for cid, a in snap.commands}
+        return proj
+
+    def adopt(
+        self,
+        sessions: Iterable[tuple[uuid.UUID, WorkflowSession | bytes]],
+        by_status: Mapping[SessionStatus, Iterable[uuid.UUID]],
+        by_module: Mapping[str, Iterable[uuid.UUID]],
+        mapping: list[int] | None,
+        ids: dict[int, uuid.UUID],
+    ) -> None:
+        """Take sessions as another process's table held them (``SessionTable.entries``)
+        with its status and module indexes: packed states renumbered by ``mapping``
+        (``compact.renumbering``), every index holding the one id object of a session,
+        recorded in ``ids`` by ``UUID.int``. Unpacked states are stored as recently
+        folded, so they are packed once they cool."""
+        table = self.sessions
+        for sid, value in sessions:
             if isinstance(value, bytes):
                 ids[sid.int] = sid
                 table.adopt(sid, compact.renumber(value, mapping) if mapping else value)
             else:
-                # Hot when written (or not packable): stored as recently folded, so it
-                # is packed once it cools, as any other.
                 ids[sid.int] = value.session_id
                 table.put(value)
-        for status, members in snap.by_status.items():
-            proj.by_status[status] = {ids.get(m.int, m) for m in members}
-        proj.by_module = {
-            m: {ids.get(sid.int, sid) for sid in members} for m, members in snap.by_module.items()
-        }
-        proj.destroyed = snap.destroyed
-        proj.modules = snap.modules
-        proj.orphans = snap.orphans
-
-        def shared(a: Accepted) -> Accepted:
-            sid = a.session_id
-            own = None if sid is None else ids.get(sid.int)
-            return a if own is None else msgspec.structs.replace(a, session_id=own)
-
-        proj.commands = {cid.int: shared(a) for cid, a in snap.commands}
-        return proj
+        for status, members in by_status.items():
+            self.by_status[status].update(ids.get(m.int, m) for m in members)
+        for module_id, members in by_module.items():
+            self.by_module.setdefault(module_id, set()).update(ids.get(m.int, m) for m in members)
 
     @classmethod
     def restore(cls, snap: ProjectionSnapshot) -> Projections:
@@ -648,6 +655,16 @@ _checkpoint_encoder: Final = msgspec.msgpack.Encoder(uuid_format="bytes")
 _checkpoint_decoder: Final = msgspec.msgpack.Decoder(_Checkpoint)
 _encoder: Final = msgspec.msgpack.Encoder()
 _uuid_list_decoder: Final = msgspec.msgpack.Decoder(list[uuid.UUID])
+
+
+def shared_session_id(accepted: Accepted, ids: Mapping[int, uuid.UUID]) -> Accepted:
+    """``accepted`` naming its session by the id object of ``ids`` (by ``UUID.int``),
+    the one the indexes hold, rather than a copy of its own."""
+    sid = accepted.session_id
+    own = None if sid is None else ids.get(sid.int)
+    return (
+        accepted if own is None or own is sid else msgspec.structs.replace(accepted, session_id=own)
+    )
 
 
 def uuids(keys: Iterable[int]) -> list[uuid.UUID]:

@@ -35,7 +35,12 @@ from contracts import Accepted, Codec, ModuleRegistered, WorkflowSession
 from contracts.codec import Format
 from contracts.status import SessionStatus
 from coordinator import compact
-from coordinator.projections import COMMAND_MEMORY, DESTROYED_MEMORY, Projections
+from coordinator.projections import (
+    COMMAND_MEMORY,
+    DESTROYED_MEMORY,
+    Projections,
+    shared_session_id,
+)
 from coordinator.store import MAX_PARTITIONS, EventStore, Partition, Upcaster
 
 __all__ = ["MAX_PARTITIONS", "PARALLEL_MIN_EVENTS", "default_workers", "rebuild_partitioned"]
@@ -242,14 +247,13 @@ def _merge(own: Projections, parts: list[_Part], until: int) -> Projections:
     for sid, _value in proj.sessions.entries():
         ids[sid.int] = sid
     for part in parts:
-        _renumber(part)
-        for sid, value in part.sessions:
-            ids[sid.int] = sid
-            proj.sessions.adopt(sid, value)
-        for status, members in part.by_status.items():
-            proj.by_status[status].update(ids[m.int] for m in members)
-        for module_id, members in part.by_module.items():
-            proj.by_module.setdefault(module_id, set()).update(ids[m.int] for m in members)
+        mapping = compact.renumbering(part.names)
+        proj.adopt(part.sessions, part.by_status, part.by_module, mapping, ids)
+        if mapping:
+            part.recently_destroyed = [
+                (at, sid, compact.renumber(v, mapping) if isinstance(v, bytes) else v)
+                for at, sid, v in part.recently_destroyed
+            ]
         proj.destroyed += part.destroyed
         proj.modules.update(part.modules)
         for workflow_id, held in part.orphans.items():
@@ -288,15 +292,7 @@ def _commands(
     if len({key for _at, key, _a in entries}) < len(entries):
         entries = _combined(entries)
     kept = entries[len(entries) - proj.commands_kept(len(entries)) :]
-
-    def shared(a: Accepted) -> Accepted:
-        sid = a.session_id
-        if sid is None:
-            return a
-        own = ids.get(sid.int, sid)
-        return a if own is sid else msgspec.structs.replace(a, session_id=own)
-
-    return {key: shared(a) for _at, key, a in kept}
+    return {key: shared_session_id(a, ids) for _at, key, a in kept}
 
 
 def _combined(entries: list[_Remembered]) -> list[_Remembered]:
@@ -322,21 +318,6 @@ def _combined(entries: list[_Remembered]) -> list[_Remembered]:
             )
         by_id[key] = entry
     return list(by_id.values())
-
-
-def _renumber(part: _Part) -> None:
-    """Bring the states ``part`` packed into this process's module-name numbers."""
-    mapping = compact.renumbering(part.names)
-    if mapping is None:
-        return
-    part.sessions = [
-        (sid, compact.renumber(v, mapping) if isinstance(v, bytes) else v)
-        for sid, v in part.sessions
-    ]
-    part.recently_destroyed = [
-        (at, sid, compact.renumber(v, mapping) if isinstance(v, bytes) else v)
-        for at, sid, v in part.recently_destroyed
-    ]
 
 
 if __name__ == "__main__":
