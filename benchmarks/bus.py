@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cpu import CpuMeter, CpuUse, cpu_figures
+from benchmarks.pacing import open_loop
 from benchmarks.registry import (
     Context,
     Deadline,
@@ -809,16 +810,15 @@ class Paced:
 
 
 async def _paced(h: Harness, sessions: list[uuid.UUID], rate: float, seconds: float) -> Paced:
-    """``record_activity`` (one event each) round-robin over ``sessions``, command i due
-    at start + i/rate: a late command does not push the later ones back (an open loop,
-    bounded in flight, in count and in time)."""
+    """``record_activity`` (one event each) round-robin over ``sessions`` on an open-loop
+    schedule (``benchmarks.pacing``)."""
     got = Paced(time.time(), int(rate * seconds))
     got.per_session = {str(s): 0 for s in sessions}
-    inflight: set[asyncio.Task[None]] = set()
-    last_reply = started = time.perf_counter()
+    last_reply = time.perf_counter()
 
-    async def one(sid: uuid.UUID) -> None:
+    async def one(i: int) -> None:
         nonlocal last_reply
+        sid = sessions[i % len(sessions)]
         try:
             await h.client.record_activity(sid)
         except Exception:  # noqa: BLE001 - counted and reported
@@ -827,26 +827,10 @@ async def _paced(h: Harness, sessions: list[uuid.UUID], rate: float, seconds: fl
         got.per_session[str(sid)] += 1
         last_reply = time.perf_counter()
 
-    for i in range(got.scheduled):
-        due = started + i / rate
-        delay = due - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if time.perf_counter() - started > seconds * 2:
-            break  # far behind the schedule: the time bound wins
-        while len(inflight) >= 512:  # behind the schedule: bounded in flight
-            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        got.behind_s = max(got.behind_s, time.perf_counter() - due)
-        task = asyncio.create_task(one(sessions[i % len(sessions)]))
-        inflight.add(task)
-        task.add_done_callback(inflight.discard)
-        got.sent += 1
-    if inflight:
-        _, late = await asyncio.wait(inflight, timeout=30)
-        for task in late:
-            task.cancel()
-        got.failed += len(late)
-    got.seconds = last_reply - started
+    schedule = await open_loop(got.scheduled, rate, seconds, one)
+    got.sent, got.behind_s = schedule.sent, schedule.behind_s
+    got.failed += schedule.late
+    got.seconds = last_reply - schedule.started
     return got
 
 

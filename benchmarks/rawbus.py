@@ -59,6 +59,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
 from benchmarks.cpu import CpuMeter, cpu_figures
+from benchmarks.pacing import open_loop
 from benchmarks.registry import Context, Deadline, Figure, Trial, measurement, percentile
 
 T = TypeVar("T")
@@ -604,29 +605,16 @@ def rawbus_rpc(ctx: Context) -> Iterator[Trial]:
 async def _paced_publish(
     exchange: AbstractExchange, bodies: list[bytes], rate: float, seconds: float
 ) -> tuple[int, float]:
-    """Publish ``bodies`` one by one, message i due at start + i/rate, each confirmed
-    in its own task (an open loop: a late confirm holds back no later publish; in
-    flight bounded). The publish time rides in a header. Returns (sent, seconds)."""
-    inflight: set[asyncio.Task[Any]] = set()
-    started = time.perf_counter()
-    sent = 0
-    for i, body in enumerate(bodies):
-        delay = started + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if time.perf_counter() - started > 2 * seconds:
-            break  # far behind the schedule: the time bound wins
-        while len(inflight) >= 512:
-            await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        message = _event_message(body, i)
+    """Publish ``bodies`` on an open-loop schedule (``benchmarks.pacing``), each
+    confirmed in its own task, the publish time in a header. Returns (sent, seconds)."""
+
+    async def one(i: int) -> None:
+        message = _event_message(bodies[i], i)
         message.headers = {"sent": _clock()}
-        task = asyncio.create_task(exchange.publish(message, EVENT_KEY))
-        inflight.add(task)
-        task.add_done_callback(inflight.discard)
-        sent += 1
-    if inflight:
-        await asyncio.gather(*inflight)
-    return sent, time.perf_counter() - started
+        await exchange.publish(message, EVENT_KEY)
+
+    schedule = await open_loop(len(bodies), rate, seconds, one)
+    return schedule.sent, time.perf_counter() - schedule.started
 
 
 @measurement(
