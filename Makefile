@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format demo bench bench-quick lock clean
+.PHONY: install services test lint format demo bench bench-quick lock clean
 
 install: $(STAMP)
 
@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,otel]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The suite's services first: started if down, broker plugins enabled (deploy/local/services.sh).
+test: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+services:
+	bash deploy/local/services.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

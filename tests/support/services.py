@@ -108,7 +108,24 @@ def rabbitmq() -> Iterator[str]:
             exc,
             "Start it (rabbitmq-server -detached) or set SESSIONBUS_TEST_AMQP_URL.",
         )
+    _check_plugins()
     yield url
+
+
+def _check_plugins() -> None:
+    """Fail at once, naming the command, when the broker's management API (queue views,
+    clean-up) or stream port (the audit stream) is off: otherwise a handful of tests
+    fail one by one much later with less obvious errors."""
+    try:
+        _management("GET", "/api/overview")
+    except (urllib.error.URLError, OSError) as exc:
+        _unreachable(
+            "The RabbitMQ management API",
+            management_target(),
+            exc,
+            "Run `make services` (deploy/local/services.sh enables the management and "
+            "stream plugins) or set SESSIONBUS_TEST_MANAGEMENT_URL.",
+        )
 
 
 @contextlib.contextmanager
