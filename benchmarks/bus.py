@@ -474,12 +474,14 @@ ratio(
     ("bus.commands", "inflight_64.commands_per_s"),
     ("rawbus.rpc", "inflight_64.req_per_s"),
     "commands through the coordinator vs raw aio-pika RPC, 64 in flight (target >= 0.8)",
+    paired=True,
 )
 ratio(
     "commands_vs_raw_rpc_64_quorum",
     ("bus.commands", "inflight_64.commands_per_s"),
     ("rawbus.rpc", "quorum.inflight_64.req_per_s"),
     "the same against raw RPC on a quorum request queue, as the coordinator's commands queue is",
+    paired=True,
 )
 ratio(
     "vs_naive_peer",
@@ -488,6 +490,7 @@ ratio(
     "commands stored and published (confirmed) per second by the coordinator's group "
     "commit and outbox relay vs a naive peer that saves then publishes and awaits the "
     "confirm per command; neither side has a request/reply hop (target >= 10)",
+    paired=True,
 )
 ratio(
     "vs_naive_peer_over_rpc",
@@ -792,6 +795,7 @@ ratio(
     ("rawbus.e2e", "msgs_per_s"),
     "committed events delivered to a module vs raw aio-pika publish→consume across two "
     "processes (target >= 0.6)",
+    paired=True,
 )
 
 

@@ -37,6 +37,7 @@ import itertools
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 import uuid
@@ -192,6 +193,20 @@ class _Child:
             code = await asyncio.wait_for(self.process.wait(), 5)
             raise RuntimeError(f"{self.what} exited ({code}); stderr: {self.stderr_tail()}")
         return raw.decode().strip()
+
+    async def report(self, timeout: float) -> dict[str, Any]:
+        """Its next JSON report; if none comes within ``timeout`` (a host that cannot
+        carry the rate), it is asked for what it has so far (SIGUSR1), marked partial."""
+        assert self.process.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        except TimeoutError:
+            self.process.send_signal(signal.SIGUSR1)
+            return {**json.loads(await self.line(10)), "partial": True}
+        if not raw:
+            code = await asyncio.wait_for(self.process.wait(), 5)
+            raise RuntimeError(f"{self.what} exited ({code}); stderr: {self.stderr_tail()}")
+        return dict(json.loads(raw))
 
     async def exited(self, within: float) -> int | None:
         """Its exit code if it ends within ``within`` seconds, else ``None``."""
@@ -603,14 +618,15 @@ def rawbus_rpc(ctx: Context) -> Iterator[Trial]:
 
 
 async def _paced_publish(
-    exchange: AbstractExchange, bodies: list[bytes], rate: float, seconds: float
+    exchange: AbstractExchange, bodies: list[bytes], rate: float, seconds: float, case: int = 0
 ) -> tuple[int, float]:
     """Publish ``bodies`` on an open-loop schedule (``benchmarks.pacing``), each
-    confirmed in its own task, the publish time in a header. Returns (sent, seconds)."""
+    confirmed in its own task, the publish time and the case number in headers.
+    Returns (sent, seconds)."""
 
     async def one(i: int) -> None:
         message = _event_message(bodies[i], i)
-        message.headers = {"sent": _clock()}
+        message.headers = {"sent": _clock(), "case": case}
         await exchange.publish(message, EVENT_KEY)
 
     schedule = await open_loop(len(bodies), rate, seconds, one)
@@ -669,20 +685,31 @@ def rawbus_fanout(ctx: Context) -> Iterator[Trial]:
             return exchange, queues, consumers
 
         exchange, queues, consumers = bench.run(setup(), 120)
+        cases = itertools.count(1)
 
         async def case(receivers: list[_Child]) -> dict[str, Figure]:
             meter = CpuMeter({"consumers": [c.process.pid for c in receivers]})
-            sent, elapsed = await _paced_publish(exchange, bodies, rate, seconds)
-            reports = [json.loads(await c.line(seconds + 60)) for c in receivers]
+            sent, elapsed = await _paced_publish(exchange, bodies, rate, seconds, next(cases))
+            # A host that cannot carry the rate is a finding, not a failure: after the
+            # wait each consumer reports what it received, and the figures say so.
+            reports = await asyncio.gather(*(c.report(seconds + 60) for c in receivers))
             cpu = meter.stop()
-            if sent < count or any(r["count"] != count for r in reports):
-                raise RuntimeError(f"sent {sent} of {count}; consumers got {reports}")
             latencies = sorted(ms for r in reports for ms in r["latencies_ms"])
+            if not latencies:
+                raise RuntimeError(f"sent {sent} of {count}; no consumer received any")
+            received = sum(r["count"] for r in reports)
+            if sent < count or any(r.get("partial") for r in reports):
+                ctx.note(
+                    f"rawbus.fanout saturated with {len(receivers)} queue(s): sent {sent} of "
+                    f"{count}, consumers received {received} of {sent * len(receivers)} "
+                    f"within {seconds + 60:.0f}s after publishing; latencies are of those"
+                )
             return {
                 "p50_ms": Figure(percentile(latencies, 0.5), "ms", "lower"),
                 "p99_ms": Figure(percentile(latencies, 0.99), "ms", "lower"),
                 "max_ms": Figure(latencies[-1], "ms", "lower"),
                 "achieved_msgs_per_s": Figure(sent / elapsed, "msgs/s"),
+                "delivered_fraction": Figure(received / max(1, sent * len(receivers)), "x"),
                 **cpu_figures("", cpu, sent, "msg"),
             }
 
@@ -848,29 +875,45 @@ async def _consume(
 
 async def _stamps(url: str, queue_name: str, count: int, prefetch: int, max_seconds: float) -> None:
     """Per message, the time since the publisher's ``sent`` header; one JSON line of
-    them for every ``count`` messages."""
+    them for every ``count`` messages of one case (the ``case`` header), or on SIGUSR1
+    of what the current case has so far. Messages of a case already reported (the
+    backlog of a saturated one) are acknowledged and not counted."""
     async with await aio_pika.connect(url, timeout=10) as connection:
         channel = await connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch)
         queue = await channel.declare_queue(queue_name, passive=True)
         latencies: list[float] = []
         first_cpu = 0.0
+        current = reported = 0
+
+        def report() -> None:
+            nonlocal reported
+            cpu = time.process_time() - first_cpu if latencies else 0.0
+            print(json.dumps({"count": len(latencies), "latencies_ms": latencies, "cpu": cpu}))
+            sys.stdout.flush()
+            latencies.clear()
+            reported = current
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            nonlocal first_cpu
+            nonlocal first_cpu, current
             now = _clock()
+            await message.ack()
+            case = message.headers.get("case", 0)
+            assert isinstance(case, int), message.headers
+            if case <= reported:
+                return
+            if case != current:
+                current = case
+                latencies.clear()
             if not latencies:
                 first_cpu = time.process_time()
             sent = message.headers.get("sent")
             assert isinstance(sent, float), message.headers
             latencies.append((now - sent) * 1000)
-            await message.ack()
             if len(latencies) == count:
-                cpu = time.process_time() - first_cpu
-                print(json.dumps({"count": count, "latencies_ms": latencies, "cpu": cpu}))
-                sys.stdout.flush()
-                latencies.clear()
+                report()
 
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, report)
         await queue.consume(on_message)
         print("ready", flush=True)
         await _until_stdin_closes(max_seconds)

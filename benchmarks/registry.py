@@ -91,12 +91,18 @@ class Target:
 
 @dataclass(frozen=True)
 class Ratio:
-    """``numerator / denominator``, each a (measurement, figure) median."""
+    """``numerator / denominator``, each a (measurement, figure).
+
+    A ``paired`` ratio's two measurements run together, their trials alternating
+    (A B, B A, A B …), and the ratio is the median of the per-pair ratios with their
+    min and max: a slow minute of a shared host then slows both sides of a pair
+    instead of one side's whole series. Unpaired ratios are ratios of medians."""
 
     name: str
     numerator: tuple[str, str]
     denominator: tuple[str, str]
     meaning: str
+    paired: bool = False
 
 
 REGISTRY: dict[str, Measurement] = {}

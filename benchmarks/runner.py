@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import json
@@ -27,6 +28,7 @@ from benchmarks.registry import (
     Context,
     Figure,
     Measurement,
+    Trial,
     remove_tree,
 )
 
@@ -105,64 +107,142 @@ class Outcome:
         return None if summary is None else float(summary["median"])
 
 
-def run_one(
-    m: Measurement,
+def groups(chosen: list[Measurement]) -> list[list[Measurement]]:
+    """The chosen measurements in run order, those joined by a paired ratio in one group
+    (run together, trials alternating), each group where its first member was."""
+    names = [m.name for m in chosen]
+    root = {name: name for name in names}
+
+    def find(name: str) -> str:
+        while root[name] != name:
+            name = root[name]
+        return name
+
+    for r in RATIOS:
+        a, b = r.numerator[0], r.denominator[0]
+        if r.paired and a != b and a in root and b in root:
+            root[find(a)] = find(b)
+    order: dict[str, list[Measurement]] = {}
+    for m in chosen:
+        order.setdefault(find(m.name), []).append(m)
+    return list(order.values())
+
+
+def _unreachable(m: Measurement, ctx: Context, postgres_url: str) -> str | None:
+    if "postgres" in m.needs:
+        why = environment.postgres_reachable(postgres_url)
+        if why is not None:
+            return f"PostgreSQL unreachable at {postgres_url}: {why}"
+    if "rabbitmq" in m.needs:
+        why = environment.rabbitmq_reachable(ctx.amqp_url)
+        if why is not None:
+            return f"RabbitMQ unreachable: {why}"
+    return None
+
+
+def run_group(
+    members: list[Measurement],
     *,
     quick: bool,
     postgres_url: str,
     shared: dict[str, Any],
     workdir: Path,
     repeats: int | None,
-) -> Outcome:
-    outcome = Outcome(m)
-    ctx = Context(
-        quick=quick,
-        postgres_url=postgres_url,
-        shared=shared,
-        workdir=workdir,
-        amqp_url=environment.amqp_url(),
-    )
-    wanted = repeats or (m.repeats[0] if quick else m.repeats[1])
-    budget = m.budget_s[0] if quick else m.budget_s[1]
-    if "postgres" in m.needs:
-        why = environment.postgres_reachable(postgres_url)
-        if why is not None:
-            outcome.error = f"PostgreSQL unreachable at {postgres_url}: {why}"
-            return outcome
-    if "rabbitmq" in m.needs:
-        why = environment.rabbitmq_reachable(ctx.amqp_url)
-        if why is not None:
-            outcome.error = f"RabbitMQ unreachable: {why}"
-            return outcome
-    print(f"▶ {m.name}: {m.description}", file=sys.stderr, flush=True)
-    began = time.perf_counter()
+) -> list[Outcome]:
+    """Set up every member, then run their trials in rounds, alternating the order
+    (A B, B A, …) so that neither side always runs first after a set-up or on a host
+    that is getting slower. A lone measurement is a group of one."""
+    outcomes = {m.name: Outcome(m) for m in members}
+    contexts = {
+        m.name: Context(
+            quick=quick,
+            postgres_url=postgres_url,
+            shared=shared,
+            workdir=workdir,
+            amqp_url=environment.amqp_url(),
+        )
+        for m in members
+    }
+    wanted = {m.name: repeats or (m.repeats[0] if quick else m.repeats[1]) for m in members}
+    trials: dict[str, Trial] = {}
     # A hang (a lock, a stuck socket) must not stall the run forever: past this the
     # process dumps every thread's stack and exits.
-    faulthandler.dump_traceback_later(WATCHDOG_S[0] if quick else WATCHDOG_S[1], exit=True)
+    faulthandler.dump_traceback_later(
+        (WATCHDOG_S[0] if quick else WATCHDOG_S[1]) * len(members), exit=True
+    )
     try:
-        with m.setup(ctx) as trial:
-            outcome.setup_seconds = time.perf_counter() - began
-            started = time.perf_counter()
-            for i in range(wanted):
-                t0 = time.perf_counter()
-                figures = trial()
-                outcome.trial_seconds.append(time.perf_counter() - t0)
-                outcome.trials.append(figures)
-                ctx.log(f"trial {i + 1}/{wanted} done in {outcome.trial_seconds[-1]:.1f}s")
-                if time.perf_counter() - started > budget and i + 1 < wanted:
-                    ctx.note(
-                        f"{m.name}: stopped after {i + 1} of {wanted} repetitions "
-                        f"(time budget {budget:.0f}s)"
-                    )
-                    break
-    except Exception as exc:  # noqa: BLE001 - one failed measurement must not end the run
-        outcome.error = f"{type(exc).__name__}: {exc}"
+        with contextlib.ExitStack() as stack:
+            for m in members:
+                outcome, ctx = outcomes[m.name], contexts[m.name]
+                outcome.error = _unreachable(m, ctx, postgres_url)
+                if outcome.error is not None:
+                    continue
+                print(f"▶ {m.name}: {m.description}", file=sys.stderr, flush=True)
+                began = time.perf_counter()
+                try:
+                    trials[m.name] = stack.enter_context(m.setup(ctx))
+                except Exception as exc:  # noqa: BLE001 - one failed set-up must not end the run
+                    outcome.error = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc(file=sys.stderr)
+                outcome.setup_seconds = time.perf_counter() - began
+            _rounds(members, outcomes, contexts, trials, wanted, quick=quick)
+    except Exception as exc:  # noqa: BLE001 - a failed clean-up is reported, the run goes on
+        for outcome in outcomes.values():
+            outcome.error = outcome.error or f"clean-up: {type(exc).__name__}: {exc}"
         traceback.print_exc(file=sys.stderr)
     finally:
         faulthandler.cancel_dump_traceback_later()
-    outcome.params = dict(ctx.params)
-    outcome.notes = list(ctx.notes)
-    return outcome
+    for m in members:
+        outcomes[m.name].params = dict(contexts[m.name].params)
+        outcomes[m.name].notes = list(contexts[m.name].notes)
+    return [outcomes[m.name] for m in members]
+
+
+def _rounds(
+    members: list[Measurement],
+    outcomes: dict[str, Outcome],
+    contexts: dict[str, Context],
+    trials: dict[str, Trial],
+    wanted: dict[str, int],
+    *,
+    quick: bool,
+) -> None:
+    started = time.perf_counter()
+    budget = sum(m.budget_s[0] if quick else m.budget_s[1] for m in members)
+    running = [m for m in members if m.name in trials]
+    for i in range(max(wanted.values(), default=0)):
+        for m in running if i % 2 == 0 else running[::-1]:
+            outcome, ctx = outcomes[m.name], contexts[m.name]
+            if i >= wanted[m.name] or outcome.error is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                figures = trials[m.name]()
+            except Exception as exc:  # noqa: BLE001 - one failed trial ends that measurement only
+                outcome.error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc(file=sys.stderr)
+                continue
+            outcome.trial_seconds.append(time.perf_counter() - t0)
+            outcome.trials.append(figures)
+            ctx.log(
+                f"{m.name}: trial {i + 1}/{wanted[m.name]} done in {outcome.trial_seconds[-1]:.1f}s"
+            )
+        if time.perf_counter() - started > budget and i + 1 < max(wanted.values()):
+            for m in running:
+                contexts[m.name].note(
+                    f"{m.name}: stopped after {i + 1} of {wanted[m.name]} repetitions "
+                    f"(time budget {budget:.0f}s)"
+                )
+            return
+
+
+def _paired(num: Outcome, num_fig: str, den: Outcome, den_fig: str) -> list[float]:
+    """Per-round ratios of two measurements that ran together, round by round."""
+    values = []
+    for a, b in zip(num.trials, den.trials, strict=False):
+        if num_fig in a and den_fig in b and b[den_fig].value:
+            values.append(a[num_fig].value / b[den_fig].value)
+    return values
 
 
 def evaluate(outcomes: dict[str, Outcome]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -199,15 +279,31 @@ def evaluate(outcomes: dict[str, Outcome]) -> tuple[list[dict[str, Any]], dict[s
         num_o, den_o = outcomes.get(r.numerator[0]), outcomes.get(r.denominator[0])
         if num_o is None or den_o is None:
             continue
-        num, den = num_o.median(r.numerator[1]), den_o.median(r.denominator[1])
-        if num is None or den is None or den == 0:
-            continue
-        ratios[r.name] = {
-            "value": num / den,
+        detail: dict[str, Any] = {
             "numerator": f"{r.numerator[0]}/{r.numerator[1]}",
             "denominator": f"{r.denominator[0]}/{r.denominator[1]}",
             "meaning": r.meaning,
         }
+        pairs = (
+            _paired(num_o, r.numerator[1], den_o, r.denominator[1])
+            if r.paired and num_o is not den_o
+            else []
+        )
+        if pairs:
+            detail |= {
+                "value": statistics.median(pairs),
+                "min": min(pairs),
+                "max": max(pairs),
+                "n": len(pairs),
+                "values": pairs,
+                "paired": True,
+            }
+        else:
+            num, den = num_o.median(r.numerator[1]), den_o.median(r.denominator[1])
+            if num is None or den is None or den == 0:
+                continue
+            detail |= {"value": num / den, "paired": False}
+        ratios[r.name] = detail
     for name, wanted in HEADLINE_RATIOS.items():
         value = ratios[name]["value"] if name in ratios else None
         targets.append(
@@ -276,7 +372,13 @@ def render(record: dict[str, Any], *, plain: bool) -> None:
         for t in record["targets"]
     ]
     ratio_rows = [
-        (k, f"{v['value']:.3f}", v["meaning"]) for k, v in record["ratio_details"].items()
+        (
+            k,
+            f"{v['value']:.3f}"
+            + (f" ({v['min']:.3f} to {v['max']:.3f}, {v['n']} pairs)" if v.get("paired") else ""),
+            v["meaning"],
+        )
+        for k, v in record["ratio_details"].items()
     ]
     title = f"sessionbus benchmarks ({record['mode']}, {record['started_at']})"
     if not plain:
@@ -349,15 +451,16 @@ def main(
     workdir = Path(tempfile.mkdtemp(prefix="sessionbus-bench-"))
     outcomes: dict[str, Outcome] = {}
     try:
-        for m in chosen:
-            outcomes[m.name] = run_one(
-                m,
+        for group in groups(chosen):
+            for outcome in run_group(
+                group,
                 quick=quick,
                 postgres_url=postgres_url,
                 shared=shared,
                 workdir=workdir,
                 repeats=repeats,
-            )
+            ):
+                outcomes[outcome.measurement.name] = outcome
     finally:
         remove_tree(workdir)
     targets, ratios = evaluate(outcomes)
