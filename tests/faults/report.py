@@ -21,6 +21,7 @@ class Row:
     lost: int
     duplicated_applied: int
     recovery: str
+    spurious_hooks: int | None = None  # CheckReport.spurious_hook_count; None: not checked
 
 
 ROWS: list[Row] = []
@@ -45,7 +46,9 @@ def seconds(values: list[float | None]) -> str:
 
 def render() -> list[str]:
     headers = list(Row.__dataclass_fields__)
-    table = [headers] + [[str(getattr(r, h)) for h in headers] for r in ROWS]
+    table = [headers] + [
+        ["-" if getattr(r, h) is None else str(getattr(r, h)) for h in headers] for r in ROWS
+    ]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
     out = []
     for index, line in enumerate(table):

@@ -102,6 +102,7 @@ async def test_broker_restarted_three_times_mid_load_loses_and_duplicates_nothin
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery=f"command {seconds(commands)}; consumer {seconds(consumers)}",
         )
     )

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.checker import Incarnation, StoreView, check, check_ownership, read_journal
+from tests.support.checker import (
+    HookCall,
+    Incarnation,
+    StoreView,
+    check,
+    check_ownership,
+    read_journal,
+)
 from tests.support.journal_module import Journal
 
 pytestmark = pytest.mark.faults
@@ -108,3 +115,120 @@ def test_a_journal_reads_back_as_lives(tmp_path: Path) -> None:
     ownership = check_ownership(store(), "m", [first, second])
     assert ownership.destroyed == 1
     assert ownership.leaked == []
+
+
+def test_an_event_is_identified_by_its_id_as_well_as_its_session_and_version() -> None:
+    ids_at = {(A, v): IDS[v - 1] for v in range(1, 5)} | {(B, v): IDS[3 + v] for v in range(1, 4)}
+    view = StoreView(
+        versions={A: [1, 2, 3, 4], B: [1, 2, 3]},
+        event_ids=IDS,
+        envelopes=[],
+        chains_bad={},
+        ids_at=ids_at,
+    )
+    right = [ids_at[pair] for pair in pairs([1, 2, 3, 4], [1, 2, 3])]
+    life = Incarnation(applied=pairs([1, 2, 3, 4], [1, 2, 3]), event_ids=right)
+    check(view, {"m": [life]}).assert_ok()
+    # B's v2 applied with A's v2 id: the right version, another event.
+    wrong = [*right[:5], IDS[1], right[6]]
+    report = check(view, {"m": [Incarnation(applied=life.applied, event_ids=wrong)]})
+    assert len(report.mismatched) == 1
+    with pytest.raises(AssertionError, match="mismatched"):
+        report.assert_ok()
+    # Registry events are known by id only: once per life, and stored.
+    registry = IDS[0]
+    twice = Incarnation(applied=life.applied, registry=[registry, registry])
+    assert check(view, {"m": [twice]}).duplicated
+    unknown = Incarnation(applied=life.applied, registry=[uuid.UUID(int=999)])
+    assert check(view, {"m": [unknown]}).phantom
+    crashed = Incarnation(applied=pairs([1, 2], [1]), registry=[registry], crashed=True)
+    again = Incarnation(applied=pairs([3, 4], [2, 3]), baseline={A: 2, B: 1}, registry=[registry])
+    report = check(view, {"m": [crashed, again]})
+    report.assert_ok()
+    assert report.reapplied_after_crash == 1
+
+
+def hooked(*hooks: HookCall, crashed: bool = False) -> Incarnation:
+    return Incarnation(applied=pairs([1, 2, 3, 4], [1, 2, 3]), hooks=hooks, crashed=crashed)
+
+
+M1, M2 = uuid.UUID(int=51), uuid.UUID(int=52)
+
+
+@pytest.mark.parametrize(
+    ("lives", "kind"),
+    [
+        # on_create after the store destroyed the session (at t=100)
+        ([hooked(HookCall("create", A, M1, wall=101.0))], "create_for_destroyed"),
+        # a link the coordinator refused: the session was destroyed, or cleaning up
+        (
+            [hooked(HookCall("link", A, M1, wall=90.0, outcome="SESSION_DESTROYED"))],
+            "link_for_destroyed",
+        ),
+        (
+            [hooked(HookCall("link", B, M1, wall=90.0, outcome="SESSION_CLOSED"))],
+            "link_for_destroyed",
+        ),
+        ([hooked(HookCall("link", A, M1, wall=100.5, outcome="ok"))], "link_for_destroyed"),
+        (
+            [hooked(HookCall("create", B, M1, wall=1.0), HookCall("create", B, M2, wall=2.0))],
+            "create_twice",
+        ),
+        (
+            [hooked(HookCall("destroy", A, M1, wall=1.0), HookCall("destroy", A, M2, wall=2.0))],
+            "destroy_twice",
+        ),
+        # a second life repeating what a life that stopped cleanly already did
+        (
+            [hooked(HookCall("destroy", A, M1, wall=1.0)), hooked(HookCall("destroy", A, M1))],
+            "destroy_twice",
+        ),
+    ],
+)
+def test_each_spurious_hook_call_is_counted(lives: list[Incarnation], kind: str) -> None:
+    view = store()
+    view.destroyed_at[A] = 100.0
+    report = check(view, {"m": lives})
+    assert report.spurious[kind] == 1, report.summary()
+    assert report.spurious_hook_count == 1
+    assert report.summary()["spurious_hooks"] == 1
+    with pytest.raises(AssertionError, match="spurious_hooks"):
+        report.assert_ok()
+
+
+def test_right_hook_calls_and_repeats_after_a_crash_are_not_spurious() -> None:
+    view = store()
+    view.destroyed_at[A] = 100.0
+    first = hooked(
+        HookCall("create", A, M1, wall=1.0),
+        HookCall("link", A, M1, wall=1.1, outcome="ok"),
+        HookCall("destroy", A, M1, wall=50.0),
+        crashed=True,
+    )
+    # The killed life had destroyed M1 but not unlinked it: the new one destroys it again.
+    second = hooked(HookCall("destroy", A, M1, wall=60.0), HookCall("create", B, M2, wall=61.0))
+    report = check(view, {"m": [first, second]})
+    report.assert_ok()
+    assert report.hook_calls == 5
+    assert report.hooks_repeated_after_crash == 1
+    assert report.spurious_hook_count == 0
+
+
+def test_a_journal_reads_back_hook_calls_and_event_ids(tmp_path: Path) -> None:
+    path = tmp_path / "m.jsonl"
+    journal = Journal(path)
+    journal.write("start", t=1.0)
+    journal.write("a", s=str(A), v=1, e=str(IDS[0]), t=1.1)
+    journal.write("r", e=str(IDS[6]))
+    journal.write("made", w=str(A), m=str(M1), wt=5.0)
+    journal.write("link", w=str(A), m=str(M1), wt=5.1, r="SESSION_DESTROYED")
+    journal.write("destroyed", w=str(A), m=str(M1), wt=5.2)
+    journal.close()
+    (life,) = read_journal(path)
+    assert list(life.event_ids) == [IDS[0]]
+    assert list(life.registry) == [IDS[6]]
+    assert [(h.kind, h.wall, h.outcome) for h in life.hooks] == [
+        ("create", 5.0, None),
+        ("link", 5.1, "SESSION_DESTROYED"),
+        ("destroy", 5.2, None),
+    ]

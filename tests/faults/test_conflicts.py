@@ -191,6 +191,7 @@ async def test_racing_clients_get_one_outcome_and_no_lost_update(
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery="n/a (no outage)",
         )
     )

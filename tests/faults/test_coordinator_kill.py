@@ -161,6 +161,7 @@ async def test_coordinator_killed_five_times_mid_relay_resumes_and_duplicates_ar
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery=f"first command after restart {seconds(recovery)} "
             f"(process ready {seconds([float(k['ready']) for k in kills])})",  # type: ignore[arg-type]
         )

@@ -133,6 +133,7 @@ async def test_injected_duplicates_and_reordering_are_applied_once_in_version_or
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery="n/a (no outage)",
         )
     )

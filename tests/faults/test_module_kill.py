@@ -91,6 +91,7 @@ async def test_killed_module_catches_up_and_cleans_up_what_it_owned(
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery=f"caught up (ready) {seconds(ready)} after restart; "
             f"consumer {seconds(consumer)}",
         )

@@ -119,6 +119,7 @@ async def test_modules_ride_out_cuts_refusals_and_latency_through_a_proxy(
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery=f"reconnect {seconds(reconnected)}; consumer {seconds(resumed)}",
         )
     )

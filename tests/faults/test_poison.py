@@ -307,6 +307,7 @@ async def test_poison_goes_to_the_dead_letter_queue_with_a_reason_and_consumers_
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery="n/a (consumers never stopped)",
         )
     )

@@ -229,6 +229,7 @@ async def test_a_least_privilege_module_is_refused_everything_that_is_not_its_ow
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery="n/a (no outage)",
         )
     )
@@ -368,6 +369,7 @@ async def test_coordinator_and_module_run_sessions_end_to_end_over_tls(
             events_checked=report.events_checked,
             lost=len(report.lost),
             duplicated_applied=len(report.duplicated),
+            spurious_hooks=report.spurious_hook_count,
             recovery="n/a (no outage)",
         )
     )

@@ -20,7 +20,24 @@ Rules, per module and session (``final`` is the session's last stored version):
   (nothing lost), and none is applied in two incarnations unless the earlier one
   crashed (a process killed before it acked loses its memory with it, and gets the
   event again: that is counted as ``reapplied_after_crash``, never as a duplicate);
-- nothing is applied that the store does not have.
+- nothing is applied that the store does not have; an event journaled with its id must
+  be the one the store holds at that (session, version) (``mismatched`` otherwise), and
+  a registry event (a module's orphan clean-up request, identified by its event id
+  only) is applied at most once per life.
+
+Hook calls (``HookCall``, journaled by ``journal_module``) are checked against the
+store too; each of these is a spurious hook call, counted by kind and required to be 0:
+
+- ``create_for_destroyed``: ``on_create`` called after the store destroyed the
+  workflow session;
+- ``create_twice``: ``on_create`` called a second time for one workflow session;
+- ``destroy_twice``: ``on_destroy`` called a second time for one workflow session;
+- ``link_for_destroyed``: a link sent after the session was destroyed, or refused
+  because it was destroyed or being cleaned up.
+
+A second create or destroy in a life after one that crashed is not spurious (the new
+life cannot know what the killed one did before its acknowledgement): it is counted
+as ``hooks_repeated_after_crash``.
 
 The published stream (the audit stream, read with ``read_published``) must hold every
 stored event id; duplicates there are expected under faults and counted.
@@ -52,7 +69,9 @@ from contracts.transport import Transport
 from coordinator.store import EventStore
 
 __all__ = [
+    "SPURIOUS_KINDS",
     "CheckReport",
+    "HookCall",
     "Incarnation",
     "Ownership",
     "StoreView",
@@ -62,6 +81,27 @@ __all__ = [
     "read_published",
     "read_store",
 ]
+
+
+# The kinds of spurious hook call the checker counts (see the module docstring).
+SPURIOUS_KINDS = ("create_for_destroyed", "create_twice", "destroy_twice", "link_for_destroyed")
+
+# Link refusals that mean the module linked a session it should have known was over.
+_LINK_TOO_LATE = frozenset({"SESSION_DESTROYED", "SESSION_CLOSED"})
+
+
+@dataclass(frozen=True)
+class HookCall:
+    """One call a module made on behalf of a workflow session: its ``on_create``
+    (``create``), its ``on_destroy`` (``destroy``), or its link command (``link``, with
+    ``outcome`` ``ok`` or the refusal's error code). ``wall`` is ``time.time()`` at the
+    call: the clock the coordinator stamps events with on this machine."""
+
+    kind: str
+    workflow_session: uuid.UUID
+    module_session: uuid.UUID | None = None
+    wall: float | None = None
+    outcome: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +116,10 @@ class Incarnation:
     times: Sequence[float] = ()  # monotonic time of each apply, parallel to ``applied``
     started_at: float | None = None
     ready_at: float | None = None
+    # The event id of each applied event, parallel to ``applied`` (empty: not known).
+    event_ids: Sequence[uuid.UUID | None] = ()
+    registry: Sequence[uuid.UUID] = ()  # registry events applied, by event id
+    hooks: Sequence[HookCall] = ()
 
 
 @dataclass
@@ -86,6 +130,18 @@ class StoreView:
     event_ids: list[uuid.UUID]  # every stored event, registry included
     envelopes: list[Any]
     chains_bad: dict[uuid.UUID, str]
+    # (session, version) -> event id, and when each destroyed session was destroyed
+    # (seconds since the epoch); derived from ``envelopes`` when not given.
+    ids_at: dict[tuple[uuid.UUID, int], uuid.UUID] = field(default_factory=dict)
+    destroyed_at: dict[uuid.UUID, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for env in self.envelopes:
+            if env.session_id == REGISTRY_ID:
+                continue
+            self.ids_at.setdefault((env.session_id, env.version), env.event_id)
+            if isinstance(env.event, Destroyed):
+                self.destroyed_at.setdefault(env.session_id, env.occurred_at.timestamp())
 
     @classmethod
     def read(cls, store_url: str, *, verify_chains: bool = True) -> StoreView:
@@ -123,6 +179,11 @@ class CheckReport:
     phantom: list[str] = field(default_factory=list)
     store_problems: list[str] = field(default_factory=list)
     reapplied_after_crash: int = 0
+    mismatched: list[str] = field(default_factory=list)  # applied id != stored id
+    hook_calls: int = 0
+    spurious_hooks: list[str] = field(default_factory=list)  # "kind: detail"
+    spurious: Counter[str] = field(default_factory=Counter)  # kind -> count
+    hooks_repeated_after_crash: int = 0
     published: int | None = None
     published_duplicates: int = 0
     unpublished: list[uuid.UUID] = field(default_factory=list)
@@ -137,7 +198,13 @@ class CheckReport:
             or self.phantom
             or self.store_problems
             or self.unpublished
+            or self.mismatched
+            or self.spurious_hooks
         )
+
+    @property
+    def spurious_hook_count(self) -> int:
+        return len(self.spurious_hooks)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -149,6 +216,11 @@ class CheckReport:
             "duplicated_applied": len(self.duplicated),
             "out_of_order": len(self.out_of_order),
             "reapplied_after_crash": self.reapplied_after_crash,
+            "mismatched": len(self.mismatched),
+            "hook_calls": self.hook_calls,
+            "spurious_hooks": len(self.spurious_hooks),
+            **{kind: self.spurious[kind] for kind in SPURIOUS_KINDS},
+            "hooks_repeated_after_crash": self.hooks_repeated_after_crash,
             "published": self.published,
             "published_duplicates": self.published_duplicates,
             "unpublished": len(self.unpublished),
@@ -158,7 +230,15 @@ class CheckReport:
         if self.ok:
             return
         lines = [f"delivery check failed: {self.summary()}"]
-        for name in ("store_problems", "lost", "duplicated", "out_of_order", "phantom"):
+        for name in (
+            "store_problems",
+            "lost",
+            "duplicated",
+            "out_of_order",
+            "phantom",
+            "mismatched",
+            "spurious_hooks",
+        ):
             items: list[str] = getattr(self, name)
             if items:
                 lines.append(f"{name} ({len(items)}):")
@@ -217,6 +297,8 @@ def check(
     for module_id, raw in applied.items():
         lives = _incarnations(raw)
         report.applied += sum(len(life.applied) for life in lives)
+        _check_ids(view, module_id, lives, report)
+        _check_hooks(view, module_id, lives, report)
         per_life: list[dict[uuid.UUID, list[int]]] = []
         for life in lives:
             by_session: dict[uuid.UUID, list[int]] = {}
@@ -272,11 +354,88 @@ def check(
         report.published = sum(published.values())
         report.published_duplicates = sum(n - 1 for n in published.values() if n > 1)
         report.unpublished = [eid for eid in view.event_ids if eid not in published]
-        missing = set(report.unpublished)
+        absent = set(report.unpublished)
         report.unpublished_positions = [
-            env.position for env in view.envelopes if env.event_id in missing
+            env.position for env in view.envelopes if env.event_id in absent
         ]
     return report
+
+
+def _check_ids(
+    view: StoreView, module_id: str, lives: Sequence[Incarnation], report: CheckReport
+) -> None:
+    """Each applied event is the stored one at its (session, version); each registry
+    event is a stored one, applied once per life (and once overall unless a life
+    crashed before acknowledging it)."""
+    stored = set(view.event_ids)
+    registry_seen: dict[uuid.UUID, int] = {}
+    for index, life in enumerate(lives):
+        where = f"{module_id} (life {index + 1})"
+        for (sid, version), eid in zip(life.applied, life.event_ids, strict=False):
+            expected = view.ids_at.get((sid, version))
+            if eid is not None and expected is not None and eid != expected:
+                report.mismatched.append(
+                    f"{where} session {sid} v{version}: applied event {eid}, "
+                    f"the store holds {expected}"
+                )
+        for eid, count in Counter(life.registry).items():
+            if eid not in stored:
+                report.phantom.append(f"{where}: applied registry event {eid}, not stored")
+            if count > 1:
+                report.duplicated.append(f"{where}: registry event {eid} applied {count} times")
+            earlier = registry_seen.get(eid)
+            if earlier is not None:
+                if lives[earlier].crashed:
+                    report.reapplied_after_crash += 1
+                else:
+                    report.duplicated.append(
+                        f"{module_id}: registry event {eid} applied in life {earlier + 1} "
+                        f"(which did not crash) and {index + 1}"
+                    )
+            registry_seen[eid] = index
+
+
+def _check_hooks(
+    view: StoreView, module_id: str, lives: Sequence[Incarnation], report: CheckReport
+) -> None:
+    """Count spurious hook calls (see the module docstring)."""
+
+    def spurious(kind: str, detail: str) -> None:
+        report.spurious[kind] += 1
+        report.spurious_hooks.append(f"{kind}: {module_id} {detail}")
+
+    # (kind, workflow session) -> the life that last called it
+    earlier: dict[tuple[str, uuid.UUID], int] = {}
+    for index, life in enumerate(lives):
+        report.hook_calls += len(life.hooks)
+        in_life: Counter[tuple[str, uuid.UUID]] = Counter()
+        for hook in life.hooks:
+            wsid = hook.workflow_session
+            where = f"(life {index + 1}) session {wsid}"
+            ended = view.destroyed_at.get(wsid)
+            late = ended is not None and hook.wall is not None and hook.wall > ended
+            if hook.kind == "link":
+                if hook.outcome in _LINK_TOO_LATE or late:
+                    spurious("link_for_destroyed", f"{where}: link {hook.outcome or 'sent'}")
+                continue
+            if hook.kind not in ("create", "destroy"):
+                continue
+            if hook.kind == "create" and late:
+                spurious("create_for_destroyed", f"{where}: created {hook.module_session}")
+            key = (hook.kind, wsid)
+            in_life[key] += 1
+            if in_life[key] > 1:
+                spurious(f"{hook.kind}_twice", f"{where}: {hook.kind} #{in_life[key]} in one life")
+            elif key in earlier:
+                if lives[earlier[key]].crashed:
+                    report.hooks_repeated_after_crash += 1
+                else:
+                    spurious(
+                        f"{hook.kind}_twice",
+                        f"{where}: {hook.kind} again after life {earlier[key] + 1} "
+                        "(which did not crash)",
+                    )
+            earlier[key] = index
 
 
 async def read_published(
@@ -311,6 +470,9 @@ def read_journal(path: Path) -> list[Incarnation]:
                     "stopped": False,
                     "started_at": record.get("t"),
                     "ready_at": None,
+                    "event_ids": [],
+                    "registry": [],
+                    "hooks": [],
                 }
             )
             continue
@@ -318,12 +480,19 @@ def read_journal(path: Path) -> list[Incarnation]:
         if kind == "a":
             life["applied"].append((uuid.UUID(record["s"]), int(record["v"])))
             life["times"].append(float(record["t"]))
+            life["event_ids"].append(uuid.UUID(record["e"]) if "e" in record else None)
+        elif kind == "r":
+            life["registry"].append(uuid.UUID(record["e"]))
         elif kind == "baseline":
             life["baseline"] = {uuid.UUID(k): int(v) for k, v in record["v"].items()}
         elif kind == "made":
             life["made"].append((uuid.UUID(record["w"]), uuid.UUID(record["m"])))
+            life["hooks"].append(_hook("create", record))
         elif kind == "destroyed":
             life["destroyed"].append(uuid.UUID(record["m"]))
+            life["hooks"].append(_hook("destroy", record))
+        elif kind == "link":
+            life["hooks"].append(_hook("link", record))
         elif kind == "ready":
             life["ready_at"] = record.get("t")
         elif kind == "stop":
@@ -338,9 +507,22 @@ def read_journal(path: Path) -> list[Incarnation]:
             times=life["times"],
             started_at=life["started_at"],
             ready_at=life["ready_at"],
+            event_ids=life["event_ids"],
+            registry=life["registry"],
+            hooks=life["hooks"],
         )
         for life in lives
     ]
+
+
+def _hook(kind: str, record: Mapping[str, Any]) -> HookCall:
+    return HookCall(
+        kind=kind,
+        workflow_session=uuid.UUID(record["w"]),
+        module_session=uuid.UUID(record["m"]) if record.get("m") else None,
+        wall=record.get("wt"),
+        outcome=record.get("r"),
+    )
 
 
 @dataclass

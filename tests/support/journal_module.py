@@ -3,19 +3,24 @@
     python -m tests.support.journal_module --module-id executor --prefix P \\
         --url amqp://… --journal executor.jsonl [--optional]
 
-Every (session, version) the module applies, every version it knew from the
-coordinator when it started (its catch-up baseline), every module session its hooks
-made or destroyed is one JSON line, written to the journal as it happens with one
+Every (session, version) the module applies (with the event's id), every registry
+event it applies, every version it knew from the coordinator when it started (its
+catch-up baseline), every module session its hooks made or destroyed and every link it
+sent (with the coordinator's answer) is one JSON line, written to the journal as it happens with one
 ``write`` on an ``O_APPEND`` descriptor: the lines are in the kernel once the call
 returns, so a SIGKILL loses none of them. A process appends to the same journal on
 each start, so the journal is the history of every incarnation of the module; SIGTERM
 closes gracefully and writes a ``stop`` line with the consumer's figures.
 
 Lines: ``{"k": "start", "pid": …, "t": …}``, ``{"k": "baseline", "v": {sid: version}}``,
-``{"k": "a", "s": sid, "v": version, "t": …}`` (applied), ``{"k": "made", "w": wsid,
-"m": msid}``, ``{"k": "destroyed", "w": wsid, "m": msid}``, ``{"k": "ready", "t": …}``,
-``{"k": "stop", "stats": {…}}``. ``t`` is ``time.monotonic()``: one clock for every
-process of the machine, so a test can compare it with its own.
+``{"k": "a", "s": sid, "v": version, "e": event_id, "t": …}`` (applied), ``{"k": "r",
+"e": event_id}`` (a registry event applied), ``{"k": "made", "w": wsid, "m": msid,
+"wt": …}`` (``on_create``), ``{"k": "destroyed", "w": wsid, "m": msid, "wt": …}``
+(``on_destroy``), ``{"k": "link", "w": wsid, "m": msid, "wt": …, "r": "ok" | code}``,
+``{"k": "ready", "t": …}``, ``{"k": "stop", "stats": {…}}``. ``t`` is
+``time.monotonic()``: one clock for every process of the machine, so a test can compare
+it with its own; ``wt`` is ``time.time()``, the clock the coordinator stamps events
+with, so the checker can tell a hook called after its session was destroyed.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 
 from contracts import (
     REGISTRY_ID,
+    Accepted,
     EventEnvelope,
     ModuleSessionConfig,
     ModuleSessionInfo,
@@ -41,8 +47,8 @@ from contracts import (
     WorkflowSession,
 )
 from contracts.amqp import AmqpTransport
-from module_sdk import SessionManager
-from tests.support.checker import Incarnation
+from module_sdk import CommandFailed, CoordinatorClient, SessionManager
+from tests.support.checker import HookCall, Incarnation
 
 __all__ = ["Journal", "JournalModule", "incarnation"]
 
@@ -73,6 +79,42 @@ class Journal:
             self._fd = None
 
 
+# The journal line of each kind of hook call (``made`` and ``destroyed`` predate ``link``).
+_LINES = {"create": "made", "destroy": "destroyed", "link": "link"}
+
+
+class _LinkJournal(CoordinatorClient):
+    """The module's client, journaling every link it sends and the answer."""
+
+    def __init__(self, client: CoordinatorClient, module: JournalModule) -> None:
+        super().__init__(
+            client.transport,
+            client.topology,
+            timeout=client.timeout,
+            attempts=client.attempts,
+            codec=client.codec,
+        )
+        self._module = module
+
+    async def link_module_session(
+        self,
+        workflow_session_id: uuid.UUID,
+        module_id: str,
+        module_session_id: uuid.UUID,
+        **options: Any,
+    ) -> Accepted:
+        wall = time.time()
+        try:
+            accepted = await super().link_module_session(
+                workflow_session_id, module_id, module_session_id, **options
+            )
+        except CommandFailed as exc:
+            self._module.hook("link", workflow_session_id, module_session_id, wall, str(exc.code))
+            raise
+        self._module.hook("link", workflow_session_id, module_session_id, wall, "ok")
+        return accepted
+
+
 class JournalModule(SessionManager):
     """A module whose hooks make and destroy nothing real, and which journals every
     event it applies (through the SDK's apply path: after the event's reaction ran,
@@ -80,25 +122,43 @@ class JournalModule(SessionManager):
 
     def __init__(self, *args: Any, journal: Journal | None = None, **options: Any) -> None:
         super().__init__(*args, **options)
+        self.client = _LinkJournal(self.client, self)
         self.journal = journal or Journal()
         self.baseline: dict[uuid.UUID, int] = {}
         self.applied: list[tuple[uuid.UUID, int, float]] = []
+        self.event_ids: list[uuid.UUID] = []  # parallel to ``applied``
+        self.registry: list[uuid.UUID] = []
         self.made: list[tuple[uuid.UUID, uuid.UUID]] = []  # (workflow, module session)
         self.destroyed: list[uuid.UUID] = []
+        self.hooks: list[HookCall] = []
         self.journal.write("start", pid=os.getpid(), t=time.monotonic(), module=self.module_id)
+
+    def hook(
+        self,
+        kind: str,
+        workflow_session_id: uuid.UUID,
+        module_session_id: uuid.UUID,
+        wall: float,
+        outcome: str | None = None,
+    ) -> None:
+        self.hooks.append(
+            HookCall(kind, workflow_session_id, module_session_id, wall=wall, outcome=outcome)
+        )
+        fields: dict[str, Any] = {"w": str(workflow_session_id), "m": str(module_session_id)}
+        if outcome is not None:
+            fields["r"] = outcome
+        self.journal.write(_LINES[kind], **fields, wt=wall)
 
     async def on_create(
         self, session: WorkflowSession, module_session_id: uuid.UUID, config: ModuleSessionConfig
     ) -> dict[str, Any]:
         self.made.append((session.session_id, module_session_id))
-        self.journal.write("made", w=str(session.session_id), m=str(module_session_id))
+        self.hook("create", session.session_id, module_session_id, time.time())
         return {"pid": os.getpid()}
 
     async def on_destroy(self, info: ModuleSessionInfo) -> None:
         self.destroyed.append(info.session_id)
-        self.journal.write(
-            "destroyed", w=str(info.linked_workflow_session_id), m=str(info.session_id)
-        )
+        self.hook("destroy", info.linked_workflow_session_id, info.session_id, time.time())
 
     async def _catch_up(self) -> None:
         await super()._catch_up()
@@ -109,10 +169,17 @@ class JournalModule(SessionManager):
 
     async def _apply(self, env: EventEnvelope) -> None:
         await super()._apply(env)
-        if env.session_id != REGISTRY_ID:
-            now = time.monotonic()
-            self.applied.append((env.session_id, env.version, now))
-            self.journal.write("a", s=str(env.session_id), v=env.version, t=now)
+        self._journal_applied(env)
+
+    def _journal_applied(self, env: EventEnvelope) -> None:
+        if env.session_id == REGISTRY_ID:
+            self.registry.append(env.event_id)
+            self.journal.write("r", e=str(env.event_id))
+            return
+        now = time.monotonic()
+        self.applied.append((env.session_id, env.version, now))
+        self.event_ids.append(env.event_id)
+        self.journal.write("a", s=str(env.session_id), v=env.version, e=str(env.event_id), t=now)
 
 
 def incarnation(module: JournalModule, *, crashed: bool = False) -> Incarnation:
@@ -124,6 +191,9 @@ def incarnation(module: JournalModule, *, crashed: bool = False) -> Incarnation:
         made=list(module.made),
         destroyed=list(module.destroyed),
         times=[t for _, _, t in module.applied],
+        event_ids=list(module.event_ids),
+        registry=list(module.registry),
+        hooks=list(module.hooks),
     )
 
 
