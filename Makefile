@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install services test lint format demo bench bench-quick lock clean
+.PHONY: install services test test-ts lint format demo bench bench-quick lock clean
 
 install: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml requirements.lock
 # The suite's services first: started if down, broker plugins enabled (deploy/local/services.sh).
 test: $(STAMP) services
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-ts
+
+# The TypeScript module SDK (typescript/): installed from its lock file, built, and its
+# tests run with node's own test runner against the same broker and Python coordinator.
+test-ts: $(STAMP) services
+	cd typescript && npm ci --no-audit --no-fund && npm test
 
 services:
 	bash deploy/local/services.sh

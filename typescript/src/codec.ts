@@ -1,0 +1,160 @@
+/**
+ * Encoding and strict decoding of every body, validated at run time against the JSON
+ * Schema the Python contracts export (src/generated/schema.ts). A failure is a
+ * `DecodeError` naming the offending field as a JSON path (`$.event.module_id`), the
+ * form the Python codec gives, so a dead letter's reason reads the same whichever SDK
+ * rejected it.
+ */
+import { createRequire } from "node:module";
+import type { ErrorObject, ValidateFunction } from "ajv";
+import { DecodeError, MessageTooLarge, ValidationError } from "./errors.js";
+import { WIRE_SCHEMA } from "./generated/schema.js";
+import type {
+  CommandReply,
+  CommandRequest,
+  EventEnvelope,
+  Heartbeat,
+} from "./generated/wire.js";
+
+// ajv and ajv-formats are CommonJS; their default export is `module.exports` itself.
+const require = createRequire(import.meta.url);
+const Ajv2020 = require("ajv/dist/2020.js") as typeof import("ajv/dist/2020.js").default;
+const addFormats = require("ajv-formats") as typeof import("ajv-formats").default;
+
+export const JSON_CONTENT_TYPE = "application/json";
+export const MSGPACK_CONTENT_TYPE = "application/msgpack";
+/** Session messages are small; an over-size body is refused before parsing (as Python). */
+export const DEFAULT_MAX_BODY = 1 << 20;
+
+type Json = Record<string, unknown>;
+
+/** msgspec writes a tagged union as `anyOf` + an OpenAPI `discriminator` with a
+ * `mapping`; Ajv checks a discriminated union as `oneOf` + `discriminator` without one,
+ * and then reports only the errors of the branch the tag selects. */
+function forAjv(node: unknown): unknown {
+  if (Array.isArray(node)) return node.map(forAjv);
+  if (node === null || typeof node !== "object") return node;
+  const out: Json = {};
+  for (const [key, value] of Object.entries(node as Json)) out[key] = forAjv(value);
+  if (out.discriminator && Array.isArray(out.anyOf)) {
+    const { propertyName } = out.discriminator as { propertyName: string };
+    out.oneOf = out.anyOf;
+    delete out.anyOf;
+    out.discriminator = { propertyName };
+  }
+  return out;
+}
+
+const ajv = new Ajv2020({ allErrors: false, discriminator: true, strict: false });
+addFormats(ajv, ["uuid", "date-time"]);
+ajv.addSchema(forAjv(WIRE_SCHEMA) as Json, "wire");
+
+const validators = new Map<string, ValidateFunction>();
+
+function validator(name: string): ValidateFunction {
+  let fn = validators.get(name);
+  if (fn === undefined) {
+    fn = ajv.getSchema(`wire#/$defs/${name}`);
+    if (fn === undefined) throw new Error(`no ${name} in the wire schema`);
+    validators.set(name, fn);
+  }
+  return fn;
+}
+
+/** `/event/steps/0` → `$.event.steps[0]` (msgspec's path form). */
+export function jsonPath(instancePath: string): string {
+  let path = "$";
+  for (const raw of instancePath.split("/").slice(1)) {
+    const part = raw.replaceAll("~1", "/").replaceAll("~0", "~");
+    path += /^\d+$/.test(part) ? `[${part}]` : `.${part}`;
+  }
+  return path;
+}
+
+function describe(error: ErrorObject): { message: string; field: string } {
+  const at = jsonPath(error.instancePath);
+  const params = error.params as Record<string, unknown>;
+  if (error.keyword === "required") {
+    const name = String(params.missingProperty);
+    const where = at === "$" ? "" : ` - at \`${at}\``;
+    return { message: `Object missing required field \`${name}\`${where}`, field: `${at}.${name}` };
+  }
+  if (error.keyword === "discriminator") {
+    const tag = String(params.tag);
+    if (params.error === "tag" && params.tagValue === undefined) {
+      return {
+        message: `Object missing required field \`${tag}\` - at \`${at}\``,
+        field: `${at}.${tag}`,
+      };
+    }
+    return {
+      message: `Invalid value ${JSON.stringify(params.tagValue)} - at \`${at}.${tag}\``,
+      field: `${at}.${tag}`,
+    };
+  }
+  return { message: `${error.message ?? "invalid"} - at \`${at}\``, field: at };
+}
+
+function check<T>(name: string, value: unknown): T {
+  const validate = validator(name);
+  if (!validate(value)) {
+    const first = validate.errors?.[0];
+    if (first === undefined) throw new ValidationError(`invalid ${name}`);
+    const { message, field } = describe(first);
+    throw new ValidationError(message, field);
+  }
+  return value as T;
+}
+
+/** Parse and validate one body as the `$defs` type `name`. */
+export function decode<T>(
+  name: string,
+  body: Buffer | Uint8Array,
+  contentType: string | undefined = JSON_CONTENT_TYPE,
+  maxBody = DEFAULT_MAX_BODY,
+): T {
+  if (body.byteLength > maxBody) throw new MessageTooLarge(body.byteLength, maxBody);
+  const ct = (contentType || JSON_CONTENT_TYPE).split(";", 1)[0]!.trim().toLowerCase();
+  if (ct !== JSON_CONTENT_TYPE) {
+    throw new DecodeError(`unsupported content type ${JSON.stringify(contentType)}`, "content_type");
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(Buffer.from(body.buffer, body.byteOffset, body.byteLength).toString("utf8"));
+  } catch (error) {
+    throw new DecodeError(`malformed json body: ${(error as Error).message}`);
+  }
+  if (value === null || typeof value !== "object" || Array.isArray(value)) {
+    throw new ValidationError(`Expected \`object\`, got \`${Array.isArray(value) ? "array" : typeof value}\``, "$");
+  }
+  return check<T>(name, value);
+}
+
+export function decodeEnvelope(body: Buffer | Uint8Array, contentType?: string): EventEnvelope {
+  return decode<EventEnvelope>("EventEnvelope", body, contentType);
+}
+
+export function decodeReply(body: Buffer | Uint8Array, contentType?: string): CommandReply {
+  const reply = decode<CommandReply>("CommandReply", body, contentType);
+  if ((reply.result == null) === (reply.error == null)) {
+    throw new ValidationError("a reply carries exactly one of result and error");
+  }
+  return reply;
+}
+
+export function decodeRequest(body: Buffer | Uint8Array, contentType?: string): CommandRequest {
+  return decode<CommandRequest>("CommandRequest", body, contentType);
+}
+
+export function decodeHeartbeat(body: Buffer | Uint8Array, contentType?: string): Heartbeat {
+  return decode<Heartbeat>("Heartbeat", body, contentType);
+}
+
+/** Validate a value already parsed (a nested message, a test's fixture). */
+export function validate<T>(name: string, value: unknown): T {
+  return check<T>(name, value);
+}
+
+export function encode(message: unknown): Buffer {
+  return Buffer.from(JSON.stringify(message), "utf8");
+}
