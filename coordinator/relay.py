@@ -25,13 +25,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from eventsourcing.persistence import Notification
 
 from contracts import HEADERS, Codec, EventEnvelope, Topology
 from contracts.transport import OutgoingMessage, Transport, TransportError
+from coordinator.errors import StoreUnavailable
 from coordinator.store import EventStore, positioned
 
 __all__ = ["OutboxRelay", "event_message", "traceparent"]
@@ -94,7 +95,10 @@ class OutboxRelay:
         page: int = 500,
         name: str | None = None,
         save_interval: float = 0.25,
+        fence: Callable[[], bool] | None = None,
     ) -> None:
+        """``fence()``: whether this relay may publish now (the store's leadership lease,
+        see ``coordinator.leader``); checked before every page."""
         self.store = store
         self.transport = transport
         self.topology = topology
@@ -102,6 +106,9 @@ class OutboxRelay:
         self.page = page
         self.checkpoint = name or f"relay:{topology.prefix}"
         self.position = 0
+        self.fence = fence
+        self._loaded = asyncio.Event()  # the tracked position was read from the store
+        self._store_down = False
         # The tracked position is saved at most every ``save_interval`` seconds (and on
         # close): a crash re-publishes at most that much, which consumers absorb, and
         # the store is spared a write per page.
@@ -123,12 +130,20 @@ class OutboxRelay:
         self._resend_at = 0.0  # … at this time.monotonic()
 
     async def start(self) -> None:
-        saved = await asyncio.to_thread(self.store.checkpoints.get, self.checkpoint)
-        self.position = saved[0] if saved else 0
-        self._saved_position = self.position
+        """Start publishing from the tracked position (read from the store by the
+        relay's task, which waits for a store that is away)."""
         self._reconnects = self.transport.reconnects
         self._task = asyncio.create_task(self._run(), name="sessionbus-relay")
         self.wake()
+
+    async def _load(self) -> None:
+        saved = await asyncio.to_thread(self.store.checkpoints.get, self.checkpoint)
+        self.position = saved[0] if saved else 0
+        self._saved_position = self.position
+        self._loaded.set()
+
+    def _may_publish(self) -> bool:
+        return self.fence is None or self.fence()
 
     def wake(self, *_: object) -> None:
         """Something was committed: publish it now (the coordinator's commit hook)."""
@@ -185,8 +200,9 @@ class OutboxRelay:
 
     async def wait_idle(self, timeout: float = 10.0) -> None:
         """Wait until everything committed so far is published."""
-        target = await asyncio.to_thread(self.store.max_position)
         deadline = time.monotonic() + timeout
+        await asyncio.wait_for(self._loaded.wait(), timeout)
+        target = await asyncio.to_thread(self.store.max_position)
         while self.position < target:
             self.wake()
             remaining = deadline - time.monotonic()
@@ -205,8 +221,24 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
             self._wake.clear()
             try:
+                if not self._loaded.is_set():
+                    await self._load()
                 await self._drain()
                 backoff = 0.1
+                if self._store_down:
+                    log.warning("relay: the store is back", extra={"position": self.position})
+                    self._store_down = False
+            except StoreUnavailable as exc:
+                if self._stopping:
+                    log.warning("relay stopped with the store unavailable: %s", exc)
+                    return
+                if not self._store_down:  # once per outage
+                    log.warning("relay: store unavailable: %s", exc)
+                    self._store_down = True
+                await asyncio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                self._wake.set()
+                continue
             except (TransportError, OSError) as exc:
                 log.warning("relay publish failed: %s", exc, extra={"position": self.position})
                 await asyncio.sleep(backoff)
@@ -228,7 +260,11 @@ class OutboxRelay:
                     log.warning("relay re-publish failed: %s", exc)
                     self._wake.set()
                     continue
-            await self._save(force=self._stopping)
+            try:
+                await self._save(force=self._stopping)
+            except StoreUnavailable as exc:
+                log.warning("relay position %d not saved: %s", self.position, exc)
+                self._wake.set()
             if self._stopping:
                 return
 
@@ -241,7 +277,18 @@ class OutboxRelay:
             if not force and now - self._saved_at < self.save_interval:
                 return
             position = self.position
-            await asyncio.to_thread(self.store.checkpoints.put, self.checkpoint, position)
+            # Only ever forward, in SQL: a relay that lost its leadership and saves
+            # late cannot move the checkpoint back past the new leader's.
+            stored = await asyncio.to_thread(
+                self.store.checkpoints.advance, self.checkpoint, position
+            )
+            if stored > position:
+                log.warning(
+                    "relay checkpoint at %d, ahead of this relay's %d: another coordinator "
+                    "publishes",
+                    stored,
+                    position,
+                )
             self._saved_position = position
             self._saved_at = now
 
@@ -258,7 +305,7 @@ class OutboxRelay:
         """Publish again (positions untouched) what was published after a reconnect."""
         assert self._resend_from is not None
         after, until = self._resend_from, self.position
-        while after < until:
+        while after < until and self._may_publish():
             page = await asyncio.to_thread(self.store.read_notifications, after, self.page)
             notifications = [n for n in page if n.id <= until]
             if not notifications:
@@ -283,6 +330,8 @@ class OutboxRelay:
 
     async def _drain(self) -> None:
         while True:
+            if not self._may_publish():
+                return  # not the leader (any more): the wake-up that follows will see
             self._note_reconnect(self.position)
             envelopes = self._take_handed()
             if envelopes:

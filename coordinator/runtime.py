@@ -154,7 +154,10 @@ class CoordinatorRuntime:
         store = self.coordinator.store
         assert store is not None
         if leader:
-            self.relay = OutboxRelay(store, self.transport, self.topology)
+            assert self.leadership is not None
+            self.relay = OutboxRelay(
+                store, self.transport, self.topology, fence=self.leadership.holds_lease
+            )
             await self.relay.start()
             self.coordinator.set_fires_timeouts(True)
             self.health.active = True

@@ -80,7 +80,12 @@ from contracts import (
 )
 from coordinator.clock import Clock, SystemClock
 from coordinator.domain import OPERATOR, Principal, next_deadline
-from coordinator.errors import CommandRejected, ConfigurationError, CoordinatorError
+from coordinator.errors import (
+    CommandRejected,
+    ConfigurationError,
+    CoordinatorError,
+    StoreUnavailable,
+)
 from coordinator.memory import release_free_memory
 from coordinator.projections import Projections, integrity_report
 from coordinator.rebuild import (
@@ -254,7 +259,11 @@ class SessionCoordinator:
         await self.drain()
         self._state = "closed"
         if self.store is not None:
-            await asyncio.to_thread(self._checkpoint)
+            try:
+                await asyncio.to_thread(self._checkpoint)
+            except StoreUnavailable as exc:
+                # The next start folds the events after the last checkpoint instead.
+                log.warning("projection checkpoint not written on close: %s", exc)
             if self._owns_store:
                 await asyncio.to_thread(self.store.close)
 
@@ -365,7 +374,10 @@ class SessionCoordinator:
                         log.exception("commit listener failed")
                 if self.projections.position - self._checkpointed_at >= self.checkpoint_every:
                     self._checkpointed_at = self.projections.position
-                    await asyncio.to_thread(self._checkpoint)
+                    try:
+                        await asyncio.to_thread(self._checkpoint)
+                    except StoreUnavailable as exc:
+                        log.warning("projection checkpoint not written: %s", exc)
             except Exception:
                 log.exception("applying a commit failed")
             finally:

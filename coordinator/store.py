@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import psycopg
+import psycopg_pool
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Snapshot
 from eventsourcing.persistence import (
@@ -34,7 +35,7 @@ from eventsourcing.persistence import (
     StoredEvent,
     Transcoder,
 )
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from eventsourcing.utils import get_topic, resolve_topic, retry
 from psycopg.rows import tuple_row
@@ -93,6 +94,79 @@ class VersionConflict(StoreUnavailable):
     """Another writer appended to a stream first (optimistic concurrency)."""
 
 
+# --- PostgreSQL connections ------------------------------------------------------
+
+_TIMEOUTS_ENV: Final = "SESSIONBUS_POSTGRES_TIMEOUTS"
+
+
+@dataclass(frozen=True)
+class PostgresTimeouts:
+    """How every PostgreSQL connection of a coordinator notices that the database or
+    the network to it went away, in seconds (the store URL's query may set
+    ``connect_timeout``, ``statement_timeout`` and ``pool_wait``).
+
+    A restart or a terminated backend closes the socket, which the next use sees at
+    once: the statement fails, the pool drops the broken connection when it comes
+    back, and the statement is retried on another (a fresh one once the dead are
+    gone). A network that silently drops everything is what the rest is for: libpq's
+    ``connect_timeout`` bounds a connection attempt, TCP keepalives find a dead peer
+    under an idle connection (``keepalives_idle`` + ``keepalives_count`` x
+    ``keepalives_interval``), ``tcp_user_timeout`` one that stops acknowledging what
+    was sent, and the server's ``statement_timeout`` a statement that never ends."""
+
+    connect: int = 5
+    statement: float = 60.0
+    pool_wait: int = 1
+    keepalives_idle: int = 5
+    keepalives_interval: int = 2
+    keepalives_count: int = 3
+    user_timeout: float = 15.0
+
+    @classmethod
+    def from_query(cls, query: dict[str, str]) -> PostgresTimeouts:
+        try:
+            return cls(
+                connect=max(2, int(query.pop("connect_timeout", cls.connect))),
+                statement=float(query.pop("statement_timeout", cls.statement)),
+                pool_wait=max(1, int(query.pop("pool_wait", cls.pool_wait))),
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid PostgreSQL timeout in the store URL: {exc}") from exc
+
+    def encode(self) -> str:
+        return msgspec.json.encode(self).decode()
+
+    @classmethod
+    def decode(cls, text: str | None) -> PostgresTimeouts:
+        return cls() if not text else msgspec.json.decode(text, type=cls)
+
+    def connection_kwargs(self) -> dict[str, Any]:
+        """libpq parameters for a connection (psycopg's ``connect`` keywords)."""
+        return {
+            "connect_timeout": self.connect,
+            "keepalives": 1,
+            "keepalives_idle": self.keepalives_idle,
+            "keepalives_interval": self.keepalives_interval,
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": int(self.user_timeout * 1000),
+            "options": f"-c statement_timeout={int(self.statement * 1000)}",
+        }
+
+
+class _PostgresFactory(PostgresFactory):
+    """eventsourcing's PostgreSQL factory with the connection settings of
+    ``PostgresTimeouts`` added to its pool's (the library takes no libpq parameters
+    beyond the address and the credentials). Named by ``PERSISTENCE_MODULE``."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        timeouts = PostgresTimeouts.decode(self.env.get(_TIMEOUTS_ENV))
+        # Read when the pool opens, which the recorder does on first use.
+        kwargs = self.datastore.pool.kwargs
+        assert isinstance(kwargs, dict)
+        kwargs.update(timeouts.connection_kwargs())
+
+
 # --- settings ------------------------------------------------------------------------
 
 
@@ -106,6 +180,7 @@ class StoreSettings:
     sqlite_path: str | None = None
     postgres_dsn: str | None = None
     postgres_schema: str | None = None
+    postgres_timeouts: PostgresTimeouts | None = None
 
     @classmethod
     def from_url(cls, url: str | None = None) -> StoreSettings:
@@ -143,21 +218,35 @@ class StoreSettings:
                 raise ConfigurationError(
                     f"store URL {url!r} must name a host and a database: postgresql://user@host/db"
                 )
+            timeouts = PostgresTimeouts.from_query(query)
             env = {
-                "PERSISTENCE_MODULE": "eventsourcing.postgres",
+                "PERSISTENCE_MODULE": get_topic(_PostgresFactory),
                 "POSTGRES_DBNAME": urllib.parse.unquote(parts.path.strip("/")),
                 "POSTGRES_HOST": parts.hostname,
                 "POSTGRES_PORT": str(parts.port or 5432),
                 "POSTGRES_USER": urllib.parse.unquote(parts.username or "postgres"),
                 "POSTGRES_PASSWORD": urllib.parse.unquote(parts.password or ""),
-                "POSTGRES_CONNECT_TIMEOUT": query.pop("connect_timeout", "10"),
+                # eventsourcing's name for the wait for a pooled connection.
+                "POSTGRES_CONNECT_TIMEOUT": str(timeouts.pool_wait),
                 "POSTGRES_POOL_SIZE": query.pop("pool_size", "4"),
+                # No check before each use (psycopg_pool sleeps a second after every
+                # broken connection it finds that way): the pool drops a connection
+                # returned broken, and the library retries the statement (10 times,
+                # 0.2 s apart) on a fresh one, so a restart costs a retry per pooled
+                # connection, not a second each.
+                "POSTGRES_PRE_PING": "n",
+                _TIMEOUTS_ENV: timeouts.encode(),
             }
             if schema:
                 env["POSTGRES_SCHEMA"] = schema
             dsn = urllib.parse.urlunsplit(parts._replace(scheme="postgresql", query=""))
             return cls(
-                url=url, backend="postgres", env=env, postgres_dsn=dsn, postgres_schema=schema
+                url=url,
+                backend="postgres",
+                env=env,
+                postgres_dsn=dsn,
+                postgres_schema=schema,
+                postgres_timeouts=timeouts,
             )
         raise ConfigurationError(
             f"unsupported store URL {url!r}: use sqlite:///path, postgresql://… or memory://"
@@ -362,6 +451,12 @@ class Checkpoints(Protocol):
 
     def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None: ...
 
+    def advance(self, name: str, position: int) -> int:
+        """Move a position-only record forward to ``position``, never back (a single
+        statement: with two writers the higher position wins whatever the order);
+        returns the position now stored, which may be higher than ``position``."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -374,6 +469,12 @@ class _MemoryCheckpoints:
 
     def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
         self._rows[name] = (position, bytes(data))
+
+    def advance(self, name: str, position: int) -> int:
+        old = self._rows.get(name)
+        if old is None or old[0] < position:
+            self._rows[name] = (position, b"")
+        return self._rows[name][0]
 
     def close(self) -> None:
         pass
@@ -423,45 +524,114 @@ class _SQLiteCheckpoints:
             with self._conn.blobopen("sessionbus_checkpoints", "data", rowid) as blob:
                 blob.write(data)
 
+    def advance(self, name: str, position: int) -> int:
+        with self._lock, self._conn:
+            (stored,) = self._conn.execute(
+                "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, x'') "
+                "ON CONFLICT(name) DO UPDATE SET position = max(position, excluded.position) "
+                "RETURNING position",
+                (name, position),
+            ).fetchone()
+        return int(stored)
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+# One more than the pool's connections: a restart leaves every pooled one dead.
+_CHECKPOINT_ATTEMPTS: Final = 4
 
 
 class _PostgresCheckpoints:
-    def __init__(self, dsn: str, schema: str | None) -> None:
-        self._conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
-        self._lock = threading.Lock()
+    """The checkpoints table through a small pool of its own, so that a connection the
+    database ended (a restart, a terminated backend) is replaced, not used forever."""
+
+    def __init__(self, dsn: str, schema: str | None, timeouts: PostgresTimeouts) -> None:
         self._table = f'"{schema}".sessionbus_checkpoints' if schema else "sessionbus_checkpoints"
-        with self._lock:
-            self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self._table} "
-                "(name TEXT PRIMARY KEY, position BIGINT NOT NULL, data BYTEA NOT NULL)"
+        self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
+            psycopg_pool.ConnectionPool(
+                dsn,
+                kwargs={"autocommit": True, **timeouts.connection_kwargs()},
+                min_size=1,
+                max_size=2,
+                open=False,
+                timeout=timeouts.pool_wait,
+                num_workers=1,
+                name="sessionbus-checkpoints",
             )
+        )
+        try:
+            self._pool.open(wait=True, timeout=timeouts.pool_wait + timeouts.connect)
+            self._execute(
+                f"CREATE TABLE IF NOT EXISTS {self._table} "
+                "(name TEXT PRIMARY KEY, position BIGINT NOT NULL, data BYTEA NOT NULL)",
+                (),
+            )
+        except BaseException:
+            self._pool.close()
+            raise
+
+    @retry(psycopg.OperationalError, max_attempts=_CHECKPOINT_ATTEMPTS, wait=0.2)
+    def _attempt(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        # A connection that fails here is dropped by the pool when it comes back; the
+        # retry takes another (every statement here is an idempotent upsert or read).
+        with self._pool.connection() as conn:
+            cursor = conn.execute(sql.encode(), args)
+            return cursor.fetchone() if cursor.description else None
+
+    def _execute(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        try:
+            return self._attempt(sql, args)  # type: ignore[no-any-return]
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"checkpoints: {exc}") from exc
 
     def get(self, name: str) -> tuple[int, bytes] | None:
-        with self._lock:
-            row = self._conn.execute(
-                f"SELECT position, data FROM {self._table} WHERE name = %s",  # noqa: S608
-                (name,),
-            ).fetchone()
+        row = self._execute(
+            f"SELECT position, data FROM {self._table} WHERE name = %s",  # noqa: S608
+            (name,),
+        )
         return (int(row[0]), bytes(row[1])) if row else None
 
     def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
-        with self._lock:
-            self._conn.execute(
-                f"INSERT INTO {self._table} (name, position, data) VALUES (%s, %s, %s) "  # noqa: S608
-                "ON CONFLICT (name) DO UPDATE "
-                "SET position = EXCLUDED.position, data = EXCLUDED.data",
-                (name, position, data),
-            )
+        self._execute(
+            f"INSERT INTO {self._table} (name, position, data) VALUES (%s, %s, %s) "  # noqa: S608
+            "ON CONFLICT (name) DO UPDATE "
+            "SET position = EXCLUDED.position, data = EXCLUDED.data",
+            (name, position, data),
+        )
+
+    def advance(self, name: str, position: int) -> int:
+        row = self._execute(
+            f"INSERT INTO {self._table} AS c (name, position, data) VALUES (%s, %s, '') "  # noqa: S608
+            "ON CONFLICT (name) DO UPDATE "
+            "SET position = GREATEST(c.position, EXCLUDED.position) RETURNING position",
+            (name, position),
+        )
+        assert row is not None
+        return int(row[0])
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._pool.close()
 
 
 # --- the store -----------------------------------------------------------------------
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _store_errors(method: _F) -> _F:
+    """The library's persistence errors out of a read as ``StoreUnavailable`` (after
+    the library's own retries): callers handle one exception for "the store is away"."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except PersistenceError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 class _App(Application[uuid.UUID]):
@@ -562,7 +732,13 @@ class EventStore:
         if s.backend == "sqlite" and s.sqlite_path and s.sqlite_path != ":memory:":
             return _SQLiteCheckpoints(s.sqlite_path)
         if s.backend == "postgres" and s.postgres_dsn:
-            return _PostgresCheckpoints(s.postgres_dsn, s.postgres_schema)
+            try:
+                return _PostgresCheckpoints(
+                    s.postgres_dsn, s.postgres_schema, s.postgres_timeouts or PostgresTimeouts()
+                )
+            except (psycopg.Error, StoreUnavailable) as exc:
+                self._app.close()
+                raise StoreUnavailable(f"cannot open store {s.url}: {exc}") from exc
         return _MemoryCheckpoints()
 
     def close(self) -> None:
@@ -645,13 +821,16 @@ class EventStore:
 
     # Reading --------------------------------------------------------------------
 
+    @_store_errors
     def max_position(self) -> int:
         """The highest notification id, 0 for an empty store."""
         return int(self.recorder.max_notification_id() or 0)
 
+    @_store_errors
     def read_notifications(self, after: int, limit: int = 1000) -> Sequence[Notification]:
         return self.recorder.select_notifications(after, limit, inclusive_of_start=False)
 
+    @_store_errors
     def read(self, after: int, limit: int = 1000) -> list[EventEnvelope]:
         """Envelopes after a global position, in order, with their positions."""
         decode = self.mapper.decode_envelope
@@ -761,11 +940,13 @@ class EventStore:
                 yield rows
             after = upto
 
+    @_store_errors
     def history(self, session_id: uuid.UUID) -> list[EventEnvelope]:
         """Every event of one stream in version order (positions not included)."""
         decode = self.mapper.decode_envelope
         return [decode(s.state) for s in self.recorder.select_events(session_id)]
 
+    @_store_errors
     def raw_history(self, session_id: uuid.UUID) -> list[dict[str, Any] | Exception]:
         """One stream as stored, each event a plain dict or the error decoding it."""
         out: list[dict[str, Any] | Exception] = []

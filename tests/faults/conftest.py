@@ -2,8 +2,9 @@
 
 Sizes: see ``tests.faults.sizes`` (``SESSIONBUS_FAULTS_FULL=1`` for the big run).
 The private RabbitMQ node (``private_broker``) is started once for the tests that
-restart a broker or need TLS, and always stopped at the end; the shared broker is
-never restarted or reconfigured.
+restart a broker or need TLS, and the private PostgreSQL server (``private_pg``) once
+for the tests that take the database away; both are always stopped at the end. The
+shared broker and database are never restarted or reconfigured.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from tests.faults import report
 from tests.faults.sizes import FULL
 from tests.support.private_broker import PrivateBroker, rabbitmq_available
 from tests.support.private_broker import private_broker as start_private_broker
+from tests.support.private_postgres import PrivatePostgres, postgres_binaries
+from tests.support.private_postgres import private_postgres as start_private_postgres
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +63,31 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("fault injection results" + (" (full)" if FULL else ""))
     for line in report.render():
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test session's own, to restart, stop and cut."""
+    try:
+        postgres_binaries()
+    except FileNotFoundError as exc:
+        pytest.fail(
+            f"this fault test takes a PostgreSQL server away, so it starts a private one: {exc}",
+            pytrace=False,
+        )
+    with start_private_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def private_pg_up(private_pg: PrivatePostgres) -> PrivatePostgres:
+    """The private server, running (a test before may have left it stopped)."""
+    if not private_pg.running:
+        private_pg.start()
+    return private_pg
+
+
+@pytest.fixture
+def pgf_store(private_pg_up: PrivatePostgres) -> str:
+    """A store URL on the private server, in a schema of this test's own."""
+    return private_pg_up.store_url(f"pgf_{uuid.uuid4().hex[:10]}")

@@ -6,12 +6,16 @@
     proxy.cut()                            # every open connection is reset
     proxy.refuse_for(2.0)                  # new connections are reset for 2 s
     proxy.latency = 0.1                    # 100 ms more each way, order kept
+    proxy.blackhole()                      # open connections go silent, never reset
     await proxy.close()
 
 Data goes through in order in each direction; with ``latency`` set, each chunk is held
 back that long after it was read (a slow link, not a slow reader: reading goes on).
 ``cut`` aborts both sides' sockets, so the client sees a reset as on a dropped link,
-and the broker sees its client vanish.
+and the broker sees its client vanish. ``blackhole`` is a partition instead: the open
+connections stay open, nothing more goes through either way, and when one side closes
+the other is not told (the proxy's own TCP stack still acknowledges, so neither side's
+TCP timeouts fire: only application timeouts and server-side session limits help).
 """
 
 from __future__ import annotations
@@ -73,6 +77,8 @@ class _Link:
                 data = await reader.read(_CHUNK)
                 if not data:
                     break
+                if self in self.proxy.silenced:
+                    continue  # black-holed: swallowed
                 if up:
                     self.proxy.stats.bytes_up += len(data)
                 else:
@@ -84,7 +90,11 @@ class _Link:
             held.put_nowait(None)
             with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
                 await sender
-            self.abort()
+            if self in self.proxy.silenced:
+                # The side that ended goes; the other hears nothing of it.
+                (self.client_writer if up else self.upstream_writer).transport.abort()
+            else:
+                self.abort()
 
     async def _send(
         self, held: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter
@@ -106,6 +116,7 @@ class _Link:
             if not transport.is_closing():
                 transport.abort()
         self.proxy.links.discard(self)
+        self.proxy.silenced.discard(self)
 
 
 class TcpProxy:
@@ -116,6 +127,7 @@ class TcpProxy:
         self.listen_port = listen_port
         self.latency = 0.0
         self.links: set[_Link] = set()
+        self.silenced: set[_Link] = set()  # black-holed links
         self.stats = ProxyStats()
         self._refuse_until = 0.0
         self._server: asyncio.Server | None = None
@@ -177,6 +189,13 @@ class TcpProxy:
             self.stats.cut += len(links)
             self.stats.cuts.append(time.monotonic())
         return len(links)
+
+    def blackhole(self) -> int:
+        """Silence every open connection (a partition): from now on nothing goes through
+        either way and neither side is reset. New connections are not affected (refuse
+        them too with ``refuse_for``). ``cut`` or ``close`` ends the silenced ones."""
+        self.silenced |= self.links
+        return len(self.links)
 
     def outage(self, seconds: float) -> int:
         """Cut every connection and refuse new ones for ``seconds``."""
