@@ -191,14 +191,28 @@ class ListActiveWorkflowSessions(CommandBase, frozen=True, tag="list-active-work
     module_id: ModuleId | None = None
 
 
+class SessionsCursor(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a page of sessions ended: the last session's creation time (microseconds
+    since the epoch) and id, the order pages are listed in."""
+
+    created_us: int
+    session_id: uuid.UUID
+
+
 class ListWorkflowSessions(CommandBase, frozen=True, tag="list-workflow-sessions"):
     """Every session not yet destroyed, with full state, a page at a time (oldest
-    first): how a module catches up on start."""
+    first): how a module catches up on start.
+
+    ``after`` (the previous page's ``next_after``) lists the sessions ordered after
+    it: a session created or destroyed between two pages shifts no other one, so none
+    that stays live is skipped. ``offset`` is kept for older clients; sessions
+    destroyed between its pages move the later ones down, past the next offset."""
 
     module_id: ModuleId | None = None
     status: SessionStatus | None = None
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: PageSize = 500
+    after: SessionsCursor | None = None
 
 
 class GetLinkedSessions(CommandBase, frozen=True, tag="get-linked-sessions"):
@@ -324,10 +338,14 @@ class SessionResult(ResultBase, frozen=True, tag="session"):
 
 
 class SessionsPage(ResultBase, frozen=True, tag="sessions"):
-    """A page of sessions; ``next_offset`` is ``None`` on the last page."""
+    """A page of sessions; ``next_offset`` and ``next_after`` are ``None`` on the last
+    page. ``position`` is the store position the coordinator's read models reflected
+    when it read the page: every event at or before it is in these states."""
 
     sessions: list[WorkflowSession]
     next_offset: int | None = None
+    next_after: SessionsCursor | None = None
+    position: int = 0
 
 
 class SessionIds(ResultBase, frozen=True, tag="session-ids"):

@@ -38,6 +38,7 @@ from contracts import (
     OrphanReported,
     SessionEvent,
     SessionIntegrityReport,
+    SessionsCursor,
     SessionsPage,
     SessionStatus,
     WorkflowSession,
@@ -486,19 +487,35 @@ class Projections:
         return sorted(ids, key=lambda sid: (created(sid), sid))
 
     def sessions_page(
-        self, status: SessionStatus | None, module_id: str | None, offset: int, limit: int
+        self,
+        status: SessionStatus | None,
+        module_id: str | None,
+        offset: int,
+        limit: int,
+        after: SessionsCursor | None = None,
     ) -> SessionsPage:
-        """Sessions not destroyed, oldest first, optionally filtered."""
+        """Sessions not destroyed, oldest first, optionally filtered: those ordered
+        after ``after`` when it is given (keyset), else from ``offset``."""
         ids = set(self.by_status[status]) if status is not None else set(self.sessions)
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
         created = self.sessions.created
-        ordered = sorted(ids, key=lambda sid: (created(sid), sid))
+        keyed = ((created(sid), sid) for sid in ids)
+        if after is not None:
+            start = (after.created_us, after.session_id)
+            keyed = (key for key in keyed if key > start)
+            offset = 0
+        ordered = sorted(keyed)
         page = ordered[offset : offset + limit]
         more = offset + limit < len(ordered)
+        last = page[-1] if page else None
         return SessionsPage(
-            sessions=[self.sessions[sid] for sid in page],
-            next_offset=offset + limit if more else None,
+            sessions=[self.sessions[sid] for _, sid in page],
+            next_offset=offset + limit if more and after is None else None,
+            next_after=SessionsCursor(created_us=last[0], session_id=last[1])
+            if more and last is not None
+            else None,
+            position=self.position,
         )
 
     def linked_sessions(self, session_id: uuid.UUID) -> dict[str, uuid.UUID]:

@@ -556,7 +556,7 @@ class SessionCoordinator:
                 )
             case ListWorkflowSessions():
                 return proj.sessions_page(
-                    command.status, command.module_id, command.offset, command.limit
+                    command.status, command.module_id, command.offset, command.limit, command.after
                 )
             case GetLinkedSessions():
                 return LinkedSessions(links=proj.linked_sessions(command.session_id))

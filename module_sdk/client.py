@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -57,6 +58,7 @@ from contracts import (
     SessionIds,
     SessionIntegrityReport,
     SessionResult,
+    SessionsCursor,
     SessionsPage,
     SessionStatus,
     StandardError,
@@ -73,7 +75,7 @@ from contracts.tracing import current_trace_id, inject
 from contracts.transport import OutgoingMessage, Transport, TransportError
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
 
-__all__ = ["CoordinatorClient"]
+__all__ = ["CoordinatorClient", "SessionsSnapshot"]
 
 R = TypeVar("R")
 
@@ -81,6 +83,14 @@ R = TypeVar("R")
 # Before the second attempt of a command; later ones back off exponentially.
 FIRST_RETRY_PAUSE = 0.05
 _requests = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SessionsSnapshot:
+    """The live sessions, and the store position the listing reflects (0: unknown)."""
+
+    sessions: list[WorkflowSession]
+    position: int
 
 
 class _Retryable(SdkError):
@@ -239,18 +249,48 @@ class CoordinatorClient:
         page_size: int = 500,
     ) -> list[WorkflowSession]:
         """Every session not destroyed, with full state, fetched page by page."""
+        listing = await self.snapshot_workflow_sessions(
+            status=status, module_id=module_id, page_size=page_size
+        )
+        return listing.sessions
+
+    async def snapshot_workflow_sessions(
+        self,
+        *,
+        status: SessionStatus | None = None,
+        module_id: str | None = None,
+        page_size: int = 500,
+    ) -> SessionsSnapshot:
+        """Every session not destroyed, page by page, each page after the last one's
+        key (creation time, id): a session that stays live through the listing is in
+        it, however many others are created or destroyed meanwhile. ``position`` is
+        the store position the first page reflected: any event at or before it of a
+        session not listed belongs to a session destroyed by the time its page was
+        read."""
         sessions: list[WorkflowSession] = []
+        position: int | None = None
+        after: SessionsCursor | None = None
         offset: int | None = 0
-        while offset is not None:
+        while True:
             page = await self._expect(
                 ListWorkflowSessions(
-                    status=status, module_id=module_id, offset=offset, limit=page_size
+                    status=status,
+                    module_id=module_id,
+                    offset=offset or 0,
+                    limit=page_size,
+                    after=after,
                 ),
                 SessionsPage,
             )
+            if position is None:
+                position = page.position
             sessions.extend(page.sessions)
-            offset = page.next_offset
-        return sessions
+            if page.next_after is not None:
+                after = page.next_after
+            elif page.next_offset is not None and after is None:
+                offset = page.next_offset  # a coordinator that pages by offset only
+            else:
+                return SessionsSnapshot(sessions=sessions, position=position)
 
     async def register_module(
         self, module_id: str, *, required: bool = True, capabilities: Sequence[str] = ()

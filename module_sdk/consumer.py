@@ -3,8 +3,17 @@
 aio-pika (and the in-process broker) run each delivery as its own task, so ordering is
 ours to keep: deliveries of one session wait on that session's lock (FIFO, so arrival
 order), a version at or below what was applied is a duplicate and is acked unseen, and
-a version past a gap first fetches the missing ones from the coordinator. Sessions run
-concurrently up to ``concurrency``. Ack policy: ack after the event is applied; a
+a version past a gap first fetches the session's history from the coordinator. Sessions
+run concurrently up to ``concurrency``.
+
+What is fetched is history, not news: the missing versions, the arriving one and any
+the coordinator has after it go to ``apply_history`` together, which folds them and
+reacts once to the resulting state (a module restarted after its sessions were
+destroyed must not create, link and destroy for each event it missed). So does an
+event of a session this process does not know whose store position is at or before
+``history_until`` (the position the module's start-up listing reflected): a session
+live then would have been listed, so such an event belongs to one already destroyed —
+a late redelivery, not a new session. Ack policy: ack after the event is applied; a
 failure to apply requeues (the broker's delivery limit dead-letters a message that
 keeps failing); an undecodable message goes to the dead-letter queue with its reason
 at once.
@@ -17,7 +26,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -40,7 +49,10 @@ log = logging.getLogger("sessionbus.module_sdk.consumer")
 
 Apply = Callable[[EventEnvelope], Awaitable[None]]
 CurrentVersion = Callable[[uuid.UUID], int]
+# (session, last applied version, arriving version) -> the session's events after the
+# last applied one, as the coordinator has them (possibly past the arriving one).
 FillGap = Callable[[uuid.UUID, int, int], Awaitable[list[EventEnvelope]]]
+ApplyHistory = Callable[[Sequence[EventEnvelope]], Awaitable[None]]
 
 # Registry events (orphan clean-up) are not a per-module sequence: remember this many
 # event ids to drop duplicates.
@@ -55,6 +67,7 @@ class ConsumerStats:
     gaps_filled: int = 0
     dead_lettered: int = 0
     requeued: int = 0
+    histories: int = 0  # deliveries applied by folding the coordinator's history first
     versions: dict[uuid.UUID, list[int]] = field(default_factory=dict)
     record_versions: bool = False
 
@@ -92,6 +105,7 @@ class EventConsumer:
         apply: Apply,
         current_version: CurrentVersion,
         fill_gap: FillGap,
+        apply_history: ApplyHistory | None = None,
         prefetch: int = 128,
         concurrency: int = 64,
     ) -> None:
@@ -102,6 +116,10 @@ class EventConsumer:
         self._apply = apply
         self._current = current_version
         self._fill_gap = fill_gap
+        self._apply_history = apply_history
+        # Events of unknown sessions at or before this store position are history (see
+        # the module docstring); the manager sets it from its start-up listing.
+        self.history_until = 0
         self.prefetch = prefetch
         self._slots = asyncio.Semaphore(concurrency)
         self._locks = _SessionLocks()
@@ -187,11 +205,13 @@ class EventConsumer:
             await delivery.ack()
             return
         try:
-            if env.version > current + 1:
-                for earlier in await self._missing(sid, current, env.version):
-                    await self._applied(earlier)
-                    self.stats.gaps_filled += 1
-            await self._applied(env)
+            if env.version == current + 1 and not self._is_history(env, current):
+                await self._applied(env)
+            else:
+                events = await self._missing(sid, current, env)
+                self.stats.gaps_filled += len(events) - 1  # fetched, not delivered here
+                self.stats.histories += 1
+                await self._applied_history(events)
         except (_Unfillable, DecodeError) as exc:
             # The coordinator, whose store is the source of truth, has no such session
             # or not the versions before this one; or the event cannot follow the
@@ -225,9 +245,21 @@ class EventConsumer:
             return
         await delivery.ack()
 
-    async def _missing(self, sid: uuid.UUID, applied: int, arriving: int) -> list[EventEnvelope]:
-        """Versions ``applied+1 .. arriving-1`` from the coordinator, in order; raises
-        ``_Unfillable`` when the coordinator's history does not have them all."""
+    def _is_history(self, env: EventEnvelope, current: int) -> bool:
+        return (
+            current == 0
+            and env.position is not None
+            and self.history_until > 0
+            and env.position <= self.history_until
+        )
+
+    async def _missing(
+        self, sid: uuid.UUID, applied: int, env: EventEnvelope
+    ) -> list[EventEnvelope]:
+        """Versions ``applied+1`` to the last the coordinator has (at least to
+        ``env``'s), in order; raises ``_Unfillable`` when its history lacks one before
+        ``env``."""
+        arriving = env.version
         try:
             history = await self._fill_gap(sid, applied, arriving)
         except CommandFailed as exc:
@@ -237,16 +269,32 @@ class EventConsumer:
                     f"the coordinator does not know the session: {exc.error.message}",
                 ) from exc
             raise
-        by_version = {e.version: e for e in history if applied < e.version < arriving}
-        if sorted(by_version) != list(range(applied + 1, arriving)):
+        by_version = {e.version: e for e in history if e.version > applied}
+        # The coordinator stored the arriving event before it was published; a reply
+        # from before that (another replica, lagging) still has everything below it.
+        by_version.setdefault(arriving, env)
+        versions = sorted(by_version)
+        if versions != list(range(applied + 1, versions[-1] + 1)):
             raise _Unfillable(
                 ErrorCode.INVALID_MESSAGE,
                 f"the coordinator's history has no versions {applied + 1}..{arriving - 1}",
             )
-        return [by_version[v] for v in sorted(by_version)]
+        return [by_version[v] for v in versions]
 
     async def _applied(self, env: EventEnvelope) -> None:
         await self._apply(env)
+        self._count(env)
+
+    async def _applied_history(self, events: Sequence[EventEnvelope]) -> None:
+        if self._apply_history is None:
+            for env in events:
+                await self._applied(env)
+            return
+        await self._apply_history(events)
+        for env in events:
+            self._count(env)
+
+    def _count(self, env: EventEnvelope) -> None:
         self.stats.applied += 1
         if self.stats.record_versions:
             self.stats.versions.setdefault(env.session_id, []).append(env.version)

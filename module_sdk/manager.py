@@ -7,6 +7,12 @@ events it consumes (so reads are synchronous and local), and calls the hooks whe
 coordinator's events ask for them: a new workflow session → create and link; CLEANUP →
 destroy and unlink; an orphan clean-up request → destroy. Writes go to the coordinator
 (seed rule 3). Lifecycle callbacks are always wired (seed rule 5): the defaults log.
+
+Events the module learns as history — loaded at start, or fetched from the coordinator
+to fill a gap or for a session destroyed before the listing — are folded first, and the
+hooks and callbacks react once to the state they lead to: a session destroyed while the
+module was away gets no create, no link and no second destroy; one still waiting for
+the module gets its create once. ``on_destroy`` runs at most once per module session.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ log = logging.getLogger("sessionbus.module_sdk")
 
 _S = SessionStatus
 _DESTROYED_MEMORY: Final = 100_000
+_RELEASED_MEMORY: Final = 100_000
 _ERROR_MEMORY: Final = 20
 
 CreatedCallback = Callable[[str, uuid.UUID, uuid.UUID], Awaitable[None]]
@@ -139,6 +146,9 @@ class SessionManager:
         # links or unlinks it instead of making or destroying another.
         self._made_unlinked: dict[uuid.UUID, tuple[uuid.UUID, dict[str, Any]]] = {}
         self._destroyed_linked: dict[uuid.UUID, uuid.UUID] = {}
+        # Module sessions whose on_destroy ran: a later request for one (a redelivered
+        # orphan clean-up, an unlink seen after the destroy) does not run it again.
+        self._released: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._errors: deque[StandardError] = deque(maxlen=_ERROR_MEMORY)
         self._created_total = 0
         self._codec = Codec("json")
@@ -149,6 +159,7 @@ class SessionManager:
             apply=self._apply,
             current_version=self._version,
             fill_gap=self._fill_gap,
+            apply_history=self._apply_history,
             prefetch=prefetch,
             concurrency=concurrency,
         )
@@ -239,21 +250,27 @@ class SessionManager:
 
     async def _catch_up(self) -> None:
         """Load every live session from the coordinator, then reconcile: create and
-        link where this module is expected, finish clean-ups it missed."""
-        for session in await self.client.list_workflow_sessions():
+        link where this module is expected, finish clean-ups it missed. Queued events
+        of sessions not listed, from before the listing, are history from then on."""
+        snapshot = await self.client.snapshot_workflow_sessions()
+        for session in snapshot.sessions:
             self.sessions[session.session_id] = session
             info = session.modules.get(self.module_id)
             if info is not None:
                 self._owned[session.session_id] = info.session_id
+        self.consumer.history_until = snapshot.position
         for session in list(self.sessions.values()):
             await self._react_to_state(session)
 
-    async def _react_to_state(self, session: WorkflowSession) -> None:
+    async def _react_to_state(self, session: WorkflowSession, *, new: bool = False) -> None:
+        """Create or destroy as ``session``'s state asks. ``new``: this process never
+        saw the session before, so it may join one that went ACTIVE without it."""
         sid = session.session_id
         linked = self.module_id in session.modules
+        joinable = session.status is _S.INITIALIZING or (new and session.status in ACTIVE_STATUSES)
         if session.status is _S.CLEANUP and linked:
             await self._safe(self.destroy_session(sid, reason="workflow session cleanup"), sid)
-        elif session.status is _S.INITIALIZING and not linked and self.should_join(session):
+        elif joinable and not linked and self.should_join(session):
             await self._safe(self.create_session(sid), sid)
 
     # -- ISessionManager: lifecycle ---------------------------------------------------
@@ -355,6 +372,8 @@ class SessionManager:
     async def _destroy_internal(
         self, workflow_session_id: uuid.UUID, module_session_id: uuid.UUID
     ) -> None:
+        if module_session_id in self._released:
+            return
         info = self._info(workflow_session_id, module_session_id)
         try:
             await self._retry(self.retry_attempts, lambda: self.on_destroy(info))
@@ -366,6 +385,9 @@ class SessionManager:
             )
             self._errors.append(error)
             raise SdkError(error.message) from exc
+        self._released[module_session_id] = None
+        if len(self._released) > _RELEASED_MEMORY:
+            self._released.popitem(last=False)
 
     def _info(
         self, workflow_session_id: uuid.UUID, module_session_id: uuid.UUID
@@ -448,16 +470,35 @@ class SessionManager:
     async def _fill_gap(
         self, session_id: uuid.UUID, after: int, before: int
     ) -> list[EventEnvelope]:
+        """The session's events after ``after``: the gap before the arriving version
+        and whatever the coordinator has past it, to be folded at once."""
         history = await self.client.get_session_history(session_id)
-        return [e for e in history.events if after < e.version < before]
+        return [e for e in history.events if e.version > after]
 
     async def _apply(self, env: EventEnvelope) -> None:
+        """Apply one event as news: fold it, react to the event."""
         if env.session_id == REGISTRY_ID:
             await self._apply_registry(env)
             return
-        sid = env.session_id
-        before = self.sessions.get(sid)
+        before = self.sessions.get(env.session_id)
         state = fold_session(before, env)
+        await self._settle(before, state, self._react(env, before, state))
+
+    async def _apply_history(self, events: Sequence[EventEnvelope]) -> None:
+        """Apply a session's consecutive events as history: fold them all, then react
+        once to the state they lead to."""
+        before = self.sessions.get(events[0].session_id)
+        state = before
+        for env in events:
+            state = fold_session(state, env)
+        assert state is not None
+        await self._settle(before, state, self._react_to_history(events, before, state))
+
+    async def _settle(
+        self, before: WorkflowSession | None, state: WorkflowSession, reaction: Awaitable[None]
+    ) -> None:
+        """Keep ``state`` as the session's, then run the reaction to it."""
+        sid = state.session_id
         if state.destroyed:
             self.sessions.pop(sid, None)
             self._destroyed[sid] = state.version
@@ -466,7 +507,7 @@ class SessionManager:
         else:
             self.sessions[sid] = state
         try:
-            await self._react(env, before, state)
+            await reaction
         except BaseException:
             # Not applied (the reaction failed, or was cancelled: a lost connection, a
             # close): put the local state back, or the redelivery would be taken for a
@@ -477,6 +518,52 @@ class SessionManager:
             else:
                 self.sessions[sid] = before
             raise
+
+    async def _react_to_history(
+        self,
+        events: Sequence[EventEnvelope],
+        before: WorkflowSession | None,
+        state: WorkflowSession,
+    ) -> None:
+        """React once to where a run of past events left a session, never to each."""
+        sid = state.session_id
+        cb = self.callbacks
+        previous = before.modules.get(self.module_id) if before is not None else None
+        if state.destroyed:
+            # Release what this process still holds for it (a module session made and
+            # never linked, or linked and never unlinked), once; nothing new is made.
+            held = {self._owned.pop(sid, None), self._made_unlinked.pop(sid, (None,))[0]}
+            self._destroyed_linked.pop(sid, None)
+            for module_session_id in held - {None}:
+                assert module_session_id is not None
+                await self._safe(self._destroy_internal(sid, module_session_id), sid)
+            if before is not None or held - {None}:
+                await self._callback(cb.on_session_destroyed(self.module_id, sid))
+            return
+        mine = state.modules.get(self.module_id)
+        owned = self._owned.get(sid)
+        if mine is not None:
+            self._owned[sid] = mine.session_id
+            made = self._made_unlinked.get(sid)
+            if made is not None and made[0] == mine.session_id:
+                del self._made_unlinked[sid]  # its link is confirmed after all
+            if previous is None or previous.session_id != mine.session_id:
+                await self._callback(cb.on_session_created(self.module_id, sid, mine.session_id))
+        elif previous is not None and owned == previous.session_id:
+            # Unlinked by someone else (integrity repair): release what we hold.
+            self._owned.pop(sid, None)
+            await self._safe(self._destroy_internal(sid, previous.session_id), sid)
+        old = before.status if before is not None else _S.INITIALIZING
+        if state.status is not old:
+            await self._callback(
+                cb.on_session_status_changed(self.module_id, sid, old, state.status)
+            )
+        for env in events:
+            if isinstance(env.event, ErrorReported):
+                await self._callback(
+                    cb.on_session_error(env.event.module_id or self.module_id, sid, env.event.error)
+                )
+        await self._react_to_state(state, new=before is None)
 
     async def _react(
         self, env: EventEnvelope, before: WorkflowSession | None, state: WorkflowSession

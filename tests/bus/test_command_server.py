@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -15,6 +16,7 @@ from contracts import (
     HEADERS,
     Accepted,
     Codec,
+    Command,
     CommandReply,
     CommandRequest,
     CoordinatorHealth,
@@ -26,6 +28,7 @@ from contracts import (
     RepairResult,
     SessionHistory,
     SessionIntegrityReport,
+    SessionsPage,
     SessionStatus,
     StandardError,
     WorkflowConfig,
@@ -34,7 +37,7 @@ from contracts import (
 )
 from contracts.transport import OutgoingMessage, Transport
 from coordinator.runtime import CoordinatorRuntime
-from module_sdk import CommandFailed
+from module_sdk import CommandFailed, CoordinatorClient
 from tests.bus.conftest import Bus
 from tests.bus.support import take, wait_destroyed
 
@@ -297,3 +300,43 @@ async def test_command_from_an_unknown_or_missing_user_id_is_forbidden(amqp_bus:
 
         assert await max_position(rt) == 0
         assert rt.coordinator.projections.sessions == {}
+
+
+R = TypeVar("R")
+
+
+class _DestroysAfterFirstPage(CoordinatorClient):
+    """A client that, once it has the first page of a listing, has the first session
+    on it destroyed: what a module catching up meets when sessions end meanwhile."""
+
+    runtime: CoordinatorRuntime | None = None
+    struck = False
+
+    async def _expect(self, command: Command, kind: type[R], **kwargs: Any) -> R:
+        result = await super()._expect(command, kind, **kwargs)
+        if isinstance(result, SessionsPage) and not self.struck and self.runtime is not None:
+            self.struck = True
+            victim = result.sessions[0].session_id
+            await self.destroy_workflow_session(victim)
+            await wait_destroyed(self.runtime, victim)
+        return result
+
+
+async def test_a_listing_skips_no_live_session_when_sessions_end_between_pages(
+    bus: Bus,
+) -> None:
+    """Sessions are listed page by page after the last one's key, not by offset: one
+    destroyed after the first page shifts none of the others past the next page."""
+    async with bus.runtime() as rt:
+        client = await bus.client()
+        sids = [(await client.create_workflow_session([f"s{i}"])).session_id for i in range(7)]
+        lister = _DestroysAfterFirstPage(await bus.connect("lister"), bus.topology)
+        lister.runtime = rt
+        listed = await lister.list_workflow_sessions(page_size=2)
+        assert lister.struck
+        # The destroyed one was listed on the first page, before it ended; every other
+        # one once, in creation order.
+        assert [s.session_id for s in listed] == sids
+        snapshot = await lister.snapshot_workflow_sessions(page_size=2)
+        assert [s.session_id for s in snapshot.sessions] == sids[1:]
+        assert 0 < snapshot.position <= rt.coordinator.projections.position

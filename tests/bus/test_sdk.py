@@ -14,6 +14,7 @@ import msgspec
 from contracts import (
     HEADERS,
     REGISTRY_ID,
+    Codec,
     ErrorCode,
     EventEnvelope,
     ModuleSessionConfig,
@@ -24,6 +25,7 @@ from contracts import (
     new_id,
 )
 from contracts.transport import OutgoingMessage, QueueSpec
+from coordinator.relay import event_message
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
@@ -294,6 +296,66 @@ async def test_catch_up_on_start_links_waiting_sessions_and_finishes_missed_clea
             assert list(module.created) == [waiting]
             history = (await client.get_session_history(cleaning)).events
             assert [e.type for e in history][-2:] == ["session.unlinked", "session.destroyed"]
+
+
+async def test_a_restarted_module_folds_what_it_missed_and_reacts_once_to_the_present(
+    bus: Bus,
+) -> None:
+    """A module away while one of its sessions is destroyed (it ends by the cleanup
+    timeout) and another is created comes back to a queue holding the missed events,
+    plus late copies of the destroyed session's whole history, shuffled: it creates
+    once for the session waiting for it, and for the destroyed one it neither creates,
+    nor links, nor destroys, nor reports it created; every version is applied once."""
+    topo = bus.topology
+    async with bus.runtime() as rt:
+        client = await bus.client()
+        injector = await bus.connect("injector")
+        first = bus.module(RecordingModule)
+        async with first:
+            gone = (
+                await client.create_workflow_session(["a"], WorkflowConfig(cleanup_timeout_ms=50))
+            ).session_id
+            await wait_status(rt, gone, S.ACTIVE)
+        # Away: the held session is destroyed (its link orphaned), another one waits.
+        await client.destroy_workflow_session(gone)
+        await wait_destroyed(rt, gone)
+        waiting = (await client.create_workflow_session(["b"])).session_id
+        late = [
+            event_message(e, Codec("json")) for e in (await client.get_session_history(gone)).events
+        ]
+        late += late[:3]
+        random.Random(20261203).shuffle(late)
+        for message in late:
+            await injector.publish("", topo.module_queue("executor"), message)
+
+        second = bus.module(RecordingModule)
+        second.consumer.stats.record_versions = True
+        async with second:
+            await wait_status(rt, waiting, S.ACTIVE)
+            final = (await client.get_session_history(gone)).events[-1].version
+            stats = second.consumer.stats
+            queue = topo.module_queue("executor")
+
+            async def drained() -> bool:
+                depth = await injector.queue_stats(queue)
+                return depth is not None and depth.messages == 0 and not second.consumer._inflight
+
+            await wait_for(
+                lambda: len(stats.versions.get(gone, ())) == final,
+                what="the destroyed session's events applied",
+            )
+            for _ in range(500):  # bounded: 10 s
+                if await drained():
+                    break
+                await asyncio.sleep(0.02)
+            assert await drained(), "the queue was not drained"
+            assert list(second.created) == [waiting]
+            assert second.destroyed == []
+            assert second.events_of("created", gone) == []
+            assert second.events_of("status", gone) == []
+            assert second.consumer.stats.versions.get(gone) == list(range(1, final + 1))
+            assert second.consumer.stats.dead_lettered == second.consumer.stats.requeued == 0
+            assert gone not in second.sessions
 
 
 async def test_duplicated_and_shuffled_deliveries_are_applied_once_in_version_order(

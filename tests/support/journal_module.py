@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,11 @@ class JournalModule(SessionManager):
     async def _apply(self, env: EventEnvelope) -> None:
         await super()._apply(env)
         self._journal_applied(env)
+
+    async def _apply_history(self, events: Sequence[EventEnvelope]) -> None:
+        await super()._apply_history(events)
+        for env in events:
+            self._journal_applied(env)
 
     def _journal_applied(self, env: EventEnvelope) -> None:
         if env.session_id == REGISTRY_ID:
