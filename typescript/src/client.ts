@@ -304,19 +304,27 @@ export class CoordinatorClient {
     return (await this.expect({ type: "get-coordinator-health" }, "health")).health;
   }
 
-  /** Every session not destroyed, with full state (wire form), page by page. */
+  /** Every session not destroyed, with full state (wire form), page by page: each
+   * page after the last one's key (creation time, id), so a session destroyed between
+   * two pages shifts no live one past the next page. */
   async listWorkflowSessions(pageSize = 500): Promise<wire.WorkflowSession[]> {
     const sessions: wire.WorkflowSession[] = [];
-    let offset: number | null = 0;
-    while (offset !== null) {
+    let after: wire.SessionsCursor | null = null;
+    let offset = 0;
+    for (;;) {
       const page: ResultOf<"sessions"> = await this.expect(
-        { type: "list-workflow-sessions", offset, limit: pageSize },
+        { type: "list-workflow-sessions", offset, after, limit: pageSize },
         "sessions",
       );
       sessions.push(...page.sessions);
-      offset = page.next_offset ?? null;
+      if (page.next_after) {
+        after = page.next_after;
+      } else if (page.next_offset != null && after === null) {
+        offset = page.next_offset; // a coordinator that pages by offset only
+      } else {
+        return sessions;
+      }
     }
-    return sessions;
   }
 
   /** Every event of one session (wire form), and the state they add up to. */

@@ -1055,7 +1055,7 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
     },
     "ListWorkflowSessions": {
       "title": "ListWorkflowSessions",
-      "description": "Every session not yet destroyed, with full state, a page at a time (oldest\nfirst): how a module catches up on start.",
+      "description": "Every session not yet destroyed, with full state, a page at a time (oldest\nfirst): how a module catches up on start.\n\n``after`` (the previous page's ``next_after``) lists the sessions ordered after\nit: a session created or destroyed between two pages shifts no other one, so none\nthat stays live is skipped. ``offset`` is kept for older clients; sessions\ndestroyed between its pages move the later ones down, past the next offset.",
       "type": "object",
       "properties": {
         "type": {
@@ -1097,6 +1097,17 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
           "minimum": 1,
           "maximum": 10000,
           "default": 500
+        },
+        "after": {
+          "anyOf": [
+            {
+              "$ref": "#/$defs/SessionsCursor"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
         }
       },
       "required": [
@@ -1935,9 +1946,27 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "new_status"
       ]
     },
+    "SessionsCursor": {
+      "title": "SessionsCursor",
+      "description": "Where a page of sessions ended: the last session's creation time (microseconds\nsince the epoch) and id, the order pages are listed in.",
+      "type": "object",
+      "properties": {
+        "created_us": {
+          "type": "integer"
+        },
+        "session_id": {
+          "type": "string",
+          "format": "uuid"
+        }
+      },
+      "required": [
+        "created_us",
+        "session_id"
+      ]
+    },
     "SessionsPage": {
       "title": "SessionsPage",
-      "description": "A page of sessions; ``next_offset`` is ``None`` on the last page.",
+      "description": "A page of sessions; ``next_offset`` and ``next_after`` are ``None`` on the last\npage. ``position`` is the store position the coordinator's read models reflected\nwhen it read the page: every event at or before it is in these states.",
       "type": "object",
       "properties": {
         "type": {
@@ -1961,6 +1990,21 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
             }
           ],
           "default": null
+        },
+        "next_after": {
+          "anyOf": [
+            {
+              "$ref": "#/$defs/SessionsCursor"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
+        },
+        "position": {
+          "type": "integer",
+          "default": 0
         }
       },
       "required": [

@@ -91,6 +91,7 @@ export interface WireSchema {
   SessionResult?: SessionResult;
   SessionStatus?: SessionStatus;
   SessionStatusChangedNotice?: SessionStatusChangedNotice;
+  SessionsCursor?: SessionsCursor;
   SessionsPage?: SessionsPage;
   StandardError?: StandardError;
   StatusChanged?: StatusChanged;
@@ -277,7 +278,9 @@ export interface SessionIds {
   session_ids: string[];
 }
 /**
- * A page of sessions; ``next_offset`` is ``None`` on the last page.
+ * A page of sessions; ``next_offset`` and ``next_after`` are ``None`` on the last
+ * page. ``position`` is the store position the coordinator's read models reflected
+ * when it read the page: every event at or before it is in these states.
  *
  * This interface was referenced by `WireSchema`'s JSON-Schema
  * via the `definition` "SessionsPage".
@@ -286,6 +289,19 @@ export interface SessionsPage {
   type: "sessions";
   sessions: WorkflowSession[];
   next_offset?: number | null;
+  next_after?: SessionsCursor | null;
+  position?: number;
+}
+/**
+ * Where a page of sessions ended: the last session's creation time (microseconds
+ * since the epoch) and id, the order pages are listed in.
+ *
+ * This interface was referenced by `WireSchema`'s JSON-Schema
+ * via the `definition` "SessionsCursor".
+ */
+export interface SessionsCursor {
+  created_us: number;
+  session_id: string;
 }
 /**
  * getLinkedSessions() -> moduleId -> moduleSessionId.
@@ -772,6 +788,11 @@ export interface ListActiveWorkflowSessions {
  * Every session not yet destroyed, with full state, a page at a time (oldest
  * first): how a module catches up on start.
  *
+ * ``after`` (the previous page's ``next_after``) lists the sessions ordered after
+ * it: a session created or destroyed between two pages shifts no other one, so none
+ * that stays live is skipped. ``offset`` is kept for older clients; sessions
+ * destroyed between its pages move the later ones down, past the next offset.
+ *
  * This interface was referenced by `WireSchema`'s JSON-Schema
  * via the `definition` "ListWorkflowSessions".
  */
@@ -781,6 +802,7 @@ export interface ListWorkflowSessions {
   status?: SessionStatus | null;
   offset?: number;
   limit?: number;
+  after?: SessionsCursor | null;
 }
 /**
  * Seed: getLinkedSessions(workflowSessionId).
