@@ -40,6 +40,7 @@ from pamqp.header import ContentHeader
 from contracts.transport import (
     DIRECT_REPLY_TO,
     AccessRefused,
+    ConfirmTimeout,
     ConsumerHandle,
     Delivery,
     ExchangeSpec,
@@ -263,21 +264,21 @@ class AmqpDelivery(Delivery):
 
     async def requeue(self) -> None:
         self._take()
-        try:
-            with _mapped("requeue"):
-                await self._message.nack(requeue=True)
-        finally:
-            if self._acks is not None:
-                self._acks.forget(self._message)
+        with _mapped("requeue"):
+            await self._message.nack(requeue=True)
+        # Only now, its frame queued: a nack that failed or was cancelled left the
+        # delivery outstanding, and dropping its tag would let the next ``multiple``
+        # ack acknowledge it unhandled. Kept open, it holds ``multiple`` acks back
+        # until its channel goes, and the broker redelivers it then.
+        if self._acks is not None:
+            self._acks.forget(self._message)
 
     async def reject(self) -> None:
         self._take()
-        try:
-            with _mapped("reject"):
-                await self._message.reject(requeue=False)
-        finally:
-            if self._acks is not None:
-                self._acks.forget(self._message)
+        with _mapped("reject"):
+            await self._message.reject(requeue=False)
+        if self._acks is not None:  # as in ``requeue``: only once its frame is queued
+            self._acks.forget(self._message)
 
 
 class _AmqpConsumerHandle(ConsumerHandle):
@@ -477,9 +478,13 @@ class AmqpTransport(Transport):
         connect_timeout: float = 10.0,
         restore_timeout: float = 15.0,
         reconnect_interval: float = 1.0,
+        confirm_timeout: float = 30.0,
     ) -> None:
         self.url = url
         self.restore_timeout = restore_timeout
+        # The longest a confirmed publish waits for room on the connection and for the
+        # broker's confirms, before ``ConfirmTimeout``.
+        self.confirm_timeout = confirm_timeout
         self.reconnect_interval = reconnect_interval
         self.connection_name = connection_name
         self.ssl_context = ssl_context
@@ -634,18 +639,34 @@ class AmqpTransport(Transport):
         mandatory: bool,
     ) -> None:
         """Publish and wait for every confirm; raise the first failure (a return or a
-        nack fails only its own message)."""
+        nack fails only its own message). The wait is bounded by ``confirm_timeout``:
+        past it, ``ConfirmTimeout`` (retryable) — the caller publishes again, as the
+        relay does from its unmoved position; a confirm arriving later is dropped."""
         with _mapped(where):
             channel = await self._ready(self._publish_channel)
             underlay = await _underlay(channel)
-            batch = await _publish_confirmed(underlay, exchange, items, mandatory)
+            # One deadline for the batch, not a timer per message: a relay page is
+            # hundreds of messages.
+            deadline = asyncio.get_running_loop().time() + self.confirm_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    batch = await _publish_confirmed(underlay, exchange, items, mandatory)
+            except TimeoutError as exc:
+                raise ConfirmTimeout(
+                    f"{where}: no room on the connection within {self.confirm_timeout} s"
+                ) from exc
             failure: Exception | None = None
             try:
-                for future in batch.futures:
-                    try:
-                        await future
-                    except Exception as exc:  # noqa: BLE001 (the first is raised below)
-                        failure = failure or exc
+                async with asyncio.timeout_at(deadline):
+                    for future in batch.futures:
+                        try:
+                            await future
+                        except Exception as exc:  # noqa: BLE001 (the first is raised below)
+                            failure = failure or exc
+            except TimeoutError as exc:
+                late = ConfirmTimeout(f"{where}: not confirmed within {self.confirm_timeout} s")
+                late.__cause__ = exc
+                failure = failure or late
             finally:
                 _forget(underlay, batch.ids, batch.first)
             if failure is not None:

@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 __all__ = [
     "DIRECT_REPLY_TO",
     "AccessRefused",
+    "ConfirmTimeout",
     "ConsumerHandle",
     "Delivery",
     "ExchangeSpec",
@@ -48,6 +49,12 @@ class TransportClosed(TransportError):
 
 class Unroutable(TransportError):
     """A mandatory message matched no queue."""
+
+
+class ConfirmTimeout(TransportError):
+    """The broker did not confirm a publish in time (a stalled connection, a blocked
+    or overloaded node). Whether it was routed is unknown: publish it again — every
+    consumer drops the duplicate by its event id or version."""
 
 
 class AccessRefused(TransportError):

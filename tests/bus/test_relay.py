@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import timedelta
 
@@ -25,12 +26,16 @@ from contracts import (
     StandardError,
     new_id,
 )
+from contracts.amqp import AmqpTransport
+from contracts.transport import ConfirmTimeout, OutgoingMessage, QueueSpec
+from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
 from coordinator.service import SessionCoordinator
 from module_sdk import CoordinatorClient
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
 from tests.bus.support import Observer
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -224,3 +229,74 @@ async def test_failed_publishes_are_retried_not_skipped(
     for msg in after:
         assert msg.message_id is not None
         assert_is_event_message(msg, by_id[msg.message_id])
+
+
+async def test_a_publish_never_confirmed_fails_in_bounded_time_with_a_retryable_error(
+    amqp_url: str, prefix: str
+) -> None:
+    """Through a connection gone silent (a partition: no reset, no confirm ever), a
+    confirmed publish raises ``ConfirmTimeout`` after ``confirm_timeout`` instead of
+    waiting for the connection's heartbeat, and says it may be retried."""
+    async with TcpProxy.for_url(amqp_url) as proxy:
+        transport = AmqpTransport(
+            proxy.url_for(amqp_url), connection_name=f"{prefix} silent", confirm_timeout=0.5
+        )
+        await transport.connect()
+        try:
+            queue = f"{prefix}.confirms"
+            await transport.declare_queue(QueueSpec(queue, auto_delete=True))
+            message = OutgoingMessage(body=b"{}", content_type="application/json")
+            await transport.publish("", queue, message)
+            proxy.blackhole()
+            started = time.monotonic()
+            with pytest.raises(ConfirmTimeout) as raised:
+                await asyncio.wait_for(transport.publish("", queue, message), 10)
+            assert time.monotonic() - started < 5
+            assert raised.value.retryable
+            with pytest.raises(ConfirmTimeout):
+                await asyncio.wait_for(transport.publish_many("", [(queue, message)] * 3), 10)
+        finally:
+            proxy.cut()
+            await transport.close()
+
+
+async def test_the_relay_publishes_again_what_a_silent_connection_never_confirmed(
+    amqp_bus: Bus, amqp_connection: AbstractConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator's connection goes silent while the relay publishes: the
+    publish fails with ``ConfirmTimeout`` within its bound, the relay's position stays,
+    and once the connection is reset and restored the relay publishes the events."""
+    caplog.set_level(logging.WARNING, logger="sessionbus.coordinator.relay")
+    topo = amqp_bus.topology
+    assert amqp_bus.url is not None
+    async with TcpProxy.for_url(amqp_bus.url) as proxy:
+        transport = AmqpTransport(
+            proxy.url_for(amqp_bus.url),
+            connection_name=amqp_bus.connection_name("coordinator via proxy"),
+            confirm_timeout=0.5,
+        )
+        runtime = CoordinatorRuntime(
+            transport, topology=topo, identity=IdentityMap.parse("guest=*")
+        )
+        async with runtime as rt:
+            assert rt.relay is not None
+            observer = await Observer.bind(
+                amqp_connection, topo.events_exchange, f"{amqp_bus.prefix}.observer"
+            )
+            await rt.coordinator.create_workflow_session(["before"])
+            await rt.wait_published()
+            published = rt.relay.position
+            proxy.blackhole()
+            sid = (await rt.coordinator.create_workflow_session(["while silent"])).session_id
+            await wait_for(
+                lambda: any("not confirmed within" in r.getMessage() for r in caplog.records),
+                timeout=10,
+                what="the relay's publish to time out",
+            )
+            assert rt.relay.position == published
+            proxy.cut()  # the partition ends as a reset: aio-pika reconnects
+            await rt.wait_published(timeout=30)
+            received = {m.message_id for m in await observer.drain()}
+            stored = {str(e.event_id) for e in await stored_events(rt) if e.session_id == sid}
+    assert stored
+    assert stored <= received

@@ -8,7 +8,10 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from contracts.amqp import _Acks
+import pytest
+
+from contracts.amqp import AmqpDelivery, _Acks
+from contracts.transport import TransportError
 
 
 class Broker:
@@ -78,3 +81,52 @@ async def test_acks_behind_a_delivery_in_progress_are_sent_alone_and_never_cover
     await acks.flush()
     assert broker.refused == []
     assert broker.outstanding == set()
+
+
+class _Message:
+    """An incoming message; with ``failure``, one whose nack or reject never reaches
+    the write queue."""
+
+    def __init__(self, channel: Broker, tag: int, failure: BaseException | None = None) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+        self.failure = failure
+        for name in ("routing_key", "exchange", "content_type", "headers", "message_id"):
+            setattr(self, name, None)
+        for name in ("correlation_id", "reply_to", "type", "user_id"):
+            setattr(self, name, None)
+        self.body = b""
+        self.redelivered = False
+
+    async def nack(self, requeue: bool = True) -> None:
+        assert self.failure is not None
+        raise self.failure
+
+    async def reject(self, requeue: bool = False) -> None:
+        assert self.failure is not None
+        raise self.failure
+
+
+@pytest.mark.parametrize("settle", ["requeue", "reject"])
+@pytest.mark.parametrize(
+    "failure",
+    [asyncio.CancelledError(), ConnectionResetError("write failed")],
+    ids=["cancelled", "write-failed"],
+)
+async def test_a_requeue_or_reject_never_sent_is_never_covered_by_a_multiple_ack(
+    settle: str, failure: BaseException
+) -> None:
+    """A delivery whose nack (or reject) frame was never queued stays outstanding in
+    the ack bookkeeping: acking the deliveries after it must not ack it too."""
+    broker = Broker(range(1, 4))
+    broker.release.set()
+    acks = _Acks()
+    unsent = AmqpDelivery(_Message(broker, 1, failure), acks=acks)  # type: ignore[arg-type]
+    later = [AmqpDelivery(_Message(broker, tag), acks=acks) for tag in (2, 3)]  # type: ignore[arg-type]
+    with pytest.raises((asyncio.CancelledError, TransportError)):
+        await getattr(unsent, settle)()
+    for d in later:
+        await d.ack()
+    await acks.flush()
+    assert broker.refused == []
+    assert broker.outstanding == {1}, "an unhandled message was acknowledged"
