@@ -31,8 +31,9 @@ export interface Projection {
   /** Fold one event and react to it. Throws to have the delivery requeued. */
   apply(env: EventEnvelope): Promise<void>;
   /** Fold `events` (consecutive versions after the current one) and react once to
-   * the state they add up to. */
-  applyBatch(sessionId: string, events: EventEnvelope[]): Promise<void>;
+   * the state they add up to. `history`: the session's state as the coordinator
+   * already held it when this process caught up (learnt, not applied one by one). */
+  applyBatch(sessionId: string, events: EventEnvelope[], history: boolean): Promise<void>;
   /** The session's stored history (the coordinator's), for gap fill. */
   history(sessionId: string): Promise<EventEnvelope[]>;
 }
@@ -42,6 +43,8 @@ export interface ConsumerStats {
   applied: number;
   duplicates: number;
   gapsFilled: number;
+  /** Events of sessions brought up to date from the coordinator's history. */
+  caughtUp: number;
   deadLettered: number;
   requeued: number;
 }
@@ -105,6 +108,7 @@ export class EventConsumer {
     applied: 0,
     duplicates: 0,
     gapsFilled: 0,
+    caughtUp: 0,
     deadLettered: 0,
     requeued: 0,
   };
@@ -223,11 +227,15 @@ export class EventConsumer {
       return;
     }
     try {
-      if (env.version > current + 1 || this.projection.isHistory(env)) {
-        const missing = await this.missing(sid, current, env);
-        await this.projection.applyBatch(sid, missing);
-        this.stats.gapsFilled += missing.length - 1;
-        this.record(missing);
+      if (this.projection.isHistory(env)) {
+        const events = await this.missing(sid, current, env);
+        await this.projection.applyBatch(sid, events, true);
+        this.stats.caughtUp += events.length;
+      } else if (env.version > current + 1) {
+        const events = await this.missing(sid, current, env);
+        await this.projection.applyBatch(sid, events, false);
+        this.stats.gapsFilled += events.length - 1;
+        this.record(events);
       } else {
         await this.projection.apply(env);
         this.record([env]);

@@ -145,7 +145,7 @@ export class SessionManager implements ISessionManager {
       currentVersion: (sid) => this.version(sid),
       isHistory: (env) => env.position != null && env.position <= this.caughtUpAt,
       apply: (env) => this.apply(env),
-      applyBatch: (sid, events) => this.applyBatch(sid, events),
+      applyBatch: (sid, events, history) => this.applyBatch(sid, events, history),
       history: async (sid) => (await this.client.getSessionHistory(sid)).events,
     };
     this.consumer = new EventConsumer(transport, this.topology, this.moduleId, projection, {
@@ -477,8 +477,9 @@ export class SessionManager implements ISessionManager {
     else this.sessions.set(sid, before);
   }
 
-  /** Hook for a subclass that journals (tests): the versions loaded on start, before
-   * anything is consumed. */
+  /** Hook for a subclass that journals (tests): the versions learnt from the
+   * coordinator rather than applied one by one — on start, before anything is
+   * consumed, and again when a session is brought up to date from history. */
   protected caughtUp(_baseline: ReadonlyMap<string, number>): void {}
 
   /** Hook for a subclass that journals (tests): called once per event applied. */
@@ -487,6 +488,7 @@ export class SessionManager implements ISessionManager {
   private async apply(env: wire.EventEnvelope): Promise<void> {
     if (env.session_id === REGISTRY_ID) {
       await this.applyRegistry(env);
+      this.applied(env);
       return;
     }
     const sid = env.session_id;
@@ -502,8 +504,9 @@ export class SessionManager implements ISessionManager {
     this.applied(env);
   }
 
-  /** Fold every event first, then react once to where they lead. */
-  private async applyBatch(sid: string, events: wire.EventEnvelope[]): Promise<void> {
+  /** Fold every event first, then react once to where they lead. A session learnt
+   * from history joins the baseline (its events were not applied one by one). */
+  private async applyBatch(sid: string, events: wire.EventEnvelope[], history: boolean): Promise<void> {
     const before = this.sessions.get(sid) ?? null;
     let state = before;
     for (const env of events) state = foldSession(state, env);
@@ -515,7 +518,12 @@ export class SessionManager implements ISessionManager {
       this.restore(sid, before);
       throw error;
     }
-    for (const env of events) this.applied(env);
+    if (history) {
+      this.baseline.set(sid, state.version ?? 0);
+      this.caughtUp(this.baseline);
+    } else {
+      for (const env of events) this.applied(env);
+    }
   }
 
   private async reactOnce(

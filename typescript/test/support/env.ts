@@ -277,3 +277,34 @@ export async function drainQueue(queue: string): Promise<Array<{ payload: string
     encoding: "auto",
   })) as Array<{ payload: string; properties: any; routing_key: string }>;
 }
+
+/** The fault checker's verdict (tests/support/checker.py) on module journals. */
+export interface Verdict {
+  ok: boolean;
+  summary: Record<string, number | null>;
+  problems: Record<string, string[]>;
+}
+
+const CHECK = `
+import json, sys
+from pathlib import Path
+from tests.support.checker import check, read_journal
+store, journals = sys.argv[1], json.loads(sys.argv[2])
+report = check(store, {m: read_journal(Path(p)) for m, p in journals.items()})
+names = ("store_problems", "lost", "duplicated", "out_of_order", "phantom", "mismatched", "spurious_hooks")
+print(json.dumps({"ok": report.ok, "summary": report.summary(),
+                  "problems": {n: getattr(report, n)[:20] for n in names}}))
+`;
+
+export async function checkJournals(store: string, journals: Record<string, string>): Promise<Verdict> {
+  const { execFile } = await import("node:child_process");
+  const stdout = await new Promise<string>((resolvePromise, reject) => {
+    execFile(
+      join(VENV_BIN, "python"),
+      ["-c", CHECK, store, JSON.stringify(journals)],
+      { cwd: REPO_ROOT, maxBuffer: 16 << 20 },
+      (error, out, err) => (error ? reject(new Error(`checker failed: ${error.message}\n${err}`)) : resolvePromise(out)),
+    );
+  });
+  return JSON.parse(stdout) as Verdict;
+}

@@ -1,15 +1,18 @@
 /**
- * A TypeScript module that journals what it applies, in the format of the Python
+ * A TypeScript module that journals what it applies and every hook call (with the
+ * answer to each link it sent), in the format of the Python
  * tests/support/journal_module.py, so tests/support/checker.py reads both alike.
  *
  *   node dist/test/support/journal-module.js MODULE_ID PREFIX URL JOURNAL
  *
  * Each line is written with one synchronous `write` on an O_APPEND descriptor, so a
- * SIGKILL loses none. `t` is CLOCK_MONOTONIC in seconds, as Python's time.monotonic().
+ * SIGKILL loses none. `t` is CLOCK_MONOTONIC in seconds, as Python's time.monotonic();
+ * `wt` is wall-clock seconds, the clock the coordinator stamps events with.
  */
 import { closeSync, openSync, writeSync } from "node:fs";
 import {
   AmqpTransport,
+  CommandFailed,
   type ModuleSessionConfig,
   type ModuleSessionInfo,
   SessionManager,
@@ -21,6 +24,7 @@ import {
 import { REGISTRY_ID } from "../../src/topology.js";
 
 export const monotonic = (): number => Number(process.hrtime.bigint()) / 1e9;
+const wall = (): number => Date.now() / 1000;
 
 export class Journal {
   private fd: number | null;
@@ -54,17 +58,29 @@ export class JournalModule extends SessionManager {
   ) {
     super(transport, options);
     journal.write("start", { pid: process.pid, t: monotonic(), module: this.moduleId });
+    // Every link the manager sends, with the coordinator's answer.
+    const link = this.client.linkModuleSession.bind(this.client);
+    this.client.linkModuleSession = async (wsid, moduleId, msid, opts) => {
+      const wt = wall();
+      try {
+        await link(wsid, moduleId, msid, opts);
+      } catch (error) {
+        if (error instanceof CommandFailed) journal.write("link", { w: wsid, m: msid, wt, r: error.code });
+        throw error;
+      }
+      journal.write("link", { w: wsid, m: msid, wt, r: "ok" });
+    };
   }
 
   override async onCreate(session: WorkflowSession, moduleSessionId: string, _config: ModuleSessionConfig) {
     this.made.push([session.sessionId, moduleSessionId]);
-    this.journal.write("made", { w: session.sessionId, m: moduleSessionId });
+    this.journal.write("made", { w: session.sessionId, m: moduleSessionId, wt: wall() });
     return { pid: process.pid };
   }
 
   override async onDestroy(info: ModuleSessionInfo): Promise<void> {
     this.destroyedSessions.push(info.sessionId);
-    this.journal.write("destroyed", { w: info.linkedWorkflowSessionId, m: info.sessionId });
+    this.journal.write("destroyed", { w: info.linkedWorkflowSessionId, m: info.sessionId, wt: wall() });
   }
 
   protected override caughtUp(baseline: ReadonlyMap<string, number>): void {
@@ -72,9 +88,12 @@ export class JournalModule extends SessionManager {
   }
 
   protected override applied(env: wire.EventEnvelope): void {
-    if (env.session_id === REGISTRY_ID) return;
+    if (env.session_id === REGISTRY_ID) {
+      this.journal.write("r", { e: env.event_id });
+      return;
+    }
     this.appliedVersions.push([env.session_id, env.version]);
-    this.journal.write("a", { s: env.session_id, v: env.version, t: monotonic() });
+    this.journal.write("a", { s: env.session_id, v: env.version, e: env.event_id, t: monotonic() });
   }
 }
 
