@@ -45,7 +45,7 @@ function forAjv(node: unknown): unknown {
   return out;
 }
 
-const ajv = new Ajv2020({ allErrors: false, discriminator: true, strict: false });
+const ajv = new Ajv2020({ allErrors: false, discriminator: true, strict: false, verbose: true });
 addFormats(ajv, ["uuid", "date-time"]);
 ajv.addSchema(forAjv(WIRE_SCHEMA) as Json, "wire");
 
@@ -71,28 +71,75 @@ export function jsonPath(instancePath: string): string {
   return path;
 }
 
+/** A string as Python's `repr` writes it (the Python SDK's reasons quote values so). */
+export function pyRepr(value: unknown): string {
+  if (value === null || value === undefined) return "None";
+  if (typeof value === "string") return `'${value.replaceAll("\\", "\\\\").replaceAll("'", "\\'")}'`;
+  if (typeof value === "boolean") return value ? "True" : "False";
+  return JSON.stringify(value);
+}
+
+/** msgspec's name for the JSON type of a value. */
+function typeName(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "array";
+  if (typeof value === "string") return "str";
+  if (typeof value === "boolean") return "bool";
+  if (typeof value === "number") return Number.isInteger(value) ? "int" : "float";
+  return "object";
+}
+
+const SCHEMA_TYPES: Record<string, string> = {
+  integer: "int",
+  string: "str",
+  boolean: "bool",
+  number: "float",
+  object: "object",
+  array: "array",
+  null: "null",
+};
+
+/** One validation error as msgspec words it: "<what> - at `$.path`", and the field. */
 function describe(error: ErrorObject): { message: string; field: string } {
   const at = jsonPath(error.instancePath);
   const params = error.params as Record<string, unknown>;
-  if (error.keyword === "required") {
-    const name = String(params.missingProperty);
-    const where = at === "$" ? "" : ` - at \`${at}\``;
-    return { message: `Object missing required field \`${name}\`${where}`, field: `${at}.${name}` };
-  }
-  if (error.keyword === "discriminator") {
-    const tag = String(params.tag);
-    if (params.error === "tag" && params.tagValue === undefined) {
-      return {
-        message: `Object missing required field \`${tag}\` - at \`${at}\``,
-        field: `${at}.${tag}`,
-      };
+  const where = at === "$" ? "" : ` - at \`${at}\``;
+  switch (error.keyword) {
+    case "required": {
+      const name = String(params.missingProperty);
+      return { message: `Object missing required field \`${name}\`${where}`, field: `${at}.${name}` };
     }
-    return {
-      message: `Invalid value ${JSON.stringify(params.tagValue)} - at \`${at}.${tag}\``,
-      field: `${at}.${tag}`,
-    };
+    case "discriminator": {
+      const tag = String(params.tag);
+      if (params.tagValue === undefined) {
+        return { message: `Object missing required field \`${tag}\`${where}`, field: `${at}.${tag}` };
+      }
+      return { message: `Invalid value ${pyRepr(params.tagValue)} - at \`${at}.${tag}\``, field: `${at}.${tag}` };
+    }
+    case "type": {
+      const expected = String(params.type)
+        .split(",")
+        .map((t) => SCHEMA_TYPES[t] ?? t)
+        .join(" | ");
+      return { message: `Expected \`${expected}\`, got \`${typeName(error.data)}\`${where}`, field: at };
+    }
+    case "pattern":
+      return { message: `Expected \`str\` matching regex ${pyRepr(params.pattern)}${where}`, field: at };
+    case "maxLength":
+      return { message: `Expected \`str\` of length <= ${params.limit}${where}`, field: at };
+    case "minimum":
+      return { message: `Expected \`${typeName(error.data)}\` >= ${params.limit}${where}`, field: at };
+    case "maximum":
+      return { message: `Expected \`${typeName(error.data)}\` <= ${params.limit}${where}`, field: at };
+    case "enum":
+      return { message: `Invalid enum value ${pyRepr(error.data)}${where}`, field: at };
+    case "format": {
+      const what = params.format === "uuid" ? "UUID" : params.format === "date-time" ? "RFC3339 encoded datetime" : String(params.format);
+      return { message: `Invalid ${what}${where}`, field: at };
+    }
+    default:
+      return { message: `${error.message ?? "invalid"}${where}`, field: at };
   }
-  return { message: `${error.message ?? "invalid"} - at \`${at}\``, field: at };
 }
 
 function check<T>(name: string, value: unknown): T {
@@ -116,7 +163,7 @@ export function decode<T>(
   if (body.byteLength > maxBody) throw new MessageTooLarge(body.byteLength, maxBody);
   const ct = (contentType || JSON_CONTENT_TYPE).split(";", 1)[0]!.trim().toLowerCase();
   if (ct !== JSON_CONTENT_TYPE) {
-    throw new DecodeError(`unsupported content type ${JSON.stringify(contentType)}`, "content_type");
+    throw new DecodeError(`unsupported content type ${pyRepr(contentType)}`, "content_type");
   }
   let value: unknown;
   try {
@@ -125,7 +172,7 @@ export function decode<T>(
     throw new DecodeError(`malformed json body: ${(error as Error).message}`);
   }
   if (value === null || typeof value !== "object" || Array.isArray(value)) {
-    throw new ValidationError(`Expected \`object\`, got \`${Array.isArray(value) ? "array" : typeof value}\``, "$");
+    throw new ValidationError(`Expected \`object\`, got \`${typeName(value)}\``, "$");
   }
   return check<T>(name, value);
 }

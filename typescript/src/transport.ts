@@ -174,29 +174,53 @@ export class AmqpTransport {
       // "error" event would throw.
     });
     model.on("close", (error?: Error) => this.onClosed(model, error));
-    const publisher = await model.createConfirmChannel();
-    publisher.on("error", () => {});
-    publisher.on("close", () => {
-      if (this.publisher === publisher) this.publisher = null;
-    });
-    const replies = await model.createChannel();
-    replies.on("error", () => {});
-    replies.on("close", () => {
-      if (this.replies === replies) {
-        this.replies = null;
-        this.failWaiting(new TransportError("reply channel closed", true));
-      }
-    });
-    await replies.consume(DIRECT_REPLY_TO, (message) => this.onReply(message), { noAck: true });
     this.model = model;
-    this.publisher = publisher;
-    this.replies = replies;
-    for (const consumer of this.consumers) {
-      if (!consumer.stopped) await this.startConsumer(consumer);
+    try {
+      await this.openPublisher(model);
+      await this.openReplies(model);
+      for (const consumer of this.consumers) {
+        if (!consumer.stopped) await this.startConsumer(consumer);
+      }
+    } catch (error) {
+      this.model = null;
+      await model.close().catch(() => {});
+      throw error;
     }
     this.connectedResolve?.();
     this.connected = null;
     this.connectedResolve = null;
+  }
+
+  /** The confirm channel. A channel the broker closes alone (a publish it refused,
+   * such as one with another user's user_id) is opened again; the connection is fine. */
+  private async openPublisher(model: ChannelModel): Promise<void> {
+    const publisher = await model.createConfirmChannel();
+    publisher.on("error", () => {});
+    publisher.on("close", () => {
+      if (this.publisher !== publisher) return;
+      this.publisher = null;
+      if (this.model === model && !this.closing) {
+        this.openPublisher(model).catch(() => {});
+      }
+    });
+    this.publisher = publisher;
+  }
+
+  /** The request channel, consuming the direct reply-to pseudo-queue; opened again
+   * when the broker closes it alone (waiting requests fail, retryable). */
+  private async openReplies(model: ChannelModel): Promise<void> {
+    const replies = await model.createChannel();
+    replies.on("error", () => {});
+    replies.on("close", () => {
+      if (this.replies !== replies) return;
+      this.replies = null;
+      this.failWaiting(new TransportError("reply channel closed", true));
+      if (this.model === model && !this.closing) {
+        this.openReplies(model).catch(() => {});
+      }
+    });
+    await replies.consume(DIRECT_REPLY_TO, (message) => this.onReply(message), { noAck: true });
+    this.replies = replies;
   }
 
   private onClosed(model: ChannelModel, error: Error | undefined): void {
@@ -235,9 +259,6 @@ export class AmqpTransport {
         for (const listener of this.listeners) listener();
         return;
       } catch {
-        const model = this.model as ChannelModel | null;
-        this.model = null;
-        await model?.close().catch(() => {});
         delay = Math.min(delay * 2, this.options.reconnectDelayMs.max);
       }
     }
