@@ -299,7 +299,10 @@ export class AmqpTransport {
   /** Declare a queue and its bindings on a channel of its own (a refused declaration
    * closes only that channel). */
   async declareQueue(spec: QueueSpec): Promise<void> {
-    const model = await this.ready(`declare ${spec.name}`);
+    await this.declareOn(await this.ready(`declare ${spec.name}`), spec);
+  }
+
+  private async declareOn(model: ChannelModel, spec: QueueSpec): Promise<void> {
     let channel: Channel;
     try {
       channel = await model.createChannel();
@@ -441,7 +444,9 @@ export class AmqpTransport {
   private async startConsumer(consumer: Consumer): Promise<void> {
     const model = this.model;
     if (model === null) throw new TransportError(`consume ${consumer.queue}: not connected`, true);
-    if (consumer.spec !== undefined) await this.declareQueue(consumer.spec);
+    // On the model given, not through `ready()`: during a reconnect this runs before
+    // the transport counts as connected again.
+    if (consumer.spec !== undefined) await this.declareOn(model, consumer.spec);
     const channel = await model.createChannel();
     channel.on("error", () => {});
     channel.on("close", () => {
