@@ -38,6 +38,7 @@ MODULES = (
     "benchmarks.rawbus",
     "benchmarks.commands",
     "benchmarks.bus",
+    "benchmarks.typescript",
     "benchmarks.rebuild",
     "benchmarks.memory",
 )

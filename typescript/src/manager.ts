@@ -235,7 +235,7 @@ export class SessionManager implements ISessionManager {
   /** Load every live session from the coordinator, then reconcile: create and link
    * where this module is expected, finish clean-ups it missed. Events the coordinator
    * had folded before this load (position at or below `caughtUpAt`) are history. */
-  private async catchUp(): Promise<void> {
+  protected async catchUp(): Promise<void> {
     this.caughtUpAt = (await this.client.rawCoordinatorHealth()).store_position ?? 0;
     for (const session of await this.client.listWorkflowSessions()) {
       this.sessions.set(session.session_id, session);

@@ -9,10 +9,12 @@ import { after, before, test } from "node:test";
 import {
   AmqpTransport,
   CoordinatorClient,
+  foldSession,
   type ModuleSessionInfo,
   SessionManager,
   SessionStatus,
   Topology,
+  type wire,
   type WorkflowSession,
 } from "../src/index.js";
 import {
@@ -123,6 +125,18 @@ test("a TypeScript and a Python module share workflow sessions from create to de
   assert.deepEqual(destroyed.map((r) => r.m).sort(), made.map((r) => r.m).sort());
   for (const sid of ids) {
     const history = await ops.getSessionHistory(sid);
+    // The TypeScript fold of the stored history is the coordinator's state.
+    let folded: wire.WorkflowSession | null = null;
+    for (const env of history.events) folded = foldSession(folded, env);
+    const view = (s: wire.WorkflowSession | null | undefined) => ({
+      status: s?.status,
+      version: s?.version,
+      destroyed: s?.destroyed ?? false,
+      modules: Object.keys(s?.modules ?? {}),
+      executor: s?.executor_session_id ?? null,
+      lastActivity: s ? Date.parse(s.last_activity) : null,
+    });
+    assert.deepEqual(view(folded), view(history.state));
     const types = history.events.map((e) => e.event.type);
     assert.equal(types.filter((t) => t === "session.unlinked").length, 2, types.join(","));
     const last = history.events.at(-1)!.event;
