@@ -103,8 +103,9 @@ export class CoordinatorClient {
   private async once(request: wire.CommandRequest, body: Buffer, timeoutMs: number): Promise<Result> {
     let reply: { body: Buffer; contentType: string | undefined };
     try {
+      const sessionId = "session_id" in request.command ? request.command.session_id : null;
       reply = await this.transport.request(
-        this.topology.commandsQueue,
+        this.topology.commandQueueFor(sessionId),
         {
           body,
           contentType: JSON_CONTENT_TYPE,

@@ -44,20 +44,47 @@ export function parseModuleId(value: string): string {
   return value;
 }
 
-/** All broker names for one prefix (one command partition, as the Python default). */
+/** Most command partitions (each a quorum queue with one active consumer). */
+export const MAX_PARTITIONS = 256;
+
+/** All broker names for one prefix. `partitions` splits the commands queue in N
+ * queues, `<prefix>.commands.<i>`; a command goes to the partition of its workflow
+ * session (UUID as an integer, modulo N; commands without one to partition 0), as the
+ * Python client computes it. Clients and coordinators must agree on N. */
 export class Topology {
   readonly prefix: string;
+  readonly partitions: number;
 
-  constructor(prefix: string = DEFAULT_PREFIX) {
+  constructor(prefix: string = DEFAULT_PREFIX, partitions = 1) {
     if (!PREFIX_PATTERN.test(prefix)) {
       throw new RangeError(`topology prefix must match ${PREFIX_PATTERN.source}, got ${prefix}`);
     }
+    if (!Number.isInteger(partitions) || partitions < 1 || partitions > MAX_PARTITIONS) {
+      throw new RangeError(`partitions must be 1..${MAX_PARTITIONS}, got ${partitions}`);
+    }
     this.prefix = prefix;
+    this.partitions = partitions;
   }
 
-  /** The prefix given, else SESSIONBUS_PREFIX, else the default. */
-  static fromEnv(prefix?: string): Topology {
-    return new Topology(prefix || process.env.SESSIONBUS_PREFIX || DEFAULT_PREFIX);
+  /** The prefix given, else SESSIONBUS_PREFIX, else the default; the partitions
+   * given, else SESSIONBUS_PARTITIONS, else 1. */
+  static fromEnv(prefix?: string, partitions?: number): Topology {
+    const raw = process.env.SESSIONBUS_PARTITIONS ?? "1";
+    const n = partitions ?? Number(raw);
+    if (!Number.isInteger(n)) throw new RangeError(`SESSIONBUS_PARTITIONS must be a whole number, got ${raw}`);
+    return new Topology(prefix || process.env.SESSIONBUS_PREFIX || DEFAULT_PREFIX, n);
+  }
+
+  /** The partition of a workflow session's commands (0 without a session). */
+  partitionOf(sessionId: string | null | undefined): number {
+    if (sessionId == null || this.partitions === 1) return 0;
+    return Number(BigInt(`0x${sessionId.replaceAll("-", "")}`) % BigInt(this.partitions));
+  }
+
+  /** Where a command about `sessionId` goes. */
+  commandQueueFor(sessionId: string | null | undefined): string {
+    if (this.partitions === 1) return this.commandsQueue;
+    return `${this.commandsQueue}.${this.partitionOf(sessionId)}`;
   }
 
   get eventsExchange(): string {

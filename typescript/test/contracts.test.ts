@@ -26,6 +26,8 @@ import json
 from contracts import REGISTRY_ID, STATUS_MAPPINGS, TRANSITIONS, SessionStatus, Topology
 from contracts.topology import DELIVERY_LIMIT, HEADERS
 t = Topology("tss-contract")
+t7 = Topology("tss-contract", 7)
+ids = ["00000000-0000-4000-8000-000000000002", "ffffffff-ffff-4fff-bfff-ffffffffffff", "4b1c0e8e-9a6f-4f0e-8f7e-2d9c1b3a5e77"]
 spec = t.module_queue_spec("task-loop")
 print(json.dumps({
     "registry_id": str(REGISTRY_ID),
@@ -37,6 +39,8 @@ print(json.dumps({
     "statuses": [s.value for s in SessionStatus],
     "transitions": {k.value: sorted(v.value for v in vs) for k, vs in TRANSITIONS.items()},
     "mappings": {k: v.value for k, v in STATUS_MAPPINGS.items()},
+    "partitions": {i: t7.command_queue_for(__import__("uuid").UUID(i)) for i in ids},
+    "no_session": t7.command_queue_for(None),
 }))
 `;
 
@@ -64,6 +68,9 @@ test("topology names, queue arguments and headers are the Python contracts'", ()
   assert.deepEqual({ ...HEADERS }, python.headers);
   assert.equal(REGISTRY_ID, python.registry_id);
   assert.equal(DELIVERY_LIMIT, python.delivery_limit);
+  const t7 = new Topology("tss-contract", 7);
+  for (const [sid, queue] of Object.entries(python.partitions)) assert.equal(t7.commandQueueFor(sid), queue);
+  assert.equal(t7.commandQueueFor(null), python.no_session);
 });
 
 test("SessionStatus, its transitions and STATUS_MAPPINGS are the Python contracts'", () => {
