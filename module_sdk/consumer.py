@@ -26,7 +26,7 @@ import contextlib
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -127,6 +127,16 @@ class EventConsumer:
         self._handle: ConsumerHandle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.stats = ConsumerStats()
+
+    @contextlib.asynccontextmanager
+    async def session_turn(self, session_id: uuid.UUID) -> AsyncIterator[None]:
+        """Take ``session_id``'s place in line: no delivery of that session is applied
+        while it is held (the manager's start-up reconciliation runs in it)."""
+        await self._locks.acquire(session_id)
+        try:
+            yield
+        finally:
+            self._locks.release(session_id)
 
     async def start(self) -> None:
         self._handle = await self.transport.consume(

@@ -212,7 +212,8 @@ class SessionManager:
         await self.close()
 
     async def start(self) -> None:
-        """Connect, declare the module queue, register, catch up, then consume."""
+        """Connect, declare the module queue, register, load the live sessions, consume,
+        and reconcile: returns once every listed session has had its reaction."""
         if self.own_transport:
             await self.transport.connect()
         await self.transport.declare_queue(self.topology.module_queue_spec(self.module_id))
@@ -227,6 +228,11 @@ class SessionManager:
             self._heartbeat_task = asyncio.create_task(
                 self._heartbeats(), name=f"heartbeat-{self.module_id}"
             )
+        try:
+            await self._reconcile(list(self.sessions))
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop consuming → finish running handlers (bounded) → requeue the prefetched
@@ -249,9 +255,9 @@ class SessionManager:
         await stop.wait()
 
     async def _catch_up(self) -> None:
-        """Load every live session from the coordinator, then reconcile: create and
-        link where this module is expected, finish clean-ups it missed. Queued events
-        of sessions not listed, from before the listing, are history from then on."""
+        """Load every live session from the coordinator (no reaction yet). Queued
+        events of sessions not listed, from before the listing, are history from then
+        on."""
         snapshot = await self.client.snapshot_workflow_sessions()
         for session in snapshot.sessions:
             self.sessions[session.session_id] = session
@@ -259,18 +265,38 @@ class SessionManager:
             if info is not None:
                 self._owned[session.session_id] = info.session_id
         self.consumer.history_until = snapshot.position
-        for session in list(self.sessions.values()):
-            await self._react_to_state(session)
+
+    async def _reconcile(self, listed: Sequence[uuid.UUID]) -> None:
+        """Create and link where this module is expected, finish clean-ups it missed —
+        each as the session is *now*: consumption has started, so each reaction waits
+        its turn behind the session's deliveries already being applied, and one that
+        meanwhile ended (a destroy in the queue behind the listing) gets none."""
+        for sid in listed:
+            async with self.consumer.session_turn(sid):
+                session = self.sessions.get(sid)
+                if session is None:
+                    continue
+                if self._wants_create(session):
+                    # A create is a side effect (a browser, a connection): ask whether
+                    # the session still waits for one, not only the listing — it may
+                    # have ended, or the link of a previous life landed, since.
+                    now = await self.client.get_workflow_session(sid)
+                    if now is None or now.destroyed or not self._wants_create(now):
+                        continue
+                await self._react_to_state(session)
+
+    def _wants_create(self, session: WorkflowSession, *, new: bool = False) -> bool:
+        """Whether ``session`` waits for this module's session. ``new``: this process
+        never saw it before, so it may join one that went ACTIVE without it."""
+        joinable = session.status is _S.INITIALIZING or (new and session.status in ACTIVE_STATUSES)
+        return joinable and self.module_id not in session.modules and self.should_join(session)
 
     async def _react_to_state(self, session: WorkflowSession, *, new: bool = False) -> None:
-        """Create or destroy as ``session``'s state asks. ``new``: this process never
-        saw the session before, so it may join one that went ACTIVE without it."""
+        """Create or destroy as ``session``'s state asks (see ``_wants_create``)."""
         sid = session.session_id
-        linked = self.module_id in session.modules
-        joinable = session.status is _S.INITIALIZING or (new and session.status in ACTIVE_STATUSES)
-        if session.status is _S.CLEANUP and linked:
+        if session.status is _S.CLEANUP and self.module_id in session.modules:
             await self._safe(self.destroy_session(sid, reason="workflow session cleanup"), sid)
-        elif joinable and not linked and self.should_join(session):
+        elif self._wants_create(session, new=new):
             await self._safe(self.create_session(sid), sid)
 
     # -- ISessionManager: lifecycle ---------------------------------------------------

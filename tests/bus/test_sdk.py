@@ -298,6 +298,34 @@ async def test_catch_up_on_start_links_waiting_sessions_and_finishes_missed_clea
             assert [e.type for e in history][-2:] == ["session.unlinked", "session.destroyed"]
 
 
+async def test_start_up_creates_only_for_sessions_that_still_wait_for_the_module(
+    bus: Bus,
+) -> None:
+    """A session the start-up listing shows waiting for the module ends before the
+    module gets to it: it gets no create and no link; one still waiting gets its create
+    once."""
+    async with bus.runtime() as rt:
+        client = await bus.client()
+        await client.register_module("executor", required=True)
+        ended = (await client.create_workflow_session(["a"])).session_id
+        waiting = (await client.create_workflow_session(["b"])).session_id
+
+        class Behind(RecordingModule):
+            async def _catch_up(self) -> None:
+                await super()._catch_up()
+                # The listing is behind from here on: one session it shows waiting ends.
+                await client.update_session_status(ended, S.CANCELLED)
+                await client.destroy_workflow_session(ended)
+                await wait_destroyed(rt, ended)
+
+        module = bus.module(Behind)
+        async with module:
+            await wait_status(rt, waiting, S.ACTIVE)
+            assert list(module.created) == [waiting]
+            assert ended not in module.attempts
+            assert module.destroyed == []
+
+
 async def test_a_restarted_module_folds_what_it_missed_and_reacts_once_to_the_present(
     bus: Bus,
 ) -> None:
