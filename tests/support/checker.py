@@ -37,7 +37,10 @@ store too; each of these is a spurious hook call, counted by kind and required t
 
 A second create or destroy in a life after one that crashed is not spurious (the new
 life cannot know what the killed one did before its acknowledgement): it is counted
-as ``hooks_repeated_after_crash``.
+as ``hooks_repeated_after_crash``. "After the store destroyed the session" compares a
+hook's ``time.time()`` with the ``Destroyed`` event's ``occurred_at``: both are this
+machine's wall clock as long as the coordinator runs on its real clock (no fault test
+gives it a manual one).
 
 The published stream (the audit stream, read with ``read_published``) must hold every
 stored event id; duplicates there are expected under faults and counted.
