@@ -2,9 +2,11 @@
 second, beside the Python module and a bare Node consumer, in the same run.
 
 ``ts.delivered``: per trial, three phases, each a backlog committed straight into a
-fresh store (``bus._write_backlog``: whole session lives, eleven events each), then a
-``sessionctl coordinator`` process whose outbox relay publishes it to exactly one
-consumer process under the measurement's prefix:
+fresh store (``bus._write_backlog``: whole session lives, eleven events each) and
+published by a ``sessionctl coordinator`` process's outbox relay into one module queue
+(declared beforehand with the module queue's arguments); once the queue holds all of
+it the coordinator stops and one consumer process drains it — so the figure is what
+the consumer can take, not how fast the relay publishes:
 
 - ``ts_module``: ``typescript/dist/bench/bench-module.js``, a ``SessionManager`` of
   ``@sessionbus/module-sdk`` joining no session (runtime validation, per-session order,
@@ -13,7 +15,8 @@ consumer process under the measurement's prefix:
 - ``bare_node``: ``typescript/dist/bench/bare-consumer.js``, amqplib alone on a queue
   declared as a module queue, acking each delivery without decoding it (the floor).
 
-The rate is first applied → last applied (``time.time()`` in each process). The phase
+The rate is first applied → last applied (``time.time()`` in each process), from a full
+queue. The phase
 order rotates between trials, so no consumer always runs first on a warm broker. Each
 consumer's report is checked: every committed event once, each session in order.
 
@@ -23,6 +26,7 @@ The TypeScript package is built (``npm ci`` if it has no ``node_modules``, then
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -39,17 +43,18 @@ from benchmarks.bus import (
     _delete_module_queues,
     _harness,
     _read_report,
-    _relay_to,
     _spawn,
+    _until,
     _write_backlog,
 )
-from benchmarks.registry import Context, Figure, Trial, measurement
+from benchmarks.registry import Context, Deadline, Figure, Trial, measurement
 
 PACKAGE = ROOT / "typescript"
 TS_MODULE = "bench-ts"
 PY_MODULE = "bench-py"
 BARE = "bench-bare"
 PHASES = ("ts_module", "py_module", "bare_node")
+MODULE_OF = {"ts_module": TS_MODULE, "py_module": PY_MODULE, "bare_node": BARE}
 
 
 def _build(ctx: Context) -> str:
@@ -63,6 +68,25 @@ def _build(ctx: Context) -> str:
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=PACKAGE, check=True)
     subprocess.run([npm, "run", "build"], cwd=PACKAGE, check=True, capture_output=True)
     return node
+
+
+async def _fill(h: Harness, store: Path, module_id: str, total: int, timeout: float) -> bool:
+    """The relay publishes the store's backlog into ``module_id``'s queue (declared
+    first, as the module declares it); True once the queue holds ``total``."""
+    queue = h.topology.module_queue(module_id)
+    await h.transport.declare_queue(h.topology.module_queue_spec(module_id))
+    coordinator = await h.coordinator(store)
+    try:
+        await coordinator.wait_ready()
+        deadline = Deadline(timeout)
+        while not deadline.passed():
+            stats = await h.transport.queue_stats(queue)
+            if stats is not None and stats.messages >= total:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+    finally:
+        await h.stop(coordinator)
 
 
 async def _consumer(h: Harness, node: str, phase: str, out: Path) -> Child:
@@ -106,14 +130,19 @@ def ts_delivered(ctx: Context) -> Iterator[Trial]:
         async def phase(name: str) -> tuple[float, int, int]:
             store = h.dir / f"store-{name}-{trials}.sqlite"
             out = h.dir / f"{name}-{trials}.json"
-            consumer = await _consumer(h, node, name, out)
             try:
                 backlog = await _write_backlog(store, sessions)
-                await consumer.wait_ready()
                 total = sum(backlog.values())
-                done, _ = await _relay_to(h, store, {consumer: total}, timeout)
+                filled = await _fill(h, store, MODULE_OF[name], total, timeout)
+                if not filled:
+                    ctx.note(f"trial {trials}, {name}: the queue never held {total} events")
+                consumer = await _consumer(h, node, name, out)
+                try:
+                    await consumer.wait_ready()
+                    done = await _until(lambda: consumer.applied >= total, timeout, [consumer])
+                finally:
+                    await h.stop(consumer)
             finally:
-                await h.stop(consumer)
                 await _delete_module_queues(h, (TS_MODULE, PY_MODULE, BARE))
             report = _read_report(consumer, out)
             applied = _applied(report, backlog)

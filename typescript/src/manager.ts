@@ -19,7 +19,7 @@
  */
 import { randomUUID } from "node:crypto";
 import { CoordinatorClient } from "./client.js";
-import { encode, JSON_CONTENT_TYPE } from "./codec.js";
+import { encode, JSON_CONTENT_TYPE, prepareValidators } from "./codec.js";
 import { EventConsumer, type Projection } from "./consumer.js";
 import { CommandFailed, CoordinatorUnavailable, SdkError, TransportError } from "./errors.js";
 import { foldSession } from "./fold.js";
@@ -192,6 +192,7 @@ export class SessionManager implements ISessionManager {
 
   /** Connect, declare the module queue, register, catch up, then consume. */
   async start(): Promise<this> {
+    prepareValidators();
     if (this.ownTransport) await this.transport.connect();
     await this.transport.declareQueue(this.topology.moduleQueueSpec(this.moduleId));
     if (this.register) {

@@ -74,6 +74,7 @@ interface Consumer {
   handler: Handler;
   prefetch: number;
   channel: Channel | null;
+  acks: Acks | null;
   tag: string | null;
   stopped: boolean;
 }
@@ -413,6 +414,7 @@ export class AmqpTransport {
       handler,
       prefetch: options.prefetch,
       channel: null,
+      acks: null,
       tag: null,
       stopped: false,
     };
@@ -436,6 +438,7 @@ export class AmqpTransport {
         this.consumers.delete(consumer);
         const channel = consumer.channel;
         consumer.channel = null;
+        consumer.acks?.flush(); // what was handled is acked before the channel goes
         await channel?.close().catch(() => {});
       },
     };
@@ -465,11 +468,14 @@ export class AmqpTransport {
     });
     await channel.prefetch(consumer.prefetch, false);
     consumer.channel = channel;
+    const acks = new Acks(channel);
+    consumer.acks = acks;
     const reply = await channel.consume(
       consumer.queue,
       (message) => {
         if (message === null) return; // cancelled by the broker; the channel's close restarts it
-        void consumer.handler(new AmqpDelivery(channel, message));
+        acks.opened(message);
+        void consumer.handler(new AmqpDelivery(channel, message, acks));
       },
       { noAck: false },
     );
@@ -495,6 +501,61 @@ function properties(message: OutgoingMessage): Record<string, unknown> {
   return props;
 }
 
+/**
+ * The acks of one consumer channel, sent together once per turn of the event loop (as
+ * the Python transport does): an ack only marks its delivery done; the flush sends one
+ * `multiple` ack for the oldest unbroken run of done deliveries, and single acks for
+ * done ones behind a delivery still being handled (never covering it). A requeue is
+ * sent at once and forgotten here, so no later `multiple` ack can cover it.
+ */
+class Acks {
+  private readonly open = new Map<number, { message: ConsumeMessage; done: boolean }>();
+  private scheduled = false;
+
+  constructor(private readonly channel: Channel) {}
+
+  opened(message: ConsumeMessage): void {
+    this.open.set(message.fields.deliveryTag, { message, done: false });
+  }
+
+  done(message: ConsumeMessage): void {
+    const entry = this.open.get(message.fields.deliveryTag);
+    if (entry === undefined) return;
+    entry.done = true;
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(() => this.flush());
+    }
+  }
+
+  forget(message: ConsumeMessage): void {
+    this.open.delete(message.fields.deliveryTag);
+  }
+
+  /** Send what is done now (also before the channel closes on a graceful stop). */
+  flush(): void {
+    this.scheduled = false;
+    let run: ConsumeMessage | null = null;
+    const behind: ConsumeMessage[] = [];
+    let broken = false;
+    for (const [tag, entry] of this.open) {
+      if (!entry.done) {
+        broken = true;
+        continue;
+      }
+      if (broken) behind.push(entry.message);
+      else run = entry.message;
+      this.open.delete(tag);
+    }
+    try {
+      if (run !== null) this.channel.ack(run, true);
+      for (const message of behind) this.channel.ack(message);
+    } catch {
+      // The channel is gone: the broker redelivers what these named.
+    }
+  }
+}
+
 class AmqpDelivery implements Delivery {
   settled = false;
   readonly headers: Record<string, unknown>;
@@ -502,6 +563,7 @@ class AmqpDelivery implements Delivery {
   constructor(
     private readonly channel: Channel,
     private readonly message: ConsumeMessage,
+    private readonly acks: Acks,
   ) {
     this.headers = { ...(message.properties.headers ?? {}) };
   }
@@ -533,11 +595,7 @@ class AmqpDelivery implements Delivery {
 
   async ack(): Promise<void> {
     if (this.settled) return;
-    try {
-      this.channel.ack(this.message);
-    } catch (error) {
-      throw lost("ack", error);
-    }
+    this.acks.done(this.message);
     this.settled = true;
   }
 
@@ -548,6 +606,7 @@ class AmqpDelivery implements Delivery {
     } catch (error) {
       throw lost("requeue", error);
     }
+    this.acks.forget(this.message);
     this.settled = true;
   }
 

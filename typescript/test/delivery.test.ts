@@ -189,3 +189,11 @@ test("poison messages are dead-lettered with their reason, as the Python SDK doe
   // The consumer kept running: a good event after the poison is still applied.
   assert.equal(observer.consumer.stats.requeued, 0);
 });
+
+test("on a graceful close everything handled is acked: nothing goes back to the queue", async () => {
+  const stats = { ...observer.consumer.stats };
+  assert.ok(stats.received > 0);
+  await observer.close();
+  const queue = await channel.checkQueue(topology.moduleQueue("observer"));
+  assert.equal(queue.messageCount, 0, `${queue.messageCount} deliveries were not acked`);
+});
