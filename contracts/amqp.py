@@ -1,11 +1,12 @@
 """The transport port on RabbitMQ, through aio-pika.
 
-One robust connection. Confirmed publishes go through one channel with publisher
-confirms and ``on_return_raises`` (an unroutable mandatory message is an error, not a
-silent drop); each consumer gets its own channel so its prefetch and its failures are
-its own; requests use RabbitMQ's direct reply-to on a dedicated channel. aio-pika and
-aiormq exceptions are converted to the port's ``TransportError`` tree here, at the
-boundary.
+One robust connection, to one of the broker addresses given (the nodes of a
+cluster): when that node goes, the connection is restored on the next one. Confirmed
+publishes go through one channel with publisher confirms and ``on_return_raises`` (an
+unroutable mandatory message is an error, not a silent drop); each consumer gets its
+own channel so its prefetch and its failures are its own; requests use RabbitMQ's
+direct reply-to on a dedicated channel. aio-pika and aiormq exceptions are converted
+to the port's ``TransportError`` tree here, at the boundary.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import re
 import ssl
 import struct
 import urllib.parse
@@ -36,6 +38,7 @@ from aiormq.abc import ChannelFrame
 from pamqp import encode as pamqp_encode
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
+from yarl import URL
 
 from contracts.transport import (
     DIRECT_REPLY_TO,
@@ -54,7 +57,13 @@ from contracts.transport import (
     Unroutable,
 )
 
-__all__ = ["RECONNECT_ERRORS", "AmqpTransport", "FastProperties", "redact_url"]
+__all__ = [
+    "RECONNECT_ERRORS",
+    "AmqpTransport",
+    "FastProperties",
+    "broker_addresses",
+    "redact_url",
+]
 
 log = logging.getLogger("sessionbus.amqp")
 
@@ -93,14 +102,75 @@ class _FirstConnectFilter(logging.Filter):
 logging.getLogger("aiormq.connection").addFilter(_FirstConnectFilter())
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password hidden, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
+# Several addresses in one setting: a comma before the next URL's scheme (a comma
+# inside a URL, in a password or a query, is not followed by one).
+_ADDRESS_SEPARATOR = re.compile(r"\s*,\s*(?=amqps?://)")
+# A failed connect that another node may not share; an authentication failure is the
+# same on every node of a cluster, so it is raised at once.
+_TRY_NEXT: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.IncompleteReadError,
+    aiormq.exceptions.AMQPConnectionError,
+)
+_NOT_NEXT: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AuthenticationError,
+    aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.ConnectionNotAllowed,
+)
+
+
+def broker_addresses(url: str | Sequence[str]) -> list[str]:
+    """The broker addresses of a setting: one AMQP URL, several separated by commas
+    (``amqp://u:p@n1:5672/,amqp://u:p@n2:5672/``), or a sequence of URLs."""
+    given = [url] if isinstance(url, str) else list(url)
+    addresses = [a for item in given for a in _ADDRESS_SEPARATOR.split(item.strip()) if a]
+    if not addresses:
+        raise ValueError("no broker address given")
+    return addresses
+
+
+def redact_url(url: str | Sequence[str]) -> str:
+    """The URL (or each of several) with its password hidden, for messages and logs."""
+    addresses = broker_addresses(url)
+    if len(addresses) > 1:
+        return ",".join(redact_url(address) for address in addresses)
+    parts = urllib.parse.urlsplit(addresses[0])
     if parts.password:
         return urllib.parse.urlunsplit(
             parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
         )
-    return url
+    return addresses[0]
+
+
+class _NextAddress:
+    """A robust connection's close callback that points it at the next address.
+
+    aio-pika calls a connection's close callbacks when an open connection is lost and
+    when a reconnect attempt fails, each time before its next attempt, and every
+    attempt connects to the connection's ``url``: so the attempts go round the
+    addresses, one per ``reconnect_interval``, until a node answers. The channels,
+    queues and consumers are restored on whichever node that is (a quorum queue or a
+    stream is reachable from every node of its cluster).
+    """
+
+    def __init__(self, addresses: Sequence[str], current: int) -> None:
+        self._addresses = [URL(address) for address in addresses]
+        self._current = current
+
+    def __call__(self, connection: object, exc: BaseException | None = None) -> None:
+        if len(self._addresses) < 2 or not isinstance(connection, aio_pika.RobustConnection):
+            return
+        if connection.close_called:
+            return  # closed on purpose: no next attempt
+        self._current = (self._current + 1) % len(self._addresses)
+        connection.url = self._addresses[self._current]
+        log.info(
+            "connection to %s lost or refused (%s); next attempt: %s",
+            redact_url(str(self._addresses[self._current - 1])),
+            exc,
+            redact_url(str(connection.url)),
+        )
 
 
 @contextlib.contextmanager
@@ -467,11 +537,14 @@ def _properties(message: OutgoingMessage) -> amqp_spec.Basic.Properties:
 
 
 class AmqpTransport(Transport):
-    """A robust connection to RabbitMQ."""
+    """A robust connection to RabbitMQ: ``url`` is one AMQP URL, several separated by
+    commas, or a sequence of them (the nodes of one cluster). The first that answers is
+    used; when its node goes, the connection and everything on it are restored on the
+    next address that answers."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         connection_name: str = "sessionbus",
         ssl_context: ssl.SSLContext | None = None,
@@ -480,7 +553,8 @@ class AmqpTransport(Transport):
         reconnect_interval: float = 1.0,
         confirm_timeout: float = 30.0,
     ) -> None:
-        self.url = url
+        self.addresses = broker_addresses(url)
+        self.url = ",".join(self.addresses)
         self.restore_timeout = restore_timeout
         # The longest a confirmed publish waits for room on the connection and for the
         # broker's confirms, before ``ConfirmTimeout``.
@@ -489,7 +563,7 @@ class AmqpTransport(Transport):
         self.connection_name = connection_name
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
-        parts = urllib.parse.urlsplit(url)
+        parts = urllib.parse.urlsplit(self.addresses[0])
         self.user = urllib.parse.unquote(parts.username or "guest")
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -510,6 +584,13 @@ class AmqpTransport(Transport):
             raise TransportClosed("transport is not connected")
         return self._connection
 
+    @property
+    def address(self) -> str | None:
+        """The address the connection uses now (or tries next while it is restored)."""
+        if not isinstance(self._connection, aio_pika.RobustConnection):
+            return None
+        return str(self._connection.url)
+
     async def connect(self) -> None:
         token = _connecting.set(True)
         try:
@@ -518,28 +599,38 @@ class AmqpTransport(Transport):
             _connecting.reset(token)
 
     async def _connect(self) -> None:
-        with _mapped(f"connect to {redact_url(self.url)}"):
+        failures: list[str] = []
+        for index, address in enumerate(self.addresses):
+            where = f"connect to {redact_url(address)}"
             try:
-                self._connection = await aio_pika.connect_robust(
-                    self.url,
+                connection = await aio_pika.connect_robust(
+                    address,
                     client_properties={"connection_name": self.connection_name},
                     timeout=self.connect_timeout,
                     ssl_context=self.ssl_context,
                     reconnect_interval=self.reconnect_interval,
                 )
-            except (OSError, TimeoutError) as exc:
-                raise TransportError(
-                    f"cannot reach RabbitMQ at {redact_url(self.url)}: {exc}"
-                ) from exc
-            self._connection.reconnect_callbacks.add(self._on_reconnect)
-            self._publish_channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            self._send_channel = await self._connection.channel(publisher_confirms=False)
+            except _NOT_NEXT as exc:
+                raise AccessRefused(f"{where}: {exc}") from exc
+            except _TRY_NEXT as exc:
+                failures.append(f"{redact_url(address)}: {exc or type(exc).__name__}")
+                continue
+            connection.close_callbacks.add(_NextAddress(self.addresses, index))
+            connection.reconnect_callbacks.add(self._on_reconnect)
+            self._connection = connection
+            with _mapped(where):
+                self._publish_channel = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                self._send_channel = await connection.channel(publisher_confirms=False)
+            return
+        raise TransportError(f"cannot reach RabbitMQ at {'; '.join(failures)}")
 
     def _on_reconnect(self, *_: object) -> None:
         self.reconnects += 1
-        log.info("connection to %s restored (%d)", redact_url(self.url), self.reconnects)
+        log.info(
+            "connection restored on %s (%d)", redact_url(self.address or self.url), self.reconnects
+        )
 
     async def close(self) -> None:
         if self._closed:

@@ -44,6 +44,7 @@ from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 from module_sdk.reference.__main__ import main as run_module
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+AMQP_URL_HELP = "RabbitMQ URL; the nodes of a cluster as several URLs separated by commas"
 
 # Exit codes: 0 done; 1 the answer is "no" (unknown session, failed verification,
 # refused command); 2 bad usage; 3 broker unreachable; 4 coordinator not answering or
@@ -113,7 +114,11 @@ _rebuild_workers = click.option(
 
 @main.command()
 @click.option(
-    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+    "--amqp-url",
+    envvar="SESSIONBUS_AMQP_URL",
+    default=DEFAULT_AMQP_URL,
+    show_default=True,
+    help=AMQP_URL_HELP,
 )
 @click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
 @click.option(
@@ -228,7 +233,11 @@ async def _serve(
 
 @main.command()
 @click.option(
-    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+    "--amqp-url",
+    envvar="SESSIONBUS_AMQP_URL",
+    default=DEFAULT_AMQP_URL,
+    show_default=True,
+    help=AMQP_URL_HELP,
 )
 @click.option(
     "--broker",
@@ -286,7 +295,11 @@ def _bus_options(f: Callable[..., Any]) -> Callable[..., Any]:
         "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
     )(f)
     return click.option(
-        "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+        "--amqp-url",
+        envvar="SESSIONBUS_AMQP_URL",
+        default=DEFAULT_AMQP_URL,
+        show_default=True,
+        help=AMQP_URL_HELP,
     )(f)
 
 
@@ -846,7 +859,11 @@ def audit() -> None:
 @click.option("--from-stream", is_flag=True, help="Read the RabbitMQ audit stream, not the store.")
 @click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
 @click.option(
-    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+    "--amqp-url",
+    envvar="SESSIONBUS_AMQP_URL",
+    default=DEFAULT_AMQP_URL,
+    show_default=True,
+    help=AMQP_URL_HELP,
 )
 @click.option(
     "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
@@ -901,7 +918,11 @@ def audit_export(
 @main.command("module")
 @click.argument("name", type=click.Choice(sorted(_SEED_MODULES)))
 @click.option(
-    "--amqp-url", envvar="SESSIONBUS_AMQP_URL", default=DEFAULT_AMQP_URL, show_default=True
+    "--amqp-url",
+    envvar="SESSIONBUS_AMQP_URL",
+    default=DEFAULT_AMQP_URL,
+    show_default=True,
+    help=AMQP_URL_HELP,
 )
 @click.option(
     "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True

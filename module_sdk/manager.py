@@ -171,9 +171,13 @@ class SessionManager:
     # -- construction -----------------------------------------------------------------
 
     @classmethod
-    def connect(cls, url: str, *, prefix: str | None = None, **options: Any) -> Self:
-        """A manager on its own RabbitMQ connection (closed with the manager). The
-        topology prefix is ``prefix``, else the ``topology`` option, else
+    def connect(
+        cls, url: str | Sequence[str], *, prefix: str | None = None, **options: Any
+    ) -> Self:
+        """A manager on its own RabbitMQ connection (closed with the manager). ``url``
+        is one AMQP URL, or the nodes of a cluster (several URLs, or one string with
+        them separated by commas): the connection moves to another node when its node
+        goes. The topology prefix is ``prefix``, else the ``topology`` option, else
         ``SESSIONBUS_PREFIX`` from the environment, else the default."""
         module_id = options.get("module_id") or cls.module_id
         name = os.environ.get("SESSIONBUS_CONNECTION_NAME", f"sessionbus-module-{module_id}")
