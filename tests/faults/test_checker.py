@@ -232,3 +232,19 @@ def test_a_journal_reads_back_hook_calls_and_event_ids(tmp_path: Path) -> None:
         ("link", 5.1, "SESSION_DESTROYED"),
         ("destroy", 5.2, None),
     ]
+
+
+def test_a_link_refused_by_a_race_is_not_spurious_but_one_sent_knowing_is() -> None:
+    """A link refused because the session ended while the module still held it live is a
+    race (counted apart); one sent while the module already held the ending version is
+    spurious."""
+    view = store()
+    view.ended_at_version[B] = 3  # B left its live statuses at version 3
+    raced = hooked(HookCall("link", B, M1, wall=1.0, outcome="SESSION_CLOSED", known_version=2))
+    report = check(view, {"m": [raced]})
+    report.assert_ok()
+    assert report.links_refused_by_race == 1
+    knowing = hooked(HookCall("link", B, M1, wall=1.0, outcome="SESSION_CLOSED", known_version=3))
+    report = check(view, {"m": [knowing]})
+    assert report.spurious["link_for_destroyed"] == 1, report.summary()
+    assert report.links_refused_by_race == 0

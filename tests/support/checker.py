@@ -32,8 +32,13 @@ store too; each of these is a spurious hook call, counted by kind and required t
   workflow session;
 - ``create_twice``: ``on_create`` called a second time for one workflow session;
 - ``destroy_twice``: ``on_destroy`` called a second time for one workflow session;
-- ``link_for_destroyed``: a link sent after the session was destroyed, or refused
-  because it was destroyed or being cleaned up.
+- ``link_for_destroyed``: a link sent for a session the module already held as over
+  (its ``known_version`` at or past the event that ended the session's live statuses),
+  or, where the journal does not say what the module held, a link sent after the
+  session was destroyed or refused because it was destroyed or being cleaned up. A
+  link the coordinator refuses because the session ended while the module could not
+  yet know (it failed by a link timeout during a network cut, say) is a race the
+  module handles (it destroys what it made), counted as ``links_refused_by_race``.
 
 A second create or destroy in a life after one that crashed is not spurious (the new
 life cannot know what the killed one did before its acknowledgement): it is counted
@@ -63,6 +68,8 @@ from contracts import (
     Destroyed,
     Linked,
     OrphanReported,
+    SessionStatus,
+    StatusChanged,
     Topology,
     Unlinked,
     verify_chain_raw,
@@ -91,6 +98,8 @@ SPURIOUS_KINDS = ("create_for_destroyed", "create_twice", "destroy_twice", "link
 
 # Link refusals that mean the module linked a session it should have known was over.
 _LINK_TOO_LATE = frozenset({"SESSION_DESTROYED", "SESSION_CLOSED"})
+# The statuses in which a workflow session still takes links.
+_LIVE = frozenset({SessionStatus.INITIALIZING, SessionStatus.ACTIVE, SessionStatus.PAUSED})
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,8 @@ class HookCall:
     module_session: uuid.UUID | None = None
     wall: float | None = None
     outcome: str | None = None
+    # The session's version the module held when it made the call (links only).
+    known_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,9 @@ class StoreView:
     # (seconds since the epoch); derived from ``envelopes`` when not given.
     ids_at: dict[tuple[uuid.UUID, int], uuid.UUID] = field(default_factory=dict)
     destroyed_at: dict[uuid.UUID, float] = field(default_factory=dict)
+    # The version at which each session that ended left its live statuses (went to
+    # COMPLETED, FAILED, CANCELLED or CLEANUP, or was destroyed).
+    ended_at_version: dict[uuid.UUID, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for env in self.envelopes:
@@ -145,6 +159,12 @@ class StoreView:
             self.ids_at.setdefault((env.session_id, env.version), env.event_id)
             if isinstance(env.event, Destroyed):
                 self.destroyed_at.setdefault(env.session_id, env.occurred_at.timestamp())
+            if isinstance(env.event, Destroyed) or (
+                isinstance(env.event, StatusChanged)
+                and env.event.module_id is None
+                and env.event.new_status not in _LIVE
+            ):
+                self.ended_at_version.setdefault(env.session_id, env.version)
 
     @classmethod
     def read(cls, store_url: str, *, verify_chains: bool = True) -> StoreView:
@@ -187,6 +207,7 @@ class CheckReport:
     spurious_hooks: list[str] = field(default_factory=list)  # "kind: detail"
     spurious: Counter[str] = field(default_factory=Counter)  # kind -> count
     hooks_repeated_after_crash: int = 0
+    links_refused_by_race: int = 0
     published: int | None = None
     published_duplicates: int = 0
     unpublished: list[uuid.UUID] = field(default_factory=list)
@@ -224,6 +245,7 @@ class CheckReport:
             "spurious_hooks": len(self.spurious_hooks),
             **{kind: self.spurious[kind] for kind in SPURIOUS_KINDS},
             "hooks_repeated_after_crash": self.hooks_repeated_after_crash,
+            "links_refused_by_race": self.links_refused_by_race,
             "published": self.published,
             "published_duplicates": self.published_duplicates,
             "unpublished": len(self.unpublished),
@@ -418,7 +440,18 @@ def _check_hooks(
             ended = view.destroyed_at.get(wsid)
             late = ended is not None and hook.wall is not None and hook.wall > ended
             if hook.kind == "link":
-                if hook.outcome in _LINK_TOO_LATE or late:
+                ended_at = view.ended_at_version.get(wsid)
+                if hook.known_version is not None:
+                    knew = ended_at is not None and hook.known_version >= ended_at
+                    if knew:
+                        spurious(
+                            "link_for_destroyed",
+                            f"{where}: link {hook.outcome} sent holding v{hook.known_version}"
+                            f", the session ended at v{ended_at}",
+                        )
+                    elif hook.outcome in _LINK_TOO_LATE:
+                        report.links_refused_by_race += 1
+                elif hook.outcome in _LINK_TOO_LATE or late:
                     spurious("link_for_destroyed", f"{where}: link {hook.outcome or 'sent'}")
                 continue
             if hook.kind not in ("create", "destroy"):
@@ -525,6 +558,7 @@ def _hook(kind: str, record: Mapping[str, Any]) -> HookCall:
         module_session=uuid.UUID(record["m"]) if record.get("m") else None,
         wall=record.get("wt"),
         outcome=record.get("r"),
+        known_version=record.get("kv"),
     )
 
 

@@ -16,7 +16,8 @@ Lines: ``{"k": "start", "pid": …, "t": …}``, ``{"k": "baseline", "v": {sid: 
 ``{"k": "a", "s": sid, "v": version, "e": event_id, "t": …}`` (applied), ``{"k": "r",
 "e": event_id}`` (a registry event applied), ``{"k": "made", "w": wsid, "m": msid,
 "wt": …}`` (``on_create``), ``{"k": "destroyed", "w": wsid, "m": msid, "wt": …}``
-(``on_destroy``), ``{"k": "link", "w": wsid, "m": msid, "wt": …, "r": "ok" | code}``,
+(``on_destroy``), ``{"k": "link", "w": wsid, "m": msid, "wt": …, "r": "ok" | code, "kv": version}``
+(``kv``: the session's version the module held when it sent the link),
 ``{"k": "ready", "t": …}``, ``{"k": "stop", "stats": {…}}``. ``t`` is
 ``time.monotonic()``: one clock for every process of the machine, so a test can compare
 it with its own; ``wt`` is ``time.time()``, the clock the coordinator stamps events
@@ -105,14 +106,20 @@ class _LinkJournal(CoordinatorClient):
         **options: Any,
     ) -> Accepted:
         wall = time.time()
+        # The version of the session this module held when it sent the link: whether it
+        # could have known the session was over (a refusal by a race is not spurious).
+        held = self._module.sessions.get(workflow_session_id)
+        known = held.version if held is not None else 0
         try:
             accepted = await super().link_module_session(
                 workflow_session_id, module_id, module_session_id, **options
             )
         except CommandFailed as exc:
-            self._module.hook("link", workflow_session_id, module_session_id, wall, str(exc.code))
+            self._module.hook(
+                "link", workflow_session_id, module_session_id, wall, str(exc.code), known
+            )
             raise
-        self._module.hook("link", workflow_session_id, module_session_id, wall, "ok")
+        self._module.hook("link", workflow_session_id, module_session_id, wall, "ok", known)
         return accepted
 
 
@@ -141,13 +148,23 @@ class JournalModule(SessionManager):
         module_session_id: uuid.UUID,
         wall: float,
         outcome: str | None = None,
+        known_version: int | None = None,
     ) -> None:
         self.hooks.append(
-            HookCall(kind, workflow_session_id, module_session_id, wall=wall, outcome=outcome)
+            HookCall(
+                kind,
+                workflow_session_id,
+                module_session_id,
+                wall=wall,
+                outcome=outcome,
+                known_version=known_version,
+            )
         )
         fields: dict[str, Any] = {"w": str(workflow_session_id), "m": str(module_session_id)}
         if outcome is not None:
             fields["r"] = outcome
+        if known_version is not None:
+            fields["kv"] = known_version
         self.journal.write(_LINES[kind], **fields, wt=wall)
 
     async def on_create(
