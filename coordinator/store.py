@@ -121,6 +121,11 @@ class PostgresTimeouts:
     keepalives_interval: int = 2
     keepalives_count: int = 3
     user_timeout: float = 15.0
+    # How long a pool tries to replace a lost connection before it gives the slot up
+    # (to make it again, at once, for the next caller): psycopg_pool retries with a
+    # doubling delay (1, 2, 4, 8 s …), so a longer try would find a database that is
+    # back only seconds later.
+    reconnect: float = 2.0
 
     @classmethod
     def from_query(cls, query: dict[str, str]) -> PostgresTimeouts:
@@ -162,9 +167,10 @@ class _PostgresFactory(PostgresFactory):
         super().__init__(env)
         timeouts = PostgresTimeouts.decode(self.env.get(_TIMEOUTS_ENV))
         # Read when the pool opens, which the recorder does on first use.
-        kwargs = self.datastore.pool.kwargs
-        assert isinstance(kwargs, dict)
-        kwargs.update(timeouts.connection_kwargs())
+        pool = self.datastore.pool
+        assert isinstance(pool.kwargs, dict)
+        pool.kwargs.update(timeouts.connection_kwargs())
+        pool.reconnect_timeout = timeouts.reconnect
 
 
 # --- settings ------------------------------------------------------------------------
@@ -557,6 +563,7 @@ class _PostgresCheckpoints:
                 max_size=2,
                 open=False,
                 timeout=timeouts.pool_wait,
+                reconnect_timeout=timeouts.reconnect,
                 num_workers=1,
                 name="sessionbus-checkpoints",
             )

@@ -253,7 +253,7 @@ class Writer:
         touched: dict[uuid.UUID, EnvelopeAggregate] = {}
         for attempt in range(_CONFLICT_RETRIES + 1):
             touched = {}
-            outcomes = [self._apply(job, touched, recheck=attempt > 0) for job in batch]
+            outcomes = self._apply_batch(batch, touched, recheck=attempt > 0)
             # A clock that only moves when told (tests) fires timeouts only in passes
             # that carry a job, so a test decides when they fire; a real clock's
             # idle wake-ups fire them too.
@@ -478,6 +478,27 @@ class Writer:
                     registry.report_orphan(ctx, module_id, session.id, module_session_id)
 
     # -- commands ---------------------------------------------------------------------
+
+    def _apply_batch(
+        self, batch: list[WriteJob], touched: dict[uuid.UUID, EnvelopeAggregate], *, recheck: bool
+    ) -> list[Outcome]:
+        """Apply every job of a pass. Copies of one command in the same pass (a client
+        that sent it again while the first copy waited, as it does while the store is
+        away) get the first copy's outcome: it is not applied yet when they come, so
+        the memory of applied commands cannot answer them."""
+        first: dict[uuid.UUID, tuple[WriteJob, Outcome]] = {}
+        outcomes: list[Outcome] = []
+        for job in batch:
+            seen = first.get(job.command_id) if job.command_id is not None else None
+            if seen is not None and job.command is not None:
+                job.actions[:] = seen[0].actions
+                outcomes.append(seen[1])
+                continue
+            outcome = self._apply(job, touched, recheck=recheck)
+            if job.command_id is not None and job.command is not None:
+                first[job.command_id] = (job, outcome)
+            outcomes.append(outcome)
+        return outcomes
 
     def _apply(
         self, job: WriteJob, touched: dict[uuid.UUID, EnvelopeAggregate], *, recheck: bool

@@ -251,7 +251,8 @@ async def run(args: argparse.Namespace) -> None:
             ),
         ),
         module_id=args.module_id,
-        topology=Topology(args.prefix),
+        # SESSIONBUS_PARTITIONS as the coordinators have it (tests with replicas).
+        topology=Topology.from_env(args.prefix),
         own_transport=True,
         heartbeat_interval=1.0,
         client_timeout=3.0,

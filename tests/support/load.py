@@ -23,6 +23,7 @@ from contracts import (
     Command,
     CreateWorkflowSession,
     DestroyWorkflowSession,
+    ErrorCode,
     GetWorkflowSession,
     SessionResult,
     SessionStatus,
@@ -46,7 +47,8 @@ class LoadResult:
     failures: list[str] = field(default_factory=list)
     commands: int = 0  # state-changing commands acknowledged
     queries: int = 0  # reads answered
-    retries: int = 0  # requests sent again after no answer
+    retries: int = 0  # requests sent again after no answer or a retryable refusal
+    refused_retryable: int = 0  # of those, the ones refused with a retryable error
     answered_at: list[float] = field(default_factory=list)  # monotonic, sorted
     started_at: float = 0.0
     ended_at: float = 0.0
@@ -66,7 +68,15 @@ class LoadResult:
         return (
             f"{len(self.finished)}/{len(self.sessions)} sessions in {self.elapsed:.1f} s, "
             f"{self.commands} commands, {self.queries} reads, {self.retries} retries"
+            + (f" ({self.refused_retryable} refused retryably)" if self.refused_retryable else "")
         )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the client gave up after a reply with a retryable error (``CODE: …``),
+    rather than after no reply at all."""
+    cause = str(exc.__cause__ or "")
+    return cause.split(":", 1)[0] in ErrorCode.__members__
 
 
 class SessionLoad:
@@ -174,6 +184,8 @@ class SessionLoad:
                 result = await self.client.call(command, command_id=command_id)
             except (CoordinatorUnavailable, TransportError) as exc:
                 self.result.retries += 1
+                if _refused(exc):
+                    self.result.refused_retryable += 1
                 if time.monotonic() > self._deadline:
                     raise TimeoutError(
                         f"{type(command).__name__} unanswered at the load's deadline: {exc}"

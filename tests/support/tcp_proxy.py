@@ -161,6 +161,10 @@ class TcpProxy:
             await self._server.wait_closed()
             self._server = None
         self.cut()
+        # Cut links end their handlers; a handler cancelled instead is reported by
+        # asyncio's stream callback as an error in the log.
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=5)
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
