@@ -309,7 +309,17 @@ export class CoordinatorClient {
    * page after the last one's key (creation time, id), so a session destroyed between
    * two pages shifts no live one past the next page. */
   async listWorkflowSessions(pageSize = 500): Promise<wire.WorkflowSession[]> {
+    return (await this.snapshotWorkflowSessions(pageSize)).sessions;
+  }
+
+  /** The listing and `position`, the store position its first page reflected: an
+   * event at or before it of a session not listed belongs to a session destroyed by
+   * the time its page was read (the Python client's `snapshot_workflow_sessions`). */
+  async snapshotWorkflowSessions(
+    pageSize = 500,
+  ): Promise<{ sessions: wire.WorkflowSession[]; position: number }> {
     const sessions: wire.WorkflowSession[] = [];
+    let position: number | null = null;
     let after: wire.SessionsCursor | null = null;
     let offset = 0;
     for (;;) {
@@ -317,13 +327,14 @@ export class CoordinatorClient {
         { type: "list-workflow-sessions", offset, after, limit: pageSize },
         "sessions",
       );
+      position ??= page.position ?? 0;
       sessions.push(...page.sessions);
       if (page.next_after) {
         after = page.next_after;
       } else if (page.next_offset != null && after === null) {
         offset = page.next_offset; // a coordinator that pages by offset only
       } else {
-        return sessions;
+        return { sessions, position };
       }
     }
   }

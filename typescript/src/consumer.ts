@@ -227,7 +227,7 @@ export class EventConsumer {
       return;
     }
     try {
-      if (this.projection.isHistory(env)) {
+      if (current === 0 && this.projection.isHistory(env)) {
         const events = await this.missing(sid, current, env);
         await this.projection.applyBatch(sid, events, true);
         this.stats.caughtUp += events.length;

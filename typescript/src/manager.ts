@@ -10,10 +10,11 @@
  * CLEANUP → destroy and unlink; an orphan clean-up request → destroy. Writes go to
  * the coordinator (seed rule 3). Lifecycle callbacks are always wired (rule 5).
  *
- * History is never replayed as side effects: on start the manager loads every live
- * session's state and reacts to each once; afterwards an event the coordinator had
- * already folded before that load, or one past a gap, brings its session up to date
- * from the coordinator's history — folded as a whole, then reacted to once. So a
+ * History is never replayed as side effects: on start the manager lists every live
+ * session and reacts to each state once; afterwards an event of a session not listed
+ * from before the listing (one destroyed meanwhile), or one past a gap, brings its
+ * session up to date from the coordinator's history — folded as a whole, then reacted
+ * to once. So a
  * restarted module never runs `onCreate` for a session destroyed meanwhile, never
  * runs `onDestroy` twice, and never tries to link to a destroyed session.
  */
@@ -113,9 +114,11 @@ export class SessionManager implements ISessionManager {
   private readonly madeUnlinked = new Map<string, { moduleSessionId: string; metadata: Record<string, unknown> }>();
   private readonly destroyedLinked = new Map<string, string>();
   private readonly errors: StandardError[] = [];
+  /** Module sessions whose `onDestroy` ran (bounded). */
+  private readonly released = new Set<string>();
   private callbacks: Required<SessionLifecycleCallbacks> = defaultCallbacks();
   private createdTotal = 0;
-  /** The coordinator's projection position when this process loaded its sessions. */
+  /** The store position the start-up listing reflected. */
   private caughtUpAt = 0;
   /** Versions this process loaded from the coordinator on start. */
   readonly baseline = new Map<string, number>();
@@ -234,26 +237,49 @@ export class SessionManager implements ISessionManager {
   }
 
   /** Load every live session from the coordinator, then reconcile: create and link
-   * where this module is expected, finish clean-ups it missed. Events the coordinator
-   * had folded before this load (position at or below `caughtUpAt`) are history. */
+   * where this module is expected, finish clean-ups it missed. Events at or before
+   * the position the listing reflected, of sessions not listed, are history. */
   protected async catchUp(): Promise<void> {
-    this.caughtUpAt = (await this.client.rawCoordinatorHealth()).store_position ?? 0;
-    for (const session of await this.client.listWorkflowSessions()) {
+    const snapshot = await this.client.snapshotWorkflowSessions();
+    this.caughtUpAt = snapshot.position;
+    for (const session of snapshot.sessions) {
       this.sessions.set(session.session_id, session);
       this.baseline.set(session.session_id, session.version ?? 0);
       const info = session.modules?.[this.moduleId];
       if (info !== undefined) this.owned.set(session.session_id, info.session_id);
     }
-    for (const session of [...this.sessions.values()]) await this.reactToState(session);
+    for (const session of [...this.sessions.values()]) {
+      if (this.wantsCreate(session)) {
+        // A create is a side effect (a browser, a connection): ask whether the session
+        // still waits for one, not only the listing — it may have ended, or the link
+        // of a previous life landed, since.
+        const now = await this.client.call({ type: "get-workflow-session", session_id: session.session_id });
+        const current = now.type === "session" ? now.session : null;
+        if (current == null || current.destroyed || !this.wantsCreate(current)) continue;
+      }
+      await this.reactToState(session);
+    }
   }
 
-  private async reactToState(session: wire.WorkflowSession): Promise<void> {
+  /** Whether `session` waits for this module's session. `isNew`: this process never
+   * saw it before, so it may join one that went ACTIVE without it. */
+  private wantsCreate(session: wire.WorkflowSession, isNew = false): boolean {
+    const status = session.status as SessionStatus;
+    const joinable = status === S.INITIALIZING || (isNew && ACTIVE_STATUSES.has(status));
+    return (
+      !session.destroyed &&
+      joinable &&
+      session.modules?.[this.moduleId] === undefined &&
+      this.shouldJoin(toWorkflowSession(session))
+    );
+  }
+
+  private async reactToState(session: wire.WorkflowSession, isNew = false): Promise<void> {
     const sid = session.session_id;
     if (session.destroyed) return;
-    const linked = session.modules?.[this.moduleId] !== undefined;
-    if (session.status === S.CLEANUP && linked) {
+    if (session.status === S.CLEANUP && session.modules?.[this.moduleId] !== undefined) {
       await this.safe(this.destroySessionWithReason(sid, "workflow session cleanup"), sid);
-    } else if (session.status === S.INITIALIZING && !linked && this.shouldJoin(toWorkflowSession(session))) {
+    } else if (this.wantsCreate(session, isNew)) {
       await this.safe(this.createSession(sid), sid);
     }
   }
@@ -355,6 +381,7 @@ export class SessionManager implements ISessionManager {
   }
 
   private async destroyInternal(workflowSessionId: string, moduleSessionId: string): Promise<void> {
+    if (this.released.has(moduleSessionId)) return; // onDestroy runs once per module session
     const info = this.info(workflowSessionId, moduleSessionId);
     try {
       await this.retry(this.retryAttempts, () => this.onDestroy(info));
@@ -366,6 +393,11 @@ export class SessionManager implements ISessionManager {
       };
       this.remember(failure);
       throw new SdkError(failure.message, { cause: error });
+    }
+    this.released.add(moduleSessionId);
+    if (this.released.size > DESTROYED_MEMORY) {
+      const oldest = this.released.values().next().value;
+      if (oldest !== undefined) this.released.delete(oldest);
     }
   }
 
@@ -514,7 +546,7 @@ export class SessionManager implements ISessionManager {
     if (state === null) return;
     this.store(state);
     try {
-      await this.reactOnce(sid, before, state);
+      await this.reactOnce(sid, events, before, state);
     } catch (error) {
       this.restore(sid, before);
       throw error;
@@ -527,48 +559,60 @@ export class SessionManager implements ISessionManager {
     }
   }
 
+  /** React once to where a run of past events left a session, never to each (as the
+   * Python SDK's `_react_to_history`). */
   private async reactOnce(
     sid: string,
+    events: wire.EventEnvelope[],
     before: wire.WorkflowSession | null,
     state: wire.WorkflowSession,
   ): Promise<void> {
     const cb = this.callbacks;
-    const mine = state.modules?.[this.moduleId];
-    if (mine !== undefined && before?.modules?.[this.moduleId]?.session_id !== mine.session_id) {
-      this.owned.set(sid, mine.session_id);
-      const made = this.madeUnlinked.get(sid);
-      if (made !== undefined && made.moduleSessionId === mine.session_id) this.madeUnlinked.delete(sid);
-      await this.callback(() => cb.onSessionCreated(this.moduleId, sid, mine.session_id));
-    }
-    if (before !== null && before.status !== state.status) {
-      await this.callback(() =>
-        cb.onSessionStatusChanged(
-          this.moduleId,
-          sid,
-          before.status as SessionStatus,
-          state.status as SessionStatus,
+    const previous = before?.modules?.[this.moduleId];
+    if (state.destroyed) {
+      // Release what this process still holds for it (a module session made and
+      // never linked, or linked and never unlinked), once; nothing new is made.
+      const held = new Set(
+        [this.owned.get(sid), this.madeUnlinked.get(sid)?.moduleSessionId].filter(
+          (id): id is string => id !== undefined,
         ),
       );
-    }
-    if (state.destroyed) {
-      // What this process still holds of a session that is gone (it never unlinked,
-      // or never got to link) is released; nothing is created or linked.
-      const held = this.owned.get(sid) ?? this.madeUnlinked.get(sid)?.moduleSessionId;
       this.owned.delete(sid);
       this.madeUnlinked.delete(sid);
       this.destroyedLinked.delete(sid);
-      if (held !== undefined) await this.safe(this.destroyInternal(sid, held), sid);
-      if (before !== null) await this.callback(() => cb.onSessionDestroyed(this.moduleId, sid));
+      for (const id of held) await this.safe(this.destroyInternal(sid, id), sid);
+      if (before !== null || held.size > 0) {
+        await this.callback(() => cb.onSessionDestroyed(this.moduleId, sid));
+      }
       return;
     }
-    const held = this.owned.get(sid);
-    if (mine === undefined && held !== undefined && state.status !== S.INITIALIZING) {
-      // Unlinked meanwhile by someone else (integrity repair): release what we hold.
+    const mine = state.modules?.[this.moduleId];
+    const owned = this.owned.get(sid);
+    if (mine !== undefined) {
+      this.owned.set(sid, mine.session_id);
+      const made = this.madeUnlinked.get(sid);
+      if (made !== undefined && made.moduleSessionId === mine.session_id) this.madeUnlinked.delete(sid);
+      if (previous?.session_id !== mine.session_id) {
+        await this.callback(() => cb.onSessionCreated(this.moduleId, sid, mine.session_id));
+      }
+    } else if (previous !== undefined && owned === previous.session_id) {
+      // Unlinked by someone else (integrity repair): release what we hold.
       this.owned.delete(sid);
-      await this.safe(this.destroyInternal(sid, held), sid);
-      return;
+      await this.safe(this.destroyInternal(sid, previous.session_id), sid);
     }
-    await this.reactToState(state);
+    const old = (before?.status ?? S.INITIALIZING) as SessionStatus;
+    if (state.status !== old) {
+      await this.callback(() => cb.onSessionStatusChanged(this.moduleId, sid, old, state.status as SessionStatus));
+    }
+    for (const env of events) {
+      if (env.event.type === "session.error-reported") {
+        const event = env.event;
+        await this.callback(() =>
+          cb.onSessionError(event.module_id ?? this.moduleId, sid, toStandardError(event.error)),
+        );
+      }
+    }
+    await this.reactToState(state, before === null);
   }
 
   private async react(
