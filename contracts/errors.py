@@ -99,6 +99,9 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "TIMEOUT"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    # The coordinator is up but its event store is not (unreachable, disk full,
+    # read-only): nothing was stored; the same command may be sent again.
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
 
 
 class StandardError(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

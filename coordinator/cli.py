@@ -40,7 +40,7 @@ from coordinator.runtime import CoordinatorRuntime
 from coordinator.service import SessionCoordinator
 from coordinator.store import DEFAULT_STORE_URL, MAX_PARTITIONS, EventStore
 from module_sdk.client import CoordinatorClient
-from module_sdk.errors import CommandFailed, CoordinatorUnavailable
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable, StoreUnavailable
 from module_sdk.reference.__main__ import main as run_module
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -48,8 +48,8 @@ AMQP_URL_HELP = "RabbitMQ URL; the nodes of a cluster as several URLs separated 
 
 # Exit codes: 0 done; 1 the answer is "no" (unknown session, failed verification,
 # refused command); 2 bad usage; 3 broker unreachable; 4 coordinator not answering or
-# failing.
-EXIT_NO, EXIT_USAGE, EXIT_BROKER, EXIT_COORDINATOR = 1, 2, 3, 4
+# failing; 5 the coordinator answers but its event store is unavailable (try again).
+EXIT_NO, EXIT_USAGE, EXIT_BROKER, EXIT_COORDINATOR, EXIT_STORE = 1, 2, 3, 4, 5
 
 
 def _replica(value: str | None) -> tuple[int, int] | None:
@@ -332,6 +332,8 @@ def _run_bus(
         return asyncio.run(go())
     except CommandFailed as exc:
         _fail(f"{exc.error.code}: {exc.error.message}", EXIT_NO)
+    except StoreUnavailable as exc:
+        _fail(f"{exc.error.code}: {exc.error.message}", EXIT_STORE)
     except CoordinatorUnavailable:
         _fail(
             f"no reply from a coordinator on prefix {prefix!r} within {timeout:g} s "

@@ -14,6 +14,9 @@ __all__ = [
     "CommandRejected",
     "ConfigurationError",
     "CoordinatorError",
+    "StoreFull",
+    "StoreLocked",
+    "StoreReadOnly",
     "StoreUnavailable",
 ]
 
@@ -27,7 +30,38 @@ class ConfigurationError(CoordinatorError):
 
 
 class StoreUnavailable(CoordinatorError):
-    """The event store could not be reached or refused the write."""
+    """The event store could not be reached or refused the write; nothing was stored.
+    ``reason`` is a short stable word for replies and logs."""
+
+    reason = "unreachable"
+
+    def rejection(self) -> CommandRejected:
+        """What a command that met this error is answered: retryable, since sending
+        the same command again once the store is back applies it once."""
+        return CommandRejected(
+            ErrorCode.STORE_UNAVAILABLE,
+            f"event store unavailable ({self.reason}): {self}",
+            retryable=True,
+            reason=self.reason,
+        )
+
+
+class StoreFull(StoreUnavailable):
+    """The disk under the store is full (SQLite: "database or disk is full")."""
+
+    reason = "full"
+
+
+class StoreReadOnly(StoreUnavailable):
+    """The store accepts no writes (a read-only file or file system)."""
+
+    reason = "read-only"
+
+
+class StoreLocked(StoreUnavailable):
+    """Another process holds the store (SQLite: its lock, or a second coordinator)."""
+
+    reason = "locked"
 
 
 class CommandRejected(CoordinatorError):

@@ -55,6 +55,8 @@ _NIL: Final = uuid.UUID(int=0)
 # A coordinator's heartbeat queue is deleted this long after its consumer is gone.
 HEARTBEAT_QUEUE_EXPIRES_MS: Final = 300_000
 _JSON: Final = Codec("json")
+# Replies that say "not now": the command is requeued once before it is answered so.
+_UNAVAILABLE: Final = frozenset({ErrorCode.UNAVAILABLE, ErrorCode.STORE_UNAVAILABLE})
 _command_id_only = msgspec.json.Decoder(dict[str, object])
 
 
@@ -102,6 +104,7 @@ class CommandServer:
         self._inflight: set[asyncio.Task[None]] = set()
         self.handled = 0
         self.rejected = 0
+        self.refused = 0  # answered "unavailable" (retryable) after a requeue
         self.metrics: CoordinatorMetrics | None = None
 
     def _first(self) -> tuple[list[str], list[str]]:
@@ -203,15 +206,20 @@ class CommandServer:
             outcome = "ok" if reply.error is None else str(reply.error.code)
             self.metrics.commands.labels(request.command.__class__.__name__, outcome).inc()
             self.metrics.command_seconds.observe(time.perf_counter() - started)
-        if (
-            reply.error is not None
-            and reply.error.code == ErrorCode.UNAVAILABLE
-            and not delivery.redelivered
-        ):
-            # The coordinator is shutting down or its store is away: let another
-            # attempt (or another coordinator) have it.
-            await delivery.requeue()
-            return
+        if reply.error is not None and reply.error.code in _UNAVAILABLE:
+            if not delivery.redelivered:
+                # The coordinator is shutting down or its store is away: let another
+                # attempt (or another coordinator) have it. A redelivered command is
+                # answered instead, so a command is requeued once, never in a loop.
+                await delivery.requeue()
+                return
+            self.refused += 1
+            log.warning(
+                "%s %s refused: %s",
+                type(request.command).__name__,
+                request.command_id,
+                reply.error.message,
+            )
         await self._reply(delivery, reply, codec=codec)
         await delivery.ack()
         self.handled += 1

@@ -354,19 +354,18 @@ class SessionCoordinator:
         while True:
             saved, results, target = await self._commits.get()
             try:
-                await self._catch_up(saved)
-                if target is not None:
-                    await self._catch_up_to(target)
-                self._arm_touched()
-                # Callers first, then the relay: their replies are scheduled ahead of
-                # the publishing of the same events, which nobody is waiting on.
-                for job, outcome in results:
-                    future = job.token
-                    if isinstance(future, asyncio.Future) and not future.done():
-                        if isinstance(outcome, CommandRejected):
-                            future.set_exception(outcome)
-                        else:
-                            future.set_result((outcome, job.actions))
+                try:
+                    await self._catch_up(saved)
+                    if target is not None:
+                        await self._catch_up_to(target)
+                    self._arm_touched()
+                finally:
+                    # Callers first, then the relay: their replies are scheduled ahead
+                    # of the publishing of the same events, which nobody is waiting
+                    # on. Resolved even when the projections could not catch up (the
+                    # store went away between the commit and the read): what was
+                    # saved is saved, and the next commit or follow catches up.
+                    self._resolve(results)
                 for listener in self._commit_listeners:
                     try:
                         listener(saved)
@@ -382,6 +381,16 @@ class SessionCoordinator:
                 log.exception("applying a commit failed")
             finally:
                 self._commits.task_done()
+
+    @staticmethod
+    def _resolve(results: list[tuple[WriteJob, Outcome]]) -> None:
+        for job, outcome in results:
+            future = job.token
+            if isinstance(future, asyncio.Future) and not future.done():
+                if isinstance(outcome, CommandRejected):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result((outcome, job.actions))
 
     async def _catch_up(self, saved: list[EventEnvelope]) -> None:
         proj = self.projections
@@ -487,6 +496,10 @@ class SessionCoordinator:
             )
         except CommandRejected as rejected:
             return CommandReply(command_id=request.command_id, error=rejected.to_standard_error())
+        except StoreUnavailable as exc:
+            # A read that needs the store (a history, a session not held in memory).
+            error = exc.rejection().to_standard_error()
+            return CommandReply(command_id=request.command_id, error=error)
         except CoordinatorError as exc:
             error = StandardError(code=ErrorCode.UNAVAILABLE, message=str(exc), retryable=True)
             return CommandReply(command_id=request.command_id, error=error)

@@ -10,6 +10,7 @@ the way out.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sqlite3
 import threading
@@ -50,7 +51,13 @@ from contracts import (
     WorkflowSession,
 )
 from coordinator.domain import EnvelopeAggregate, ModuleRegistry, RegistryState
-from coordinator.errors import ConfigurationError, StoreUnavailable
+from coordinator.errors import (
+    ConfigurationError,
+    StoreFull,
+    StoreLocked,
+    StoreReadOnly,
+    StoreUnavailable,
+)
 
 __all__ = [
     "DEFAULT_STORE_URL",
@@ -63,9 +70,12 @@ __all__ = [
     "VersionConflict",
 ]
 
+log = logging.getLogger("sessionbus.coordinator.store")
+
 DEFAULT_STORE_URL: Final = "sqlite:///sessionbus.sqlite"
 _SNAPSHOT_TOPIC: Final = get_topic(Snapshot)
 _E = TypeVar("_E", bound=msgspec.Struct)
+_F = TypeVar("_F", bound=Callable[..., Any])
 # Envelopes decoded at a time by ``EventStore.iter_all`` (see there).
 _DECODE_SLICE: Final = 128
 MAX_PARTITIONS: Final = 16
@@ -92,6 +102,39 @@ class Partition:
 
 class VersionConflict(StoreUnavailable):
     """Another writer appended to a stream first (optimistic concurrency)."""
+
+
+# SQLite's primary result codes (the low byte of an extended code) that say why a
+# write was refused; the messages are matched too, for errors raised without a code.
+_SQLITE_KINDS: Final[tuple[tuple[int, str, type[StoreUnavailable]], ...]] = (
+    (sqlite3.SQLITE_FULL, "disk is full", StoreFull),
+    (sqlite3.SQLITE_READONLY, "readonly database", StoreReadOnly),
+    (sqlite3.SQLITE_BUSY, "database is locked", StoreLocked),
+    (sqlite3.SQLITE_LOCKED, "database table is locked", StoreLocked),
+)
+
+
+def store_error(exc: BaseException, context: str | None = None) -> StoreUnavailable:
+    """A database error (eventsourcing's, which keeps the driver's as its cause, or
+    the driver's own) as the coordinator's typed error: ``StoreFull``,
+    ``StoreReadOnly``, ``StoreLocked`` or plain ``StoreUnavailable``."""
+    text = str(exc)
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, sqlite3.Error | psycopg.Error):
+        cause = cause.__cause__
+    kind: type[StoreUnavailable] = StoreUnavailable
+    if isinstance(cause, sqlite3.Error):
+        code = getattr(cause, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        for number, words, candidate in _SQLITE_KINDS:
+            if primary == number or words in text:
+                kind = candidate
+                break
+    elif isinstance(cause, psycopg.errors.DiskFull):
+        kind = StoreFull
+    elif isinstance(cause, psycopg.errors.ReadOnlySqlTransaction):
+        kind = StoreReadOnly
+    return kind(f"{context}: {text}" if context else text)
 
 
 # --- PostgreSQL connections ------------------------------------------------------
@@ -486,12 +529,27 @@ class _MemoryCheckpoints:
         pass
 
 
+def _sqlite_errors(method: _F) -> _F:
+    """sqlite3's own errors (these checkpoints use the driver directly) as the
+    coordinator's typed errors."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as exc:
+            raise store_error(exc, "checkpoints") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
 class _SQLiteCheckpoints:
     _DDL = (
         "CREATE TABLE IF NOT EXISTS sessionbus_checkpoints "
         "(name TEXT PRIMARY KEY, position INTEGER NOT NULL, data BLOB NOT NULL)"
     )
 
+    @_sqlite_errors
     def __init__(self, path: str) -> None:
         # No statement cache: a cached statement keeps its last bound values, and SQLite
         # holds its own copy of a bound blob (a projection checkpoint: hundreds of MB).
@@ -504,6 +562,7 @@ class _SQLiteCheckpoints:
     # value is copied whole by SQLite (on an insert twice: the value, then the record),
     # and a projection checkpoint is hundreds of MB.
 
+    @_sqlite_errors
     def get(self, name: str) -> tuple[int, bytes] | None:
         with self._lock:
             row = self._conn.execute(
@@ -516,6 +575,7 @@ class _SQLiteCheckpoints:
             ) as blob:
                 return int(row[1]), blob.read()
 
+    @_sqlite_errors
     def put(self, name: str, position: int, data: bytes | bytearray = b"") -> None:
         with self._lock, self._conn:
             self._conn.execute(
@@ -530,6 +590,7 @@ class _SQLiteCheckpoints:
             with self._conn.blobopen("sessionbus_checkpoints", "data", rowid) as blob:
                 blob.write(data)
 
+    @_sqlite_errors
     def advance(self, name: str, position: int) -> int:
         with self._lock, self._conn:
             (stored,) = self._conn.execute(
@@ -624,8 +685,6 @@ class _PostgresCheckpoints:
 
 # --- the store -----------------------------------------------------------------------
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
 
 def _store_errors(method: _F) -> _F:
     """The library's persistence errors out of a read as ``StoreUnavailable`` (after
@@ -636,7 +695,7 @@ def _store_errors(method: _F) -> _F:
         try:
             return method(*args, **kwargs)
         except PersistenceError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise store_error(exc) from exc
 
     return wrapper  # type: ignore[return-value]
 
@@ -727,7 +786,7 @@ class EventStore:
         try:
             self._app = _App(env, self.mapper)
         except (PersistenceError, OSError) as exc:
-            raise StoreUnavailable(f"cannot open store {self.settings.url}: {exc}") from exc
+            raise store_error(exc, f"cannot open store {self.settings.url}") from exc
         self.recorder = self._app.recorder
         self.checkpoints: Checkpoints = (
             _MemoryCheckpoints() if existing else self._open_checkpoints()
@@ -775,7 +834,7 @@ class EventStore:
         except AggregateNotFoundError:
             return None
         except PersistenceError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise store_error(exc) from exc
         return aggregate
 
     def load_registry(self) -> ModuleRegistry:
@@ -798,7 +857,7 @@ class EventStore:
         except IntegrityError as exc:
             raise VersionConflict(str(exc)) from exc
         except PersistenceError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+            raise store_error(exc) from exc
         saved = [
             r.domain_event.envelope.with_position(r.notification.id)  # type: ignore[attr-defined]
             for r in recordings
@@ -824,7 +883,12 @@ class EventStore:
             getattr(aggregate, "state", None)
         snapshots = [Snapshot.take(a) for a in chosen]
         if snapshots:
-            self._app.snapshots.put(snapshots)
+            try:
+                self._app.snapshots.put(snapshots)
+            except PersistenceError as exc:
+                # The events are committed: a snapshot only shortens later loads, and
+                # failing here would refuse commands that were stored.
+                log.warning("snapshot of %d sessions not saved: %s", len(snapshots), exc)
 
     # Reading --------------------------------------------------------------------
 

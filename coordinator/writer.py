@@ -172,6 +172,9 @@ class Writer:
         self.commands = 0
         self.foreign_events = 0
         self._gone: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._down_since: float | None = None  # when the store failed, while it is away
+        self._submitting = threading.Lock()
+        self._stopped = False
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -181,19 +184,44 @@ class Writer:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish what is queued, then stop. Safe to call twice."""
+        """Finish what is queued, then stop; a job that arrives after that is refused
+        (retryable), never left waiting. Safe to call twice."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
         self._queue.put(_STOP)
         thread.join(timeout)
+        with self._submitting:
+            self._stopped = True
+        left: list[WriteJob] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, WriteJob):
+                left.append(item)
+            elif isinstance(item, list):
+                left.extend(item)
+        self._refuse_stopped(left)
 
     def submit(self, job: WriteJob) -> None:
-        self._queue.put(job)
+        self.submit_many([job])
 
     def submit_many(self, jobs: list[WriteJob]) -> None:
         """Jobs in one hand-over: one wake-up of this thread, not one each."""
-        self._queue.put(jobs)
+        with self._submitting:
+            if not self._stopped:
+                self._queue.put(jobs)
+                return
+        self._refuse_stopped(jobs)
+
+    def _refuse_stopped(self, jobs: list[WriteJob]) -> None:
+        if jobs:
+            error = CommandRejected(
+                ErrorCode.UNAVAILABLE, "the coordinator is stopping", retryable=True
+            )
+            self.deliver([], [(job, error) for job in jobs])
 
     def kick(self) -> None:
         """Wake the thread to fire due timeouts now (the clock may have moved)."""
@@ -223,10 +251,7 @@ class Writer:
                     batch.extend(item)
                 elif isinstance(item, _Arm) and item.session_id not in self._gone:
                     self._arm(item.session_id, item.deadline)
-            try:
-                self._process(batch)
-            except Exception:  # pragma: no cover - _process contains its own failures
-                log.exception("writer pass failed")
+            self._process(batch)  # delivers every job, whatever fails
 
     def _drain(self, first: Any) -> Iterable[Any]:
         yield first
@@ -243,22 +268,72 @@ class Writer:
         return min(1.0, max(0.0, delta))
 
     def _process(self, batch: list[WriteJob]) -> None:
-        if self.follow_log:
-            try:
-                self._follow()
-            except StoreUnavailable:
-                log.warning("could not read the notification log before a pass")
+        """One pass. Whatever fails in it, every job of the batch gets an outcome and
+        is delivered: a caller never waits on a pass that died."""
         outcomes: list[Outcome] = []
         saved: list[EventEnvelope] = []
         touched: dict[uuid.UUID, EnvelopeAggregate] = {}
+        fired: list[tuple[datetime, uuid.UUID]] = []
+        try:
+            if self.follow_log:
+                # Unread foreign events may hold a retried command's id: without them
+                # a retry would be applied a second time, so the pass waits for them.
+                self._follow()
+            outcomes, saved = self._commit(batch, touched, fired)
+            if saved:
+                self._store_back()
+        except StoreUnavailable as exc:
+            # Nothing of this pass was saved: ``EventStore.save`` is one transaction
+            # and the last step that can fail.
+            self._store_down(exc, len(batch))
+            self._evict(touched)
+            self._rearm(fired, backoff=True)
+            touched, saved = {}, []
+            outcomes = [exc.rejection()] * len(batch)
+        except Exception as exc:
+            log.exception("writer pass of %d commands failed", len(batch))
+            self._evict(touched)
+            self._rearm(fired, backoff=True)
+            touched, saved = {}, []
+            outcomes = [
+                CommandRejected(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            ] * len(batch)
+        finally:
+            if len(outcomes) != len(batch):  # an exception no handler above took
+                outcomes = [CommandRejected(ErrorCode.INTERNAL, "writer pass interrupted")] * len(
+                    batch
+                )
+                touched, saved = {}, []
+            try:
+                if saved and saved[0].position == self._log_position + 1:
+                    self._log_position = saved[-1].position or self._log_position
+                self._after_commit(batch, outcomes, touched)
+            finally:
+                self.batches += 1
+                self.commands += len(batch)
+                self.deliver(saved, list(zip(batch, outcomes, strict=True)))
+
+    def _commit(
+        self,
+        batch: list[WriteJob],
+        touched: dict[uuid.UUID, EnvelopeAggregate],
+        fired: list[tuple[datetime, uuid.UUID]],
+    ) -> tuple[list[Outcome], list[EventEnvelope]]:
+        """Apply the batch and fire due timeouts, then save all in one transaction;
+        on a version conflict, again on fresh state. ``touched`` (the aggregates with
+        pending events) and ``fired`` (the deadlines taken off the heap) are the
+        caller's, to undo if the pass fails."""
+        outcomes: list[Outcome] = []
+        saved: list[EventEnvelope] = []
         for attempt in range(_CONFLICT_RETRIES + 1):
-            touched = {}
+            touched.clear()
+            fired.clear()
             outcomes = self._apply_batch(batch, touched, recheck=attempt > 0)
             # A clock that only moves when told (tests) fires timeouts only in passes
             # that carry a job, so a test decides when they fire; a real clock's
             # idle wake-ups fire them too.
-            fire = bool(batch) or getattr(self.clock, "autonomous", True)
-            fired = self._fire_timeouts(touched) if fire else []
+            if bool(batch) or getattr(self.clock, "autonomous", True):
+                self._fire_timeouts(touched, fired)
             pending = [a for a in touched.values() if a.pending_events]
             if not pending:
                 break
@@ -279,28 +354,29 @@ class Writer:
                 self._evict(touched)
                 # The timeouts fired in vain: fire them again on the retry.
                 self._rearm(fired, backoff=attempt == _CONFLICT_RETRIES)
+                fired.clear()
                 if attempt == _CONFLICT_RETRIES:
-                    touched = {}  # nothing of this pass was saved
+                    touched.clear()  # nothing of this pass was saved
                     error = CommandRejected(
                         ErrorCode.CONFLICT, f"conflicting writes: {exc}", retryable=True
                     )
                     outcomes = [error] * len(batch)
-            except StoreUnavailable as exc:
-                log.exception("store unavailable")
-                self._evict(touched)
-                self._rearm(fired, backoff=True)
-                touched = {}
-                error = CommandRejected(
-                    ErrorCode.UNAVAILABLE, f"event store unavailable: {exc}", retryable=True
-                )
-                outcomes = [error] * len(batch)
-                break
-        if saved and saved[0].position == self._log_position + 1:
-            self._log_position = saved[-1].position or self._log_position
-        self._after_commit(batch, outcomes, touched)
-        self.batches += 1
-        self.commands += len(batch)
-        self.deliver(saved, list(zip(batch, outcomes, strict=True)))
+        return outcomes, saved
+
+    def _store_down(self, exc: StoreUnavailable, commands: int) -> None:
+        """Log an outage when it starts (and what it refused), not every pass of it."""
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("event store unavailable (%s): %s", exc.reason, exc)
+        if commands:
+            log.debug("%d commands refused: store unavailable (%s)", commands, exc.reason)
+
+    def _store_back(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "event store available again after %.1f s", time.monotonic() - self._down_since
+            )
+            self._down_since = None
 
     def _after_commit(
         self, batch: list[WriteJob], outcomes: list[Outcome], touched: dict[uuid.UUID, Any]
@@ -429,14 +505,16 @@ class Writer:
             self._arm(sid, max(deadline, floor) if floor is not None else deadline)
 
     def _fire_timeouts(
-        self, touched: dict[uuid.UUID, EnvelopeAggregate]
-    ) -> list[tuple[datetime, uuid.UUID]]:
-        """Run every timeout due now; returns the deadlines it took off the heap."""
+        self,
+        touched: dict[uuid.UUID, EnvelopeAggregate],
+        fired: list[tuple[datetime, uuid.UUID]],
+    ) -> None:
+        """Run every timeout due now; ``fired`` gets each deadline taken off the heap
+        before its session is loaded, so a load that fails leaves it to be armed again."""
         if not self.fire_timeouts:
-            return []
+            return
         now = self.clock.now()
         ctx = CommandContext(COORDINATOR, now, correlation_id=None)
-        fired: list[tuple[datetime, uuid.UUID]] = []
         while self._heap and self._heap[0][0] <= now:
             deadline, sid = heapq.heappop(self._heap)
             if self._armed.get(sid) != deadline:
@@ -464,7 +542,6 @@ class Writer:
             later = aggregate.next_deadline()
             if later is not None and not aggregate.state.destroyed:
                 self._arm(sid, later)
-        return fired
 
     @staticmethod
     def _record_orphans(
@@ -519,6 +596,10 @@ class Writer:
         except CommandRejected as rejected:
             self._rollback(scope)
             return rejected
+        except StoreUnavailable:
+            # Loading an aggregate failed: the whole pass is refused (see _process).
+            self._rollback(scope)
+            raise
         except Exception as exc:
             log.exception(
                 "command %s failed",

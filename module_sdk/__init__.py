@@ -6,7 +6,7 @@ coordinator with ``CoordinatorClient``. ``module_sdk.testing`` has the in-proces
 
 from module_sdk.client import CoordinatorClient
 from module_sdk.consumer import ConsumerStats, EventConsumer
-from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError, StoreUnavailable
 from module_sdk.manager import SessionLifecycleCallbacks, SessionManager
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "SdkError",
     "SessionLifecycleCallbacks",
     "SessionManager",
+    "StoreUnavailable",
 ]

@@ -31,6 +31,7 @@ from contracts import (
     CreateWorkflowSession,
     DecodeError,
     DestroyWorkflowSession,
+    ErrorCode,
     EventsPage,
     GetCoordinatorHealth,
     GetLinkedSessions,
@@ -73,7 +74,7 @@ from contracts import (
 )
 from contracts.tracing import current_trace_id, inject
 from contracts.transport import OutgoingMessage, Transport, TransportError
-from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError, StoreUnavailable
 
 __all__ = ["CoordinatorClient", "SessionsSnapshot"]
 
@@ -94,7 +95,24 @@ class SessionsSnapshot:
 
 
 class _Retryable(SdkError):
-    pass
+    """An attempt to try again: no reply, or a refusal marked retryable (``error``)."""
+
+    def __init__(self, message: str, error: StandardError | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def _gave_up(command: Command, attempts: int, exc: _Retryable) -> CoordinatorUnavailable:
+    name = type(command).__name__
+    if exc.error is not None and exc.error.code == ErrorCode.STORE_UNAVAILABLE:
+        return StoreUnavailable(
+            f"{name} refused {attempts} times, the coordinator's store is unavailable: "
+            f"{exc.error.message}",
+            exc.error,
+        )
+    if attempts <= 1:
+        return CoordinatorUnavailable(f"{name} got no reply: {exc}")
+    return CoordinatorUnavailable(f"{name} got no reply after {attempts} attempts: {exc}")
 
 
 class CoordinatorClient:
@@ -140,9 +158,7 @@ class CoordinatorClient:
             return await self._once(request, body, timeout)
         except _Retryable as exc:
             if self.attempts <= 1:
-                raise CoordinatorUnavailable(
-                    f"{type(command).__name__} got no reply: {exc}"
-                ) from exc
+                raise _gave_up(command, 1, exc) from exc
         await asyncio.sleep(FIRST_RETRY_PAUSE)
         try:
             async for attempt in AsyncRetrying(
@@ -154,9 +170,7 @@ class CoordinatorClient:
                 with attempt:
                     return await self._once(request, body, timeout)
         except _Retryable as exc:
-            raise CoordinatorUnavailable(
-                f"{type(command).__name__} got no reply after {self.attempts} attempts: {exc}"
-            ) from exc
+            raise _gave_up(command, self.attempts, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _once(self, request: CommandRequest, body: bytes, timeout: float) -> Result:
@@ -188,7 +202,7 @@ class CoordinatorClient:
             raise SdkError(f"undecodable reply from the coordinator: {exc}") from exc
         if reply.error is not None:
             if reply.error.retryable:
-                raise _Retryable(f"{reply.error.code}: {reply.error.message}")
+                raise _Retryable(f"{reply.error.code}: {reply.error.message}", reply.error)
             raise CommandFailed(reply.error)
         assert reply.result is not None
         return reply.result

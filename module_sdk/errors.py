@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contracts import ErrorCode, StandardError
 
-__all__ = ["CommandFailed", "CoordinatorUnavailable", "SdkError"]
+__all__ = ["CommandFailed", "CoordinatorUnavailable", "SdkError", "StoreUnavailable"]
 
 
 class SdkError(Exception):
@@ -25,3 +25,15 @@ class CommandFailed(SdkError):
 
 class CoordinatorUnavailable(SdkError):
     """No reply from the coordinator within the timeout, after every retry."""
+
+
+class StoreUnavailable(CoordinatorUnavailable):
+    """The coordinator answered, every attempt, that its event store is unavailable
+    (``STORE_UNAVAILABLE``): nothing was stored, and the same call may be made again
+    later. ``error`` is the last refusal."""
+
+    retryable = True
+
+    def __init__(self, message: str, error: StandardError) -> None:
+        super().__init__(message)
+        self.error = error

@@ -47,6 +47,7 @@ _STATUS_FOR: Final[dict[ErrorCode, int]] = {
     ErrorCode.MESSAGE_TOO_LARGE: 413,
     ErrorCode.TIMEOUT: 504,
     ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.STORE_UNAVAILABLE: 503,
 }
 
 

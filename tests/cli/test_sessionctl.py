@@ -15,6 +15,7 @@ import pytest
 
 from contracts import SessionStatus
 from contracts.transport import OutgoingMessage
+from coordinator.errors import StoreUnavailable
 from module_sdk.testing import wait_for
 from tests.cli.conftest import SESSIONCTL, Result, System, sessionctl
 
@@ -270,6 +271,32 @@ async def test_user_facing_errors_are_one_line_with_meaningful_exit_codes(system
     bad_store = await sessionctl("replay", "--store", "mysql://nope")
     assert bad_store.code == 2
     assert "unsupported store URL" in _one_clean_line(bad_store)
+
+
+async def test_a_coordinator_whose_store_is_down_gives_one_line_and_exit_code_5(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads that need the store and writes, against a coordinator that answers but
+    whose store is away: one line naming STORE_UNAVAILABLE, exit code 5 (not 4, "no
+    coordinator"); the same commands work once the store is back."""
+    sid = await _active_session(system)
+    store = system.runtime.coordinator.store
+    assert store is not None
+
+    def away(*_: object, **__: object) -> None:
+        raise StoreUnavailable("the database is away")
+
+    for name in ("save", "history"):
+        monkeypatch.setattr(store, name, away)
+    unknown = await system.ctl("sessions", "show", str(uuid.uuid4()))
+    assert unknown.code == 5, unknown
+    assert "STORE_UNAVAILABLE" in _one_clean_line(unknown)
+    destroy = await system.ctl("sessions", "destroy", str(sid))
+    assert destroy.code == 5, destroy
+    assert "STORE_UNAVAILABLE" in _one_clean_line(destroy)
+    monkeypatch.undo()
+    history = await system.ctl("sessions", "history", str(sid))
+    assert history.code == 0, history
 
 
 async def test_schema_and_definitions_print_json(system: System) -> None:

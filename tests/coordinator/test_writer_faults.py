@@ -53,7 +53,7 @@ class FlakyStore:
 async def test_commands_during_a_store_outage_get_retryable_errors_and_store_nothing(
     coordinator: SessionCoordinator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While the store refuses writes every write command is answered UNAVAILABLE
+    """While the store refuses writes every write command is answered STORE_UNAVAILABLE
     (retryable) and leaves no trace, in the store or the projections; afterwards the
     same commands succeed."""
     sid = (await coordinator.create_workflow_session()).session_id
@@ -63,10 +63,10 @@ async def test_commands_during_a_store_outage_get_retryable_errors_and_store_not
     before = store.max_position()
     flaky.down = True
     rejected = await rejection(
-        coordinator.update_session_status(sid, S.PAUSED), ErrorCode.UNAVAILABLE
+        coordinator.update_session_status(sid, S.PAUSED), ErrorCode.STORE_UNAVAILABLE
     )
     assert rejected.retryable
-    await rejection(coordinator.create_workflow_session(), ErrorCode.UNAVAILABLE)
+    await rejection(coordinator.create_workflow_session(), ErrorCode.STORE_UNAVAILABLE)
     assert store.max_position() == before
     session = await coordinator.get_workflow_session(sid)
     assert session is not None
@@ -91,7 +91,7 @@ async def test_a_timeout_whose_commit_failed_fires_once_the_store_is_back(
     flaky = FlakyStore(coordinator, monkeypatch)
     flaky.down = True
     clock.advance(seconds=2)
-    await rejection(coordinator.run_timeouts(), ErrorCode.UNAVAILABLE)
+    await rejection(coordinator.run_timeouts(), ErrorCode.STORE_UNAVAILABLE)
     assert flaky.refused == 1
     session = await coordinator.get_workflow_session(sid)
     assert session is not None

@@ -527,6 +527,7 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "SESSION_CLOSED",
         "SESSION_DESTROYED",
         "SESSION_EXISTS",
+        "STORE_UNAVAILABLE",
         "TIMEOUT",
         "UNAVAILABLE",
         "UNKNOWN_SESSION",

@@ -1,0 +1,236 @@
+"""No caller is stranded while the store is away: every command, whichever store call
+fails under it (loading a session, reading the log before a group commit, reading it
+after one, an error nobody foresaw), is answered within a bounded time, with a
+retryable ``STORE_UNAVAILABLE`` when the store is the cause, and nothing unstored is
+reported as stored."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import pytest
+
+from contracts import (
+    Accepted,
+    CommandRequest,
+    CreateWorkflowSession,
+    ErrorCode,
+    GetSessionHistory,
+    SessionStatus,
+    WorkflowConfig,
+    new_id,
+)
+from coordinator.clock import ManualClock
+from coordinator.errors import CommandRejected, StoreUnavailable
+from coordinator.service import SessionCoordinator
+from coordinator.writer import WriteJob
+from tests.coordinator.support import rejection, store_of
+
+S = SessionStatus
+T = TypeVar("T")
+# Far more than any pass takes here; a stranded caller waits for ever.
+ANSWERED_WITHIN = 20.0
+
+
+async def answered(awaitable: Awaitable[T]) -> T:
+    """The awaitable's result, or a failure saying the caller was left waiting."""
+    try:
+        return await asyncio.wait_for(awaitable, ANSWERED_WITHIN)
+    except TimeoutError:
+        pytest.fail(f"no answer within {ANSWERED_WITHIN} s: the caller is stranded")
+
+
+class FailingStore:
+    """Makes the named ``EventStore`` methods fail on demand, as a store that has gone
+    away does (``StoreUnavailable``), or with ``error`` if given."""
+
+    METHODS = ("max_position", "read", "load", "save", "history")
+
+    def __init__(self, coordinator: SessionCoordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.store = store_of(coordinator)
+        self.failing: set[str] = set()
+        self.error: Exception | None = None
+        self.calls: dict[str, int] = dict.fromkeys(self.METHODS, 0)
+        for name in self.METHODS:
+            monkeypatch.setattr(self.store, name, self._wrap(name, getattr(self.store, name)))
+
+    def _wrap(self, name: str, real: Any) -> Any:
+        def method(*args: Any, **kwargs: Any) -> Any:
+            if name in self.failing:
+                self.calls[name] += 1
+                raise self.error or StoreUnavailable(f"{name}: the database is away")
+            return real(*args, **kwargs)
+
+        return method
+
+    def fail(self, *names: str) -> None:
+        self.failing = set(names or self.METHODS)
+
+    def heal(self) -> None:
+        self.failing = set()
+        self.error = None
+
+
+def stored_positions(coordinator: SessionCoordinator) -> int:
+    store = store_of(coordinator)
+    # The real method, whatever a test patched on the instance.
+    return type(store).max_position(store)
+
+
+async def test_a_command_on_a_session_that_cannot_be_loaded_is_refused_retryable(
+    store_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart the writer holds no session: loading one fails while the store
+    is away, and the command is refused with a retryable STORE_UNAVAILABLE (not an
+    INTERNAL error the client would give up on); once the store is back it applies."""
+    async with SessionCoordinator(store_url, clock=clock) as first:
+        sid = (await first.create_workflow_session()).session_id
+    async with SessionCoordinator(store_url, clock=clock) as coordinator:
+        failing = FailingStore(coordinator, monkeypatch)
+        failing.fail("load")
+        refused = await answered(
+            rejection(coordinator.update_session_status(sid, S.PAUSED), ErrorCode.STORE_UNAVAILABLE)
+        )
+        assert refused.retryable
+        assert failing.calls["load"] >= 1
+        failing.heal()
+        accepted = await answered(coordinator.update_session_status(sid, S.PAUSED))
+        assert accepted == Accepted(session_id=sid, version=3, events=1)
+
+
+async def test_due_timeouts_whose_sessions_cannot_be_loaded_strand_no_caller(
+    store_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeout falls due while the store is away and its session must be loaded:
+    the pass is answered (refused, retryable) instead of dying with the callers in it,
+    and the timeout fires once the store is back."""
+    config = WorkflowConfig(timeout_ms=1_000)
+    async with SessionCoordinator(store_url, clock=clock) as first:
+        sid = (await first.create_workflow_session(config=config)).session_id
+    async with SessionCoordinator(store_url, clock=clock) as coordinator:
+        failing = FailingStore(coordinator, monkeypatch)
+        failing.fail("load")
+        clock.advance(seconds=2)
+        await answered(rejection(coordinator.run_timeouts(), ErrorCode.STORE_UNAVAILABLE))
+        # Later passes that need the session are answered too.
+        await answered(rejection(coordinator.record_activity(sid), ErrorCode.STORE_UNAVAILABLE))
+        failing.heal()
+        clock.advance(seconds=2)  # past the back-off after the failed pass
+        await answered(coordinator.run_timeouts())
+        session = await coordinator.get_workflow_session(sid)
+        assert session is not None
+        assert session.destroyed
+        assert session.failure is not None
+        assert session.failure.code is ErrorCode.INACTIVITY_TIMEOUT
+
+
+async def test_a_log_read_failing_before_a_group_commit_strands_no_caller(
+    store_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another coordinator appended to the shared log; reading it before the next
+    group commit fails. The commands of that pass are refused (retryable) and nothing
+    is stored: without the foreign events the writer could not know a retried
+    command's id, and the projections could not follow what it saved."""
+    async with SessionCoordinator(store_url, clock=clock, follow_interval=None) as coordinator:
+        await coordinator.create_workflow_session()
+        async with SessionCoordinator(store_url, clock=clock) as other:
+            await other.create_workflow_session()
+        before = stored_positions(coordinator)
+        failing = FailingStore(coordinator, monkeypatch)
+        failing.fail("max_position", "read")
+        refused = await answered(
+            rejection(coordinator.create_workflow_session(), ErrorCode.STORE_UNAVAILABLE)
+        )
+        assert refused.retryable
+        assert stored_positions(coordinator) == before
+        failing.heal()
+        created = await answered(coordinator.create_workflow_session())
+        assert created.status is S.INITIALIZING or created.status is S.ACTIVE
+        assert len(coordinator.list_active_workflow_sessions()) == 3
+
+
+async def test_a_log_read_failing_after_a_group_commit_strands_no_caller(
+    store_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit is saved, but the projections must read the log to reach it (another
+    coordinator wrote in between) and that read fails: the caller still gets its
+    answer (the command is stored), and the projections catch up later."""
+    async with SessionCoordinator(
+        store_url, clock=clock, follow_log=False, follow_interval=None
+    ) as coordinator:
+        await coordinator.create_workflow_session()
+        async with SessionCoordinator(store_url, clock=clock) as other:
+            await other.create_workflow_session()
+        before = stored_positions(coordinator)
+        failing = FailingStore(coordinator, monkeypatch)
+        failing.fail("read")
+        request = CommandRequest(
+            command_id=new_id(), issued_at=clock.now(), command=CreateWorkflowSession()
+        )
+        reply = await answered(coordinator.execute(request))
+        assert reply.error is None
+        assert isinstance(reply.result, Accepted)
+        assert stored_positions(coordinator) > before
+        failing.heal()
+        # The next commit reads the log up to itself, the missed events with it.
+        await answered(coordinator.create_workflow_session())
+        assert len(coordinator.list_active_workflow_sessions()) == 4
+
+
+async def test_an_unforeseen_writer_error_strands_no_caller(
+    coordinator: SessionCoordinator,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An error nobody mapped, raised in the middle of a pass, is answered INTERNAL
+    (logged with its traceback) and the writer goes on with the next pass."""
+    sid = (await coordinator.create_workflow_session()).session_id
+    failing = FailingStore(coordinator, monkeypatch)
+    failing.error = RuntimeError("a bug in the store adapter")
+    failing.fail("save")
+    with caplog.at_level(logging.ERROR, "sessionbus.coordinator.writer"):
+        await answered(
+            rejection(coordinator.update_session_status(sid, S.PAUSED), ErrorCode.INTERNAL)
+        )
+    assert any("writer pass" in r.getMessage() and r.exc_info for r in caplog.records)
+    failing.heal()
+    accepted = await answered(coordinator.update_session_status(sid, S.PAUSED))
+    assert accepted == Accepted(session_id=sid, version=3, events=1)
+
+
+async def test_reads_that_need_the_store_say_it_is_unavailable(
+    coordinator: SessionCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A history read while the store is away is answered STORE_UNAVAILABLE
+    (retryable) on the bus entry point, not left hanging or turned into INTERNAL."""
+    sid = (await coordinator.create_workflow_session()).session_id
+    failing = FailingStore(coordinator, monkeypatch)
+    failing.fail("history")
+    request = CommandRequest(
+        command_id=new_id(),
+        issued_at=coordinator.clock.now(),
+        command=GetSessionHistory(session_id=sid),
+    )
+    reply = await answered(coordinator.execute(request))
+    assert reply.error is not None
+    assert reply.error.code is ErrorCode.STORE_UNAVAILABLE
+    assert reply.error.retryable
+
+
+async def test_commands_submitted_as_the_writer_stops_are_answered(
+    coordinator: SessionCoordinator,
+) -> None:
+    """A job that reaches a stopped writer is refused (retryable), never left waiting."""
+    writer = coordinator._writer
+    assert writer is not None
+    writer.stop()
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+    writer.submit(WriteJob.barrier(future))
+    with pytest.raises(CommandRejected) as info:
+        await answered(future)
+    assert info.value.code is ErrorCode.UNAVAILABLE
+    assert info.value.retryable
