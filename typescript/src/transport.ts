@@ -109,6 +109,9 @@ function redact(url: string): string {
 
 export class AmqpTransport {
   readonly url: string;
+  /** The broker's addresses (a cluster's nodes: `url` may list several, comma-separated). */
+  readonly addresses: string[];
+  private address = 0;
   /** The connection's user: stamped as user_id on what this transport publishes. */
   readonly user: string;
   readonly options: Required<TransportOptions>;
@@ -128,7 +131,12 @@ export class AmqpTransport {
 
   constructor(url: string, options: TransportOptions = {}) {
     this.url = url;
-    this.user = userOf(url);
+    this.addresses = url
+      .split(",")
+      .map((a) => a.trim())
+      .filter((a) => a !== "");
+    if (this.addresses.length === 0) throw new TransportError("no broker address given", false);
+    this.user = userOf(this.addresses[0]!);
     this.options = {
       connectionName: options.connectionName ?? "sessionbus-module-ts",
       heartbeat: options.heartbeat ?? 10,
@@ -145,7 +153,7 @@ export class AmqpTransport {
       await this.open();
     } catch (error) {
       throw new TransportError(
-        `cannot connect to ${redact(this.url)}: ${(error as Error).message}`,
+        `cannot connect to ${this.addresses.map(redact).join(", ")}: ${(error as Error).message}`,
         false,
         { cause: error },
       );
@@ -162,14 +170,30 @@ export class AmqpTransport {
     return this.model !== null && !this.reconnecting;
   }
 
-  private async open(): Promise<void> {
-    const url = new URL(this.url);
-    if (!url.searchParams.has("heartbeat")) {
-      url.searchParams.set("heartbeat", String(this.options.heartbeat));
+  /** Connect to the first address that answers, starting at the current one. */
+  private async dial(): Promise<ChannelModel> {
+    let last: unknown;
+    for (let i = 0; i < this.addresses.length; i += 1) {
+      const index = (this.address + i) % this.addresses.length;
+      const url = new URL(this.addresses[index]!);
+      if (!url.searchParams.has("heartbeat")) {
+        url.searchParams.set("heartbeat", String(this.options.heartbeat));
+      }
+      try {
+        const model = await connect(url.toString(), {
+          clientProperties: { connection_name: this.options.connectionName },
+        });
+        this.address = index;
+        return model;
+      } catch (error) {
+        last = error;
+      }
     }
-    const model = await connect(url.toString(), {
-      clientProperties: { connection_name: this.options.connectionName },
-    });
+    throw last;
+  }
+
+  private async open(): Promise<void> {
+    const model = await this.dial();
     model.on("error", () => {
       // Followed by "close", where the loss is handled; without a listener an
       // "error" event would throw.
@@ -234,6 +258,8 @@ export class AmqpTransport {
       consumer.tag = null;
     }
     this.failWaiting(lost("request", error ?? new Error("connection closed")));
+    // Its node may be gone: the next address is tried first.
+    this.address = (this.address + 1) % this.addresses.length;
     if (!this.closing) void this.reconnect();
   }
 

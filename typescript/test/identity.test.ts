@@ -142,3 +142,17 @@ test("a module whose connection the broker closes reconnects and consumes again"
   const health = await executor.healthCheck();
   assert.equal(health.isHealthy, true);
 });
+
+test("a transport given a cluster's addresses uses the first that answers", async () => {
+  const unreachable = "amqp://guest:guest@127.0.0.1:1/";
+  const t = new AmqpTransport(`${unreachable},${AMQP_URL}`, { connectionName: "tss addresses" });
+  assert.deepEqual(t.addresses, [unreachable, AMQP_URL]);
+  await t.connect();
+  try {
+    const client = new CoordinatorClient(t, topology);
+    assert.ok((await client.getCoordinatorHealth()).registeredModules.includes("executor"));
+  } finally {
+    await t.close();
+  }
+  await assert.rejects(new AmqpTransport(unreachable).connect(), /cannot connect to amqp:\/\/guest:\*\*\*@127.0.0.1:1/);
+});
