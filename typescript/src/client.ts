@@ -14,7 +14,14 @@
  */
 import { randomUUID } from "node:crypto";
 import { decodeReply, encode, JSON_CONTENT_TYPE } from "./codec.js";
-import { CommandFailed, CoordinatorUnavailable, DecodeError, SdkError, TransportError } from "./errors.js";
+import {
+  CommandFailed,
+  CoordinatorUnavailable,
+  DecodeError,
+  SdkError,
+  StoreUnavailable,
+  TransportError,
+} from "./errors.js";
 import type * as wire from "./generated/wire.js";
 import type { SessionStatus } from "./status.js";
 import { Topology } from "./topology.js";
@@ -41,7 +48,15 @@ type ResultOf<T extends Result["type"]> = Extract<Result, { type: T }>;
 /** Before the second attempt of a command; later ones back off exponentially. */
 const FIRST_RETRY_PAUSE_MS = 50;
 
-class Retryable extends SdkError {}
+/** An attempt to try again: no reply, or a refusal marked retryable (`error`). */
+class Retryable extends SdkError {
+  constructor(
+    message: string,
+    readonly error: wire.StandardError | null = null,
+  ) {
+    super(message);
+  }
+}
 
 export interface ClientOptions {
   /** Per attempt, milliseconds. */
@@ -95,8 +110,16 @@ export class CoordinatorClient {
         delay = Math.min(delay * 2, 1000);
       }
     }
+    const name = className(command.type);
+    const error = (last as Retryable).error;
+    if (error?.code === "STORE_UNAVAILABLE") {
+      throw new StoreUnavailable(
+        `${name} refused ${this.attempts} times, the coordinator's store is unavailable: ${error.message}`,
+        error,
+      );
+    }
     throw new CoordinatorUnavailable(
-      `${className(command.type)} got no reply after ${this.attempts} attempts: ${(last as Error).message}`,
+      `${name} got no reply after ${this.attempts} attempts: ${(last as Error).message}`,
     );
   }
 
@@ -132,7 +155,7 @@ export class CoordinatorClient {
     }
     if (decoded.error != null) {
       if (decoded.error.retryable) {
-        throw new Retryable(`${decoded.error.code}: ${decoded.error.message}`);
+        throw new Retryable(`${decoded.error.code}: ${decoded.error.message}`, decoded.error);
       }
       throw new CommandFailed(decoded.error);
     }

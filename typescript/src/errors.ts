@@ -9,6 +9,7 @@
  *   ├── TransportError         the broker connection or channel (retryable: may succeed later)
  *   ├── CommandFailed          the coordinator refused a command (typed StandardError)
  *   └── CoordinatorUnavailable no reply within the timeout, after every retry
+ *       └── StoreUnavailable   answered, every attempt, that its event store is away
  */
 import type { ErrorCode, StandardError as WireStandardError } from "./generated/wire.js";
 
@@ -64,4 +65,18 @@ export class CommandFailed extends SdkError {
 
 export class CoordinatorUnavailable extends SdkError {
   override name = "CoordinatorUnavailable";
+}
+
+/** The coordinator answered, every attempt, that its event store is unavailable
+ * (`STORE_UNAVAILABLE`): nothing was stored, and the same call may be made again
+ * later. `error` is the last refusal. */
+export class StoreUnavailable extends CoordinatorUnavailable {
+  override name = "StoreUnavailable";
+  readonly retryable = true;
+  constructor(
+    message: string,
+    readonly error: WireStandardError,
+  ) {
+    super(message);
+  }
 }

@@ -11,6 +11,7 @@ export {
   DecodeError,
   MessageTooLarge,
   SdkError,
+  StoreUnavailable,
   TransportError,
   ValidationError,
 } from "./errors.js";
