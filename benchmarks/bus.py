@@ -332,6 +332,7 @@ class Harness:
             *self.topology.command_queues(),
             self.topology.audit_stream,
             self.topology.dead_letter_queue,
+            self.topology.dead_letter_stream,
             self.topology.unroutable_queue,
             *(self.topology.module_queue(m) for m in (*BENCH_MODULES, *REFERENCE_MODULES)),
         ]

@@ -119,6 +119,7 @@ async def _run(replicas: int, partitions: int, inflight: int, seconds: float) ->
                 *topology.command_queues(),
                 topology.audit_stream,
                 topology.dead_letter_queue,
+                topology.dead_letter_stream,
                 topology.unroutable_queue,
             ):
                 await transport.delete_queue(queue)

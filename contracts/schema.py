@@ -401,13 +401,31 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
     }
     channels["deadLetters"] = {
         "address": topo.dead_letter_queue,
-        "title": "Dead letters",
+        "title": "Dead letters (inbox)",
         "description": (
             f"Rejected messages from every sessionbus queue, routed through the "
-            f"`{topo.dead_letter_exchange}` exchange."
+            f"`{topo.dead_letter_exchange}` exchange; moved unchanged to "
+            f"`{topo.dead_letter_stream}` before they are read."
         ),
         "messages": {"DeadLetter": _ref("components", "messages", "DeadLetter")},
-        "bindings": _queue_binding(topo.dead_letter_queue, {}),
+        "bindings": _queue_binding(
+            topo.dead_letter_queue,
+            {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": topology_module.DEAD_LETTER_INBOX_DELIVERY_LIMIT,
+            },
+        ),
+    }
+    channels["deadLetterStream"] = {
+        "address": topo.dead_letter_stream,
+        "title": "Dead letters (kept)",
+        "description": (
+            "Stream of dead letters, read from the first offset without taking anything; "
+            "a letter replayed or discarded is followed by a settlement entry naming its "
+            "offset (header `x-sessionbus-dlq-entry: settled`)."
+        ),
+        "messages": {"DeadLetter": _ref("components", "messages", "DeadLetter")},
+        "bindings": _queue_binding(topo.dead_letter_stream, topo.dead_letter_stream_arguments()),
     }
     channels["unroutable"] = {
         "address": topo.unroutable_queue,
@@ -418,7 +436,10 @@ def asyncapi(prefix: str = DEFAULT_PREFIX) -> JsonDict:
             "instead of being dropped."
         ),
         "messages": all_events(),
-        "bindings": _queue_binding(topo.unroutable_queue, {"x-queue-type": "quorum"}),
+        "bindings": _queue_binding(
+            topo.unroutable_queue,
+            next(dict(q.arguments) for q in topo.queue_specs() if q.name == topo.unroutable_queue),
+        ),
     }
     channels["audit"] = {
         "address": topo.audit_stream,

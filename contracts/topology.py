@@ -34,6 +34,11 @@ MODULE_ROUTING_KEYS: Final = ("session.#", "module.orphan-cleanup-requested")
 MAX_PARTITIONS: Final = 256
 # Redeliveries before a quorum queue dead-letters a message that keeps failing.
 DELIVERY_LIMIT: Final = 10
+# The dead-letter inbox's limit: a letter goes back to it only when a move to the
+# dead-letter stream dies half-way, and must never be dropped for that. Explicit (not
+# RabbitMQ 4's default of 20; 3.10 has none) and the same number on every version
+# (-1, "unlimited" on 4.x, is not a limit 3.10 reads the same way).
+DEAD_LETTER_INBOX_DELIVERY_LIMIT: Final = 1_000_000
 
 DEFAULT_PREFIX: Final = "sessionbus"
 
@@ -51,6 +56,11 @@ class HEADERS:
     REJECT_CODE: Final = "x-sessionbus-reject-code"
     REJECT_FIELD: Final = "x-sessionbus-reject-field"
     REJECTED_BY: Final = "x-sessionbus-rejected-by"
+    # Bookkeeping entries of the dead-letter stream (a letter has none of these).
+    DLQ_ENTRY: Final = "x-sessionbus-dlq-entry"  # "cut" or "settled"
+    DLQ_CUT: Final = "x-sessionbus-dlq-cut"  # the id of a read's cut
+    DLQ_SETTLES: Final = "x-sessionbus-dlq-settles"  # the offset of the letter settled
+    DLQ_ACTION: Final = "x-sessionbus-dlq-action"  # "replayed" or "discarded"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +116,17 @@ class Topology:
 
     @property
     def dead_letter_queue(self) -> str:
-        """Dead letters from every sessionbus queue."""
+        """Inbox of dead letters from every sessionbus queue (a quorum queue bound to
+        the dead-letter exchange): the broker dead-letters here, and RabbitMQ 3.10
+        cannot dead-letter into a stream. Letters are moved, unchanged, to
+        ``dead_letter_stream`` before anyone reads them."""
         return f"{self.prefix}.dlq"
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """Where dead letters are kept and read: a stream, read without taking anything,
+        with replays and discards recorded in it as settlements."""
+        return f"{self.prefix}.dead-letters"
 
     @property
     def audit_stream(self) -> str:
@@ -190,12 +209,24 @@ class Topology:
         ]
 
     def _quorum(self, **extra: object) -> dict[str, object]:
+        # The limit explicit: RabbitMQ 4 gives a quorum queue without one a limit of
+        # 20, 3.10 none.
         return {
             "x-queue-type": "quorum",
             "x-dead-letter-exchange": self.dead_letter_exchange,
             "x-delivery-limit": DELIVERY_LIMIT,
             **extra,
         }
+
+    @staticmethod
+    def dead_letter_stream_arguments() -> dict[str, object]:
+        """A stream with no retention limit, on purpose (no x-max-age, no
+        x-max-length-bytes): a letter stays until an operator replays or discards it
+        (a settlement entry records which). Reading a stream takes nothing and counts
+        no delivery, so listing never changes a letter on any RabbitMQ version, where
+        browsing a quorum queue by requeueing spends its delivery limit (20 by default
+        on RabbitMQ 4) and then drops it."""
+        return {"x-queue-type": "stream"}
 
     def commands_queue_spec(self, partition: int | None = None) -> QueueSpec:
         """Commands: quorum, dead-lettered; one owner at a time per partition."""
@@ -218,12 +249,16 @@ class Topology:
         return [
             QueueSpec(
                 self.dead_letter_queue,
-                arguments={"x-queue-type": "quorum"},
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": DEAD_LETTER_INBOX_DELIVERY_LIMIT,
+                },
                 bindings=[(self.dead_letter_exchange, "")],
             ),
+            QueueSpec(self.dead_letter_stream, arguments=self.dead_letter_stream_arguments()),
             QueueSpec(
                 self.unroutable_queue,
-                arguments={"x-queue-type": "quorum"},
+                arguments=self._quorum(),
                 bindings=[(self.unroutable_exchange, "")],
             ),
             QueueSpec(
@@ -254,6 +289,7 @@ class Topology:
             "heartbeats_exchange": self.heartbeats_exchange,
             "dead_letter_exchange": self.dead_letter_exchange,
             "dead_letter_queue": self.dead_letter_queue,
+            "dead_letter_stream": self.dead_letter_stream,
             "unroutable_exchange": self.unroutable_exchange,
             "unroutable_queue": self.unroutable_queue,
             "audit_stream": self.audit_stream,

@@ -1,15 +1,18 @@
 """What ``sessionctl`` does for operators and auditors, apart from printing it.
 
-Queue figures come from the RabbitMQ management API when it answers and from passive
-declares otherwise; dead letters are browsed and replayed with basic.get; the audit
-export reads the store or the audit stream.
+Queue figures come from the endpoints the operator configured (rabbitmq_prometheus,
+the management API) and from passive declares otherwise; dead letters are read from
+the dead-letter stream (never taken), and replayed or discarded by marking them
+settled there; the audit export reads the store or the audit stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,20 +23,23 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 from contracts import HEADERS, EventEnvelope, Topology
-from contracts.transport import Delivery, Transport
+from contracts.transport import Delivery, OutgoingMessage, Transport
 from coordinator.store import EventStore
 
 __all__ = [
     "DeadLetter",
     "QueueInfo",
     "browse_dead_letters",
+    "discard_dead_letters",
     "export_from_store",
     "list_queues",
-    "management_url_for",
+    "move_dead_letters",
     "replay_dead_letters",
     "to_json_line",
+    "unsettled_dead_letters",
 ]
 
 
@@ -50,18 +56,15 @@ class QueueInfo:
     source: str = "management"
 
 
-def management_url_for(amqp_url: str, explicit: str | None = None) -> str:
-    """The management API of the broker an AMQP URL points at (port 15672, same
-    credentials), unless given."""
-    if explicit:
-        return explicit
-    parts = urllib.parse.urlsplit(amqp_url)
-    user = urllib.parse.unquote(parts.username or "guest")
-    password = urllib.parse.unquote(parts.password or "guest")
-    host = parts.hostname or "localhost"
-    scheme = "https" if parts.scheme == "amqps" else "http"
-    netloc = f"{urllib.parse.quote(user)}:{urllib.parse.quote(password)}@{host}:15672"
-    return f"{scheme}://{netloc}/"
+def _with_credentials(url: str, amqp_url: str) -> str:
+    """``url`` with the AMQP URL's user and password where it names none."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None:
+        return url
+    amqp = urllib.parse.urlsplit(amqp_url)
+    user = urllib.parse.quote(urllib.parse.unquote(amqp.username or "guest"), safe="")
+    password = urllib.parse.quote(urllib.parse.unquote(amqp.password or "guest"), safe="")
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc}"))
 
 
 def _vhost(amqp_url: str) -> str:
@@ -69,18 +72,83 @@ def _vhost(amqp_url: str) -> str:
     return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
-def _management_get(base: str, path: str) -> Any:
+def _http_get(base: str, path: str, query: list[tuple[str, str]] | None = None) -> bytes:
     parts = urllib.parse.urlsplit(base)
     netloc = parts.hostname or "localhost"
     if parts.port:
         netloc += f":{parts.port}"
-    url = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+    root = parts.path.rstrip("/")
+    url = urllib.parse.urlunsplit(
+        (parts.scheme, netloc, root + path, urllib.parse.urlencode(query or []), "")
+    )
     request = urllib.request.Request(url)  # noqa: S310 - the operator's own broker
-    user = urllib.parse.unquote(parts.username or "guest")
-    auth = f"{user}:{urllib.parse.unquote(parts.password or 'guest')}"
-    request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        auth = f"{user}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
-        return json.loads(response.read())
+        body: bytes = response.read()
+        return body
+
+
+def _management_rows(base: str, vhost: str) -> list[dict[str, Any]]:
+    rows = json.loads(_http_get(base, f"/api/queues/{urllib.parse.quote(vhost, safe='')}"))
+    return [row for row in rows if isinstance(row, dict)]
+
+
+# Per-queue metric families of rabbitmq_prometheus's /metrics/detailed endpoint.
+_FAMILIES = (
+    "queue_coarse_metrics",
+    "queue_consumer_count",
+    "queue_exchange_metrics",
+    "queue_delivery_metrics",
+)
+_GAUGES = {
+    "rabbitmq_detailed_queue_messages": "messages",
+    "rabbitmq_detailed_queue_messages_ready": "ready",
+    "rabbitmq_detailed_queue_messages_unacked": "unacked",
+    "rabbitmq_detailed_queue_consumers": "consumers",
+}
+# Counters whose growth is a queue's incoming and outgoing rate (summed per queue).
+_PUBLISHED = {"rabbitmq_detailed_queue_exchange_messages_published"}
+_DELIVERED = {
+    "rabbitmq_detailed_queue_messages_delivered_ack",
+    "rabbitmq_detailed_queue_messages_delivered",
+    "rabbitmq_detailed_queue_get_ack",
+    "rabbitmq_detailed_queue_get",
+}
+
+
+@dataclass
+class _Scrape:
+    at: float
+    gauges: dict[str, dict[str, float]]  # queue -> field -> value
+    published: dict[str, float]
+    delivered: dict[str, float]
+
+
+def _prometheus_scrape(base: str, vhost: str) -> _Scrape:
+    query = [("vhost", vhost), *(("family", f) for f in _FAMILIES)]
+    text = _http_get(base, "/metrics/detailed", query).decode()
+    scrape = _Scrape(time.monotonic(), {}, {}, {})
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            queue = sample.labels.get("queue")
+            if queue is None:
+                continue
+            name = sample.name.removesuffix("_total")
+            if sample.name in _GAUGES:
+                scrape.gauges.setdefault(queue, {})[_GAUGES[sample.name]] = sample.value
+            elif name in _PUBLISHED:
+                scrape.published[queue] = scrape.published.get(queue, 0.0) + sample.value
+            elif name in _DELIVERED:
+                scrape.delivered[queue] = scrape.delivered.get(queue, 0.0) + sample.value
+    return scrape
+
+
+def _rate(before: dict[str, float], after: dict[str, float], queue: str, seconds: float) -> float:
+    # A counter of a channel that closed in between drops out of the sum: never negative.
+    return max(0.0, after.get(queue, 0.0) - before.get(queue, 0.0)) / seconds
 
 
 async def list_queues(
@@ -89,61 +157,94 @@ async def list_queues(
     amqp_url: str,
     management_url: str | None,
     module_ids: list[str],
+    *,
+    prometheus_url: str | None = None,
+    rate_window: float = 1.0,
 ) -> list[QueueInfo]:
-    """Every sessionbus queue of ``topology``: from the management API, or (when it
-    does not answer) by passive declares of the names we know."""
-    base = management_url_for(amqp_url, management_url)
-    vhost = urllib.parse.quote(_vhost(amqp_url), safe="")
-    try:
-        rows = _management_get(base, f"/api/queues/{vhost}")
-    except (urllib.error.URLError, OSError, ValueError):
-        rows = None
-    if rows is not None:
-        out = []
+    """Every sessionbus queue of ``topology``, from what the operator configured:
+
+    - ``prometheus_url`` (rabbitmq_prometheus, where RabbitMQ 4 puts queue metrics):
+      depth and consumers, and rates from two scrapes ``rate_window`` seconds apart;
+    - ``management_url`` (the management API): the queue list with types, and on
+      brokers that still collect them (3.x), depth, consumers and rates;
+    - neither, or neither answering: passive declares of the names we know (depth and
+      consumers).
+    URLs without credentials get the AMQP URL's."""
+    vhost = _vhost(amqp_url)
+    found: dict[str, QueueInfo] = {}
+    if management_url:
+        try:
+            rows = _management_rows(_with_credentials(management_url, amqp_url), vhost)
+        except (urllib.error.URLError, OSError, ValueError):
+            rows = []
         for row in rows:
-            name = row.get("name", "")
+            name = str(row.get("name", ""))
             if not name.startswith(topology.prefix + "."):
                 continue
             stats = row.get("message_stats") or {}
-            out.append(
-                QueueInfo(
-                    name=name,
-                    messages=int(row.get("messages") or 0),
-                    ready=int(row.get("messages_ready") or 0),
-                    unacked=int(row.get("messages_unacknowledged") or 0),
-                    consumers=int(row.get("consumers") or 0),
-                    publish_rate=(stats.get("publish_details") or {}).get("rate"),
-                    deliver_rate=(stats.get("deliver_get_details") or {}).get("rate"),
-                    kind=row.get("type"),
-                )
+            found[name] = QueueInfo(
+                name=name,
+                messages=int(row.get("messages") or 0),
+                ready=_maybe_int(row.get("messages_ready")),
+                unacked=_maybe_int(row.get("messages_unacknowledged")),
+                consumers=int(row.get("consumers") or 0),
+                publish_rate=(stats.get("publish_details") or {}).get("rate"),
+                deliver_rate=(stats.get("deliver_get_details") or {}).get("rate"),
+                kind=row.get("type"),
+                source="management",
             )
-        return sorted(out, key=lambda q: q.name)
+    if prometheus_url:
+        try:
+            base = _with_credentials(prometheus_url, amqp_url)
+            first = await asyncio.to_thread(_prometheus_scrape, base, vhost)
+            await asyncio.sleep(rate_window)
+            second = await asyncio.to_thread(_prometheus_scrape, base, vhost)
+        except (urllib.error.URLError, OSError, ValueError):
+            second = None
+        if second is not None:
+            seconds = max(second.at - first.at, 1e-3)
+            for name, gauges in second.gauges.items():
+                if not name.startswith(topology.prefix + "."):
+                    continue
+                info = found.setdefault(name, QueueInfo(name=name, messages=0))
+                info.messages = int(gauges.get("messages", 0))
+                info.ready = int(gauges.get("ready", 0))
+                info.unacked = int(gauges.get("unacked", 0))
+                info.consumers = int(gauges.get("consumers", 0))
+                info.publish_rate = _rate(first.published, second.published, name, seconds)
+                info.deliver_rate = _rate(first.delivered, second.delivered, name, seconds)
+                info.source = "prometheus"
     names = [
         topology.commands_queue(),
         topology.dead_letter_queue,
+        topology.dead_letter_stream,
         topology.unroutable_queue,
         topology.audit_stream,
         *(topology.module_queue(m) for m in module_ids),
     ]
-    out = []
-    for name in names:
+    # Without figures from either endpoint (none configured, none answering, or a
+    # RabbitMQ 4 management API that no longer collects them): passive declares.
+    for name in names if not found else [n for n, q in found.items() if q.source == "management"]:
+        if name in found and found[name].ready is not None:
+            continue
         stats = await transport.queue_stats(name)
         if stats is not None:
-            out.append(
-                QueueInfo(
-                    name=name,
-                    messages=stats.messages,
-                    consumers=stats.consumers,
-                    source="passive declare",
-                )
-            )
-    return out
+            info = found.setdefault(name, QueueInfo(name=name, messages=0))
+            info.messages = stats.messages
+            info.consumers = stats.consumers
+            info.source = "passive declare" if info.kind is None else "management + declare"
+    return sorted(found.values(), key=lambda q: q.name)
 
 
-# Most dead letters one browse holds unsettled (AMQP's prefetch count is 16 bits).
-_MAX_WINDOW = 65_535
-# A browse stops waiting for more dead letters after this long without one.
-_BROWSE_IDLE = 2.0
+def _maybe_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# A read of the dead-letter stream waits this long, at most, for its own cut to come
+# back (it is confirmed before the read starts, so only a stalled broker takes long).
+_CUT_WAIT = 30.0
+# Dead-letter stream entries read per credit window.
+_READ_PREFETCH = 1000
 
 
 @dataclass
@@ -159,11 +260,13 @@ class DeadLetter:
     size: int
     body_preview: str
     headers: dict[str, Any] = field(default_factory=dict)
+    offset: int | None = None  # its place in the dead-letter stream: its identity
 
 
 def _dead_letter(delivery: Delivery) -> DeadLetter:
     headers = dict(delivery.headers)
     preview = delivery.body[:200].decode("utf-8", errors="replace")
+    offset = headers.get("x-stream-offset")
     return DeadLetter(
         message_id=delivery.message_id,
         reason=_text(headers.get(HEADERS.REJECT_REASON)),
@@ -175,7 +278,10 @@ def _dead_letter(delivery: Delivery) -> DeadLetter:
         content_type=delivery.content_type,
         size=len(delivery.body),
         body_preview=preview,
-        headers={k: _text(v) for k, v in headers.items() if k != "x-death"},
+        headers={
+            k: _text(v) for k, v in headers.items() if k not in {"x-death", "x-stream-offset"}
+        },
+        offset=int(offset) if offset is not None else None,
     )
 
 
@@ -187,42 +293,127 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
+async def _append(transport: Transport, topology: Topology, headers: dict[str, Any]) -> None:
+    """One bookkeeping entry (a cut or a settlement) at the end of the dead-letter
+    stream, confirmed."""
+    await transport.publish(
+        "",
+        topology.dead_letter_stream,
+        OutgoingMessage(
+            b"", "application/octet-stream", headers=headers, message_id=uuid.uuid4().hex
+        ),
+        mandatory=True,
+    )
+
+
+def _origin(delivery: Delivery) -> dict[str, Any]:
+    """Where a letter in the inbox came from: our own dead-lettering says so in
+    headers; the broker's says so in the first ``x-death`` entry."""
+    headers = delivery.headers
+    if "x-original-routing-key" in headers:
+        return {}
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        keys = deaths[0].get("routing-keys") or [delivery.routing_key]
+        return {
+            "x-original-exchange": _text(deaths[0].get("exchange")) or "",
+            "x-original-routing-key": _text(keys[0]) or "",
+        }
+    return {
+        "x-original-exchange": delivery.exchange,
+        "x-original-routing-key": delivery.routing_key,
+    }
+
+
+async def move_dead_letters(transport: Transport, topology: Topology, limit: int = 100_000) -> int:
+    """Move every letter from the dead-letter inbox (a quorum queue: where the broker
+    can dead-letter on every version) to the dead-letter stream, unchanged but for
+    where it came from, written into its headers. Each is acked only once the stream
+    has confirmed it: a move that dies half-way leaves it in the inbox (whose delivery
+    limit is far out of reach), or, past the confirm, in both places, never nowhere.
+    Returns how many moved."""
+    moved = 0
+    while moved < limit:
+        delivery = await transport.get(topology.dead_letter_queue)
+        if delivery is None:
+            break
+        headers = {**delivery.headers, **_origin(delivery)}
+        await transport.publish(
+            "",
+            topology.dead_letter_stream,
+            delivery.to_outgoing(headers=headers, user_id=None),
+            mandatory=True,
+        )
+        await delivery.ack()
+        moved += 1
+    return moved
+
+
+async def unsettled_dead_letters(transport: Transport, topology: Topology) -> list[Delivery]:
+    """The dead letters not yet replayed or discarded, oldest first, as of now (the
+    inbox first moved to the stream).
+
+    Dead letters are kept in a stream: reading it from the first offset takes nothing
+    away and counts no delivery, so a letter stays exactly as it was however often it
+    is listed. AMQP does not say where a stream ends, so the read first appends a cut
+    entry (confirmed) and reads up to it; settlements are entries too (``settle``)."""
+    await move_dead_letters(transport, topology)
+    cut = uuid.uuid4().hex
+    await _append(transport, topology, {HEADERS.DLQ_ENTRY: "cut", HEADERS.DLQ_CUT: cut})
+    letters: dict[int, Delivery] = {}
+    settled: set[int] = set()
+    done = asyncio.Event()
+
+    async def on_delivery(delivery: Delivery) -> None:
+        await delivery.ack()  # a stream's ack only grants credit; nothing is removed
+        if done.is_set():
+            return
+        entry = _text(delivery.headers.get(HEADERS.DLQ_ENTRY))
+        if entry is None:
+            letters[int(delivery.headers["x-stream-offset"])] = delivery
+        elif entry == "settled":
+            settled.add(int(delivery.headers[HEADERS.DLQ_SETTLES]))
+        elif entry == "cut" and _text(delivery.headers.get(HEADERS.DLQ_CUT)) == cut:
+            done.set()
+
+    handle = await transport.consume(
+        topology.dead_letter_stream,
+        on_delivery,
+        prefetch=_READ_PREFETCH,
+        arguments={"x-stream-offset": "first"},
+    )
+    try:
+        await asyncio.wait_for(done.wait(), _CUT_WAIT)
+    except TimeoutError:
+        raise TimeoutError(
+            f"{topology.dead_letter_stream}: the read did not reach its cut in {_CUT_WAIT} s"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            await handle.close()
+    return [letters[o] for o in sorted(letters) if o not in settled]
+
+
+async def _settle(transport: Transport, topology: Topology, offset: int, action: str) -> None:
+    await _append(
+        transport,
+        topology,
+        {HEADERS.DLQ_ENTRY: "settled", HEADERS.DLQ_SETTLES: offset, HEADERS.DLQ_ACTION: action},
+    )
+
+
+def _selected(letter: DeadLetter, message_id: str | None, offset: int | None) -> bool:
+    if message_id is not None and letter.message_id != message_id:
+        return False
+    return offset is None or letter.offset == offset
+
+
 async def browse_dead_letters(
     transport: Transport, topology: Topology, limit: int = 1000
 ) -> list[DeadLetter]:
-    """Read dead letters without consuming them: received by one consumer (a window of
-    at most ``limit`` unsettled deliveries, 65535 at most: AMQP's prefetch is 16 bits),
-    then every one put back. (Taking each with basic.get would hold a channel per dead
-    letter until the end, and the broker closes the connection past its channel_max,
-    2047 by default.)"""
-    queue = topology.dead_letter_queue
-    stats = await transport.queue_stats(queue)
-    want = min(limit, _MAX_WINDOW, stats.messages if stats is not None else 0)
-    if want <= 0:
-        return []
-    received: list[Delivery] = []
-    arrived = asyncio.Event()
-
-    async def on_delivery(delivery: Delivery) -> None:
-        received.append(delivery)
-        arrived.set()
-
-    handle = await transport.consume(queue, on_delivery, prefetch=want)
-    try:
-        while len(received) < want:
-            arrived.clear()
-            try:
-                await asyncio.wait_for(arrived.wait(), _BROWSE_IDLE)
-            except TimeoutError:
-                break  # fewer than counted: someone else took some
-        await handle.cancel()
-        return [_dead_letter(d) for d in received[:want]]
-    finally:
-        await handle.cancel()
-        for delivery in received:
-            if not delivery.settled:
-                await delivery.requeue()
-        await handle.close()
+    """The first ``limit`` dead letters not yet replayed or discarded, oldest first.
+    Nothing is taken, requeued or counted as a delivery: listing never changes them."""
+    return [_dead_letter(d) for d in (await unsettled_dead_letters(transport, topology))[:limit]]
 
 
 async def replay_dead_letters(
@@ -230,49 +421,56 @@ async def replay_dead_letters(
     topology: Topology,
     *,
     message_id: str | None = None,
+    offset: int | None = None,
     limit: int = 100_000,
 ) -> tuple[int, int]:
-    """Publish dead letters back where they came from (after a fix), then remove
-    them from the DLQ. Only ``message_id`` when given. Returns (replayed, kept)."""
-    replayed = kept = 0
-    skipped: list[Delivery] = []
-    run = uuid.uuid4().hex
-    # Only what is there now: a replayed message that fails again comes back to the
-    # DLQ, and must not be replayed again by the same run.
-    stats = await transport.queue_stats(topology.dead_letter_queue)
-    budget = min(limit, stats.messages if stats is not None else 0)
-    try:
-        for _ in range(budget):
-            delivery = await transport.get(topology.dead_letter_queue)
-            if delivery is None:
-                break
-            if delivery.headers.get(_RUN_HEADER) == run or (
-                message_id is not None and delivery.message_id != message_id
-            ):
-                skipped.append(delivery)
-                continue
-            letter = _dead_letter(delivery)
-            headers = {
-                k: v
-                for k, v in delivery.headers.items()
-                if not k.startswith("x-sessionbus-reject")
-                and k not in {"x-death", HEADERS.REJECTED_BY}
-            }
-            headers[_RUN_HEADER] = run
-            exchange = letter.original_exchange or ""
-            await transport.publish(
-                exchange,
-                letter.original_routing_key or "",
-                delivery.to_outgoing(headers=headers),
-                mandatory=exchange == "",
-            )
-            await delivery.ack()
-            replayed += 1
-    finally:
-        for delivery in skipped:
-            await delivery.requeue()
-            kept += 1
-    return replayed, kept
+    """Publish dead letters back where they came from (after a fix), each then marked
+    settled in the dead-letter stream; only the one with ``message_id`` / ``offset``
+    when given. Letters dead-lettered again meanwhile come after the read's cut and are
+    not replayed by the same run. A crash between the publish and the mark leaves the
+    letter listed, and a second replay sends it again (the consumers dedupe). Returns
+    (replayed, left)."""
+    replayed = 0
+    pending = await unsettled_dead_letters(transport, topology)
+    for delivery in pending:
+        letter = _dead_letter(delivery)
+        if replayed >= limit or not _selected(letter, message_id, offset):
+            continue
+        headers = {
+            k: v
+            for k, v in delivery.headers.items()
+            if not k.startswith("x-sessionbus-reject")
+            and k not in {"x-death", "x-stream-offset", HEADERS.REJECTED_BY}
+        }
+        exchange = letter.original_exchange or ""
+        await transport.publish(
+            exchange,
+            letter.original_routing_key or "",
+            delivery.to_outgoing(headers=headers),
+            mandatory=exchange == "",
+        )
+        assert letter.offset is not None  # every stream delivery has one
+        await _settle(transport, topology, letter.offset, "replayed")
+        replayed += 1
+    return replayed, len(pending) - replayed
+
+
+async def discard_dead_letters(
+    transport: Transport,
+    topology: Topology,
+    *,
+    message_id: str | None = None,
+    offset: int | None = None,
+) -> tuple[int, int]:
+    """Mark dead letters settled without sending them anywhere (every one, or only
+    the one with ``message_id`` / ``offset``). Returns (discarded, left)."""
+    discarded = 0
+    pending = [_dead_letter(d) for d in await unsettled_dead_letters(transport, topology)]
+    for letter in pending:
+        if _selected(letter, message_id, offset) and letter.offset is not None:
+            await _settle(transport, topology, letter.offset, "discarded")
+            discarded += 1
+    return discarded, len(pending) - discarded
 
 
 def export_from_store(
@@ -294,7 +492,6 @@ def export_from_store(
                 yield env
 
 
-_RUN_HEADER = "x-sessionbus-replay-run"
 _jsonl = msgspec.json.Encoder()
 
 

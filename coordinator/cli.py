@@ -675,9 +675,27 @@ def modules(amqp_url: str, prefix: str, timeout: float, as_json: bool) -> None:
 
 @main.command()
 @_bus_options
-@click.option("--management-url", envvar="SESSIONBUS_MANAGEMENT_URL", default=None)
+@click.option(
+    "--management-url",
+    envvar="SESSIONBUS_MANAGEMENT_URL",
+    default=None,
+    help="RabbitMQ management API, e.g. http://localhost:15672/ (queue list and types; "
+    "figures and rates on 3.x).",
+)
+@click.option(
+    "--prometheus-url",
+    envvar="SESSIONBUS_PROMETHEUS_URL",
+    default=None,
+    help="rabbitmq_prometheus endpoint, e.g. http://localhost:15692/ (figures and rates; "
+    "where RabbitMQ 4 keeps them).",
+)
 def queues(
-    amqp_url: str, prefix: str, timeout: float, as_json: bool, management_url: str | None
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    management_url: str | None,
+    prometheus_url: str | None,
 ) -> None:
     """Every sessionbus queue: depth, ready/unacked, consumers, rates."""
 
@@ -688,7 +706,14 @@ def queues(
             module_ids = [m.module_id for m in await client.list_modules()]
         except (CoordinatorUnavailable, CommandFailed):
             module_ids = list(_SEED_MODULES)
-        return await admin.list_queues(transport, topology, amqp_url, management_url, module_ids)
+        return await admin.list_queues(
+            transport,
+            topology,
+            amqp_url,
+            management_url,
+            module_ids,
+            prometheus_url=prometheus_url,
+        )
 
     found = _run_bus(amqp_url, prefix, min(timeout, 3.0), action)
     if as_json:
@@ -713,8 +738,11 @@ def queues(
             num(q.deliver_rate),
         )
     _console.print(table)
-    if found and found[0].source != "management":
-        click.echo("(management API not reachable: depth and consumers from passive declares)")
+    if found and all(q.source == "passive declare" for q in found):
+        click.echo(
+            "(no management API or Prometheus endpoint configured and answering: depth and "
+            "consumers from passive declares; see --management-url, --prometheus-url)"
+        )
 
 
 _SEED_MODULES = (
@@ -737,7 +765,8 @@ def dlq() -> None:
 @_bus_options
 @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 def dlq_list(amqp_url: str, prefix: str, timeout: float, as_json: bool, limit: int) -> None:
-    """Dead letters with their reasons (left in the queue)."""
+    """Dead letters with their reasons, not yet replayed or discarded (read, never
+    taken: listing changes nothing)."""
 
     async def action(
         _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
@@ -749,10 +778,20 @@ def dlq_list(amqp_url: str, prefix: str, timeout: float, as_json: bool, limit: i
         _emit_json([dataclasses.asdict(d) for d in letters])
         return
     table = Table(title=f"{len(letters)} dead letters in {prefix}.dlq")
-    for column in ("message id", "rejected by", "code", "field", "reason", "from", "bytes"):
+    for column in (
+        "offset",
+        "message id",
+        "rejected by",
+        "code",
+        "field",
+        "reason",
+        "from",
+        "bytes",
+    ):
         table.add_column(column)
     for d in letters:
         table.add_row(
+            str(d.offset),
             d.message_id or "-",
             d.rejected_by or "-",
             d.code or "-",
@@ -764,33 +803,86 @@ def dlq_list(amqp_url: str, prefix: str, timeout: float, as_json: bool, limit: i
     _console.print(table)
 
 
+def _dlq_selection(
+    message_id: str | None, offset: int | None, every: bool
+) -> tuple[str | None, int | None]:
+    if (message_id is None and offset is None) == (not every):
+        raise click.UsageError("give --id MESSAGE_ID, --offset N or --all")
+    return message_id, offset
+
+
+_DLQ_SELECTION = (
+    click.option("--id", "message_id", default=None, help="Only the letter with this message id."),
+    click.option("--offset", default=None, type=int, help="Only the letter at this offset."),
+    click.option("--all", "every", is_flag=True, help="Every dead letter."),
+)
+
+
+def _with_selection(f: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_DLQ_SELECTION):
+        f = option(f)
+    return f
+
+
 @dlq.command("replay")
 @_bus_options
-@click.option("--id", "message_id", default=None, help="Only the dead letter with this message id.")
-@click.option("--all", "replay_all", is_flag=True, help="Every dead letter.")
+@_with_selection
 def dlq_replay(
     amqp_url: str,
     prefix: str,
     timeout: float,
     as_json: bool,
     message_id: str | None,
-    replay_all: bool,
+    offset: int | None,
+    every: bool,
 ) -> None:
-    """Publish dead letters back to where they came from."""
-    if (message_id is None) == (not replay_all):
-        raise click.UsageError("give --id MESSAGE_ID or --all")
+    """Publish dead letters back to where they came from (then marked settled)."""
+    message_id, offset = _dlq_selection(message_id, offset, every)
 
     async def action(
         _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
     ) -> tuple[int, int]:
-        return await admin.replay_dead_letters(transport, topology, message_id=message_id)
+        return await admin.replay_dead_letters(
+            transport, topology, message_id=message_id, offset=offset
+        )
 
     replayed, kept = _run_bus(amqp_url, prefix, timeout, action)
     if as_json:
         _emit_json({"replayed": replayed, "kept": kept})
     else:
         click.echo(f"replayed {replayed} dead letter(s); {kept} left in the queue")
-    if message_id is not None and replayed == 0:
+    if not every and replayed == 0:
+        sys.exit(EXIT_NO)
+
+
+@dlq.command("discard")
+@_bus_options
+@_with_selection
+def dlq_discard(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    message_id: str | None,
+    offset: int | None,
+    every: bool,
+) -> None:
+    """Drop dead letters for good (marked settled; nothing is sent)."""
+    message_id, offset = _dlq_selection(message_id, offset, every)
+
+    async def action(
+        _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
+    ) -> tuple[int, int]:
+        return await admin.discard_dead_letters(
+            transport, topology, message_id=message_id, offset=offset
+        )
+
+    discarded, kept = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json({"discarded": discarded, "kept": kept})
+    else:
+        click.echo(f"discarded {discarded} dead letter(s); {kept} left in the queue")
+    if not every and discarded == 0:
         sys.exit(EXIT_NO)
 
 

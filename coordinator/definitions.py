@@ -16,7 +16,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from contracts import Topology
-from contracts.topology import DEFAULT_AUDIT_RETENTION
+from contracts.topology import (
+    DEAD_LETTER_INBOX_DELIVERY_LIMIT,
+    DEFAULT_AUDIT_RETENTION,
+    DELIVERY_LIMIT,
+)
 
 __all__ = [
     "SEED_MODULES",
@@ -139,16 +143,26 @@ def definitions(
                 "priority": 10,
                 "definition": {"max-age": audit_retention},
             },
+            # The same limits the queues are declared with (contracts.topology), so a
+            # broker loaded from these definitions runs what the tests run.
             {
                 "vhost": vhost,
                 "name": f"{topology.prefix}-quorum",
-                "pattern": f"^{prefix}\\.(commands|module\\..*|dlq|unroutable)(\\.\\d+)?$",
+                "pattern": f"^{prefix}\\.(commands|module\\..*|unroutable)(\\.\\d+)?$",
                 "apply-to": "queues",
                 "priority": 5,
                 "definition": {
-                    "delivery-limit": 10,
+                    "delivery-limit": DELIVERY_LIMIT,
                     "dead-letter-exchange": topology.dead_letter_exchange,
                 },
+            },
+            {
+                "vhost": vhost,
+                "name": f"{topology.prefix}-dead-letter-inbox",
+                "pattern": f"^{_q(topology.dead_letter_queue)}$",
+                "apply-to": "queues",
+                "priority": 5,
+                "definition": {"delivery-limit": DEAD_LETTER_INBOX_DELIVERY_LIMIT},
             },
         ],
         "parameters": [],

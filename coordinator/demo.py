@@ -361,6 +361,7 @@ async def _delete_topology(url: str, topology: Topology, modules: list[str]) -> 
     names = [
         topology.audit_stream,
         topology.dead_letter_queue,
+        topology.dead_letter_stream,
         topology.unroutable_queue,
         topology.commands_queue(),
         *(topology.module_queue(m) for m in modules),

@@ -9,6 +9,7 @@ has its own registry, so several coordinators can live in one process (tests).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from contracts import HEADERS
+from contracts.transport import ConsumerHandle, Delivery, TransportError
 
 if TYPE_CHECKING:
     from coordinator.runtime import CoordinatorRuntime
@@ -69,7 +73,9 @@ class _StateCollector(Collector):
             healthy.add_metric([module_id], 1.0 if proj.is_healthy(module_id, now) else 0.0)
         yield healthy
         if self.dlq_depth is not None:
-            dlq = GaugeMetricFamily("sessionbus_dlq_depth", "Messages in the dead-letter queue.")
+            dlq = GaugeMetricFamily(
+                "sessionbus_dlq_depth", "Dead letters not yet replayed or discarded."
+            )
             dlq.add_metric([], self.dlq_depth)
             yield dlq
 
@@ -95,7 +101,10 @@ class CoordinatorMetrics:
         self.registry.register(self.state)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._follower: ConsumerHandle | None = None
         self._task: asyncio.Task[None] | None = None
+        self._kept = 0  # letters in the dead-letter stream not settled
+        self._inbox = 0  # letters in the dead-letter inbox
         self._runtime = runtime
 
     def serve(self, port: int, address: str = "127.0.0.1") -> int:
@@ -105,15 +114,47 @@ class CoordinatorMetrics:
         return int(server.server_port)
 
     async def start_sampling(self, interval: float = 5.0) -> None:
-        """Sample the DLQ depth (a broker round trip) in the background."""
+        """Follow the dead-letter stream from its first entry, keeping the number of
+        letters not yet settled (replayed or discarded; entries are counted by offset,
+        so a re-read after a reconnect counts nothing twice), and sample the depth of
+        the dead-letter inbox (letters not yet moved to the stream) every
+        ``interval`` seconds."""
+        letters: set[int] = set()
+        settled: set[int] = set()
+
+        async def on_delivery(delivery: Delivery) -> None:
+            await delivery.ack()  # credit only: a stream keeps its entries
+            offset = delivery.headers.get("x-stream-offset")
+            entry = delivery.headers.get(HEADERS.DLQ_ENTRY)
+            if isinstance(entry, bytes):
+                entry = entry.decode()
+            if entry is None and offset is not None:
+                letters.add(int(offset))
+            elif entry == "settled":
+                settled.add(int(delivery.headers[HEADERS.DLQ_SETTLES]))
+            self._kept = len(letters - settled)
+            self.state.dlq_depth = self._kept + self._inbox
+
+        runtime = self._runtime
+        self.state.dlq_depth = 0
         self._task = asyncio.create_task(self._sample(interval), name="sessionbus-metrics")
+        try:
+            self._follower = await runtime.transport.consume(
+                runtime.topology.dead_letter_stream,
+                on_delivery,
+                prefetch=1000,
+                arguments={"x-stream-offset": "first"},
+            )
+        except TransportError as exc:  # the metric is missing, the coordinator runs
+            log.warning("dead letters in the stream not counted: %s", exc)
 
     async def _sample(self, interval: float) -> None:
         runtime = self._runtime
         while True:
             try:
                 stats = await runtime.transport.queue_stats(runtime.topology.dead_letter_queue)
-                self.state.dlq_depth = stats.messages if stats is not None else 0
+                self._inbox = stats.messages if stats is not None else 0
+                self.state.dlq_depth = self._kept + self._inbox
             except Exception as exc:  # noqa: BLE001 - a missed sample is only logged
                 log.debug("DLQ depth not sampled: %s", exc)
             await asyncio.sleep(interval)
@@ -123,6 +164,10 @@ class CoordinatorMetrics:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._follower is not None:
+            with contextlib.suppress(Exception):
+                await self._follower.close()
+            self._follower = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

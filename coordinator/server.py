@@ -279,6 +279,7 @@ class HeartbeatListener:
                 self.queue,
                 durable=True,
                 arguments={
+                    "x-queue-type": "classic",  # one coordinator's, not replicated
                     "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS,
                     "x-message-ttl": 60_000,
                     "x-max-length": 100_000,

@@ -78,6 +78,17 @@ async def amqp_connection(
             await asyncio.wait_for(connection.close(), 5)
 
 
+# A test whose fixtures reach a RabbitMQ node (the shared broker, or a private node of
+# the fault suite) is marked ``broker``: `.ci/run` runs those against RabbitMQ 4 too.
+_BROKER_FIXTURES = frozenset({"amqp_url", "private_broker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.broker)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     docker = "yes" if services.docker_available() else "no"
     amqp = services.redact(services.amqp_target())

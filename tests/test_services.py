@@ -14,7 +14,9 @@ async def test_broker_round_trip_through_a_prefixed_queue(amqp_url: str, prefix:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(f"{prefix}.smoke", durable=False)
+        # Exclusive: a transient queue that is not exclusive is a deprecated feature
+        # (refused by RabbitMQ 4.3 by default, and on the RabbitMQ 4 test node).
+        queue = await channel.declare_queue(f"{prefix}.smoke", durable=False, exclusive=True)
         await channel.default_exchange.publish(
             aio_pika.Message(b"ping"), routing_key=queue.name, mandatory=True
         )

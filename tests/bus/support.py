@@ -15,9 +15,11 @@ from contracts import (
     ModuleSessionInfo,
     SessionStatus,
     StandardError,
+    Topology,
     WorkflowSession,
 )
 from contracts.transport import Delivery, Transport
+from coordinator.admin import unsettled_dead_letters
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import SessionLifecycleCallbacks, SessionManager
 from module_sdk.testing import wait_for
@@ -75,6 +77,20 @@ async def take(
             raise TimeoutError(f"{queue}: {len(taken)} of {count} messages after {timeout} s")
         await asyncio.sleep(0.02)
     return taken
+
+
+async def dead_letters(
+    transport: Transport, topology: Topology, count: int, *, timeout: float = 10.0
+) -> list[Delivery]:
+    """The dead letters not yet settled, once there are at least ``count`` (read from
+    the dead-letter stream, which keeps them; waiting, bounded, for them to arrive)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(letters := await unsettled_dead_letters(transport, topology)) < count:
+        if loop.time() > deadline:
+            raise TimeoutError(f"{len(letters)} of {count} dead letters after {timeout} s")
+        await asyncio.sleep(0.05)
+    return letters
 
 
 async def drain(transport: Transport, queue: str) -> list[Delivery]:

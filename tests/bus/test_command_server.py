@@ -39,7 +39,7 @@ from contracts.transport import OutgoingMessage, Transport
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk import CommandFailed, CoordinatorClient
 from tests.bus.conftest import Bus
-from tests.bus.support import take, wait_destroyed
+from tests.bus.support import dead_letters, wait_destroyed
 
 pytestmark = pytest.mark.broker
 
@@ -264,7 +264,7 @@ async def test_undecodable_command_gets_an_error_reply_and_a_dead_letter(amqp_bu
         assert huge.error is not None
         assert huge.error.code is ErrorCode.MESSAGE_TOO_LARGE
 
-        dead = await take(transport, rt.topology.dead_letter_queue, 4)
+        dead = await dead_letters(transport, rt.topology, 4)
         by_body = {d.body[:20]: d for d in dead}
         first = by_body[b"{this is not json"]
         assert first.headers[HEADERS.REJECT_CODE] == ErrorCode.INVALID_MESSAGE

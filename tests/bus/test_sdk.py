@@ -29,7 +29,14 @@ from coordinator.relay import event_message
 from coordinator.runtime import CoordinatorRuntime
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
-from tests.bus.support import Inbox, RecordingModule, take, wait_destroyed, wait_status
+from tests.bus.support import (
+    Inbox,
+    RecordingModule,
+    dead_letters,
+    take,
+    wait_destroyed,
+    wait_status,
+)
 
 S = SessionStatus
 
@@ -479,7 +486,7 @@ async def test_bad_bodies_are_dead_lettered_with_reasons_and_the_consumer_keeps_
                     queue,
                     OutgoingMessage(body=body, content_type=content_type, message_id=name),
                 )
-            dead = {d.message_id: d for d in await take(injector, topo.dead_letter_queue, 5)}
+            dead = {d.message_id: d for d in await dead_letters(injector, topo, 5)}
             assert set(dead) == set(bad)
             for name, letter in dead.items():
                 headers = letter.headers

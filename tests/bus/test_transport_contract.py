@@ -26,7 +26,7 @@ from contracts.transport import (
 )
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
-from tests.bus.support import Inbox, drain, take
+from tests.bus.support import Inbox, dead_letters, drain, take
 
 
 def message(body: bytes | str, **fields: object) -> OutgoingMessage:
@@ -485,7 +485,7 @@ class TestTransportContract:
         )
         assert delivery.settled
 
-        (dead,) = await take(t, topo.dead_letter_queue, 1)
+        (dead,) = await dead_letters(t, topo, 1)
         h = dead.headers
         assert str(h[HEADERS.REJECT_REASON]).startswith("malformed json body")
         assert len(str(h[HEADERS.REJECT_REASON])) == 1000

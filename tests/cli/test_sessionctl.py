@@ -18,6 +18,7 @@ from contracts.transport import OutgoingMessage
 from coordinator.errors import StoreUnavailable
 from module_sdk.testing import wait_for
 from tests.cli.conftest import SESSIONCTL, Result, System, sessionctl
+from tests.support import services
 
 pytestmark = pytest.mark.broker
 
@@ -169,29 +170,49 @@ async def test_modules_shows_registration_and_health(system: System) -> None:
     assert sid
 
 
+def _queue_endpoints() -> dict[str, str]:
+    """The test broker's management API and, where it runs rabbitmq_prometheus (the
+    RabbitMQ 4 node), its Prometheus endpoint: given to sessionctl as settings."""
+    env = {"SESSIONBUS_MANAGEMENT_URL": services.management_target()}
+    prometheus = os.environ.get("SESSIONBUS_TEST_PROMETHEUS_URL")
+    if prometheus:
+        env["SESSIONBUS_PROMETHEUS_URL"] = prometheus
+    return env
+
+
 async def test_queues_lists_every_queue_of_the_prefix(system: System) -> None:
-    """queues: management API figures for every queue under the prefix."""
+    """queues: figures for every queue under the prefix, from the endpoints in the
+    settings (management API; Prometheus where the broker runs it), and from passive
+    declares when none is configured (no port of the AMQP host is guessed)."""
     p = system.prefix
-    # The management API refreshes its figures every few seconds: ask until it has
-    # seen the coordinator's consumer (bounded).
-    for _ in range(20):
-        result = await system.ctl("queues", "--json")
+    endpoints = _queue_endpoints()
+    expected = "prometheus" if "SESSIONBUS_PROMETHEUS_URL" in endpoints else "management"
+    # The management API and Prometheus refresh their figures every few seconds (until
+    # then a new queue's depth comes from a passive declare): ask until they have seen
+    # the coordinator's consumer (bounded).
+    for _ in range(30):
+        result = await system.ctl("queues", "--json", env=endpoints)
         assert result.code == 0, result.err
         names = {q["name"]: q for q in json.loads(result.out)}
-        if names.get(f"{p}.commands", {}).get("consumers") == 1:
+        commands = names.get(f"{p}.commands", {})
+        if commands.get("consumers") == 1 and commands.get("source") == expected:
             break
         await asyncio.sleep(1)
     assert {f"{p}.commands", f"{p}.dlq", f"{p}.audit", f"{p}.module.executor"} <= set(names)
     assert names[f"{p}.commands"]["consumers"] == 1
     assert names[f"{p}.audit"]["kind"] == "stream"
+    assert names[f"{p}.dead-letters"]["kind"] == "stream"
     assert names[f"{p}.commands"]["kind"] == "quorum"
-    fallback = await system.ctl(
-        "queues", "--json", env={"SESSIONBUS_MANAGEMENT_URL": "http://guest:guest@127.0.0.1:1/"}
-    )
-    assert fallback.code == 0, fallback.err
-    by_declare = {q["name"]: q for q in json.loads(fallback.out)}
+    assert names[f"{p}.commands"]["source"] == expected
+    assert names[f"{p}.commands"]["deliver_rate"] is not None
+    by_declare = {q["name"]: q for q in json.loads((await system.ctl("queues", "--json")).out)}
     assert by_declare[f"{p}.commands"]["source"] == "passive declare"
     assert by_declare[f"{p}.module.executor"]["consumers"] == 1
+    unreachable = await system.ctl(
+        "queues", "--json", env={"SESSIONBUS_MANAGEMENT_URL": "http://guest:guest@127.0.0.1:1/"}
+    )
+    assert unreachable.code == 0, unreachable.err
+    assert {q["source"] for q in json.loads(unreachable.out)} == {"passive declare"}
 
 
 async def test_dlq_list_shows_reasons_and_replay_sends_back(system: System) -> None:

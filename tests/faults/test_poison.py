@@ -42,6 +42,7 @@ from contracts.amqp import AmqpTransport
 from contracts.commands import CommandRequest
 from contracts.events import EVENT_TYPES, event_type
 from contracts.transport import OutgoingMessage
+from coordinator.admin import unsettled_dead_letters
 from tests.faults.harness import inprocess_system, wait_until
 from tests.faults.report import Row, record
 from tests.faults.sizes import sized
@@ -247,15 +248,14 @@ async def test_poison_goes_to_the_dead_letter_queue_with_a_reason_and_consumers_
         assert result.failures == [], result.failures[:10]
 
         async def all_dead() -> bool:
-            stats = await attacker.queue_stats(topology.dead_letter_queue)
-            return stats is not None and stats.messages >= len(sent)
+            return len(await unsettled_dead_letters(attacker, topology)) >= len(sent)
 
         try:
             await wait_until(
                 all_dead, timeout=sized(90, 600), what="every poison message in the DLQ", every=0.5
             )
         except TimeoutError:
-            stats = await attacker.queue_stats(topology.dead_letter_queue)
+            stats = len(await unsettled_dead_letters(attacker, topology))
             there = {d["message_id"] for d in await _dlq_list(amqp_url, prefix, limit=len(sent))}
             absent = {m: sent[m][1].kind for m in sorted(set(sent) - there)}
             raise AssertionError(
@@ -353,7 +353,7 @@ async def test_dlq_list_shows_more_dead_letters_than_a_connection_has_channels(
         for start in range(0, count, 500):
             await transport.publish_many(topology.dead_letter_exchange, batch[start : start + 500])
         await wait_until(
-            lambda: _depth(transport, topology.dead_letter_queue, count),
+            lambda: _depth(transport, topology, count),
             timeout=30,
             what="the dead letters in the DLQ",
         )
@@ -364,6 +364,5 @@ async def test_dlq_list_shows_more_dead_letters_than_a_connection_has_channels(
         assert len(again) == count
 
 
-async def _depth(transport: AmqpTransport, queue: str, count: int) -> bool:
-    stats = await transport.queue_stats(queue)
-    return stats is not None and stats.messages >= count
+async def _depth(transport: AmqpTransport, topology: Topology, count: int) -> bool:
+    return len(await unsettled_dead_letters(transport, topology)) >= count

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support import certs
@@ -30,24 +30,75 @@ from tests.support import certs
 __all__ = ["PrivateBroker", "private_broker", "rabbitmq_available"]
 
 _BIN = Path("/usr/lib/rabbitmq/bin")
+_DEPLOY_LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local"
+RABBITMQ4_SCRIPT = _DEPLOY_LOCAL / "rabbitmq4.sh"
 
 
-def _tool(name: str) -> str:
-    direct = _BIN / name
-    if direct.exists():
-        return str(direct)
-    found = shutil.which(name)
-    if found is None:
-        raise FileNotFoundError(f"{name} is not installed")
-    return found
+def rabbitmq4_selected() -> bool:
+    """Whether private nodes run RabbitMQ 4 from the script's root."""
+    return os.environ.get("SESSIONBUS_TEST_RABBITMQ4", "") not in {"", "0"}
+
+
+@dataclass(frozen=True)
+class _Runtime:
+    """How to run one RabbitMQ installation's tools: the machine's own, or those of the
+    RabbitMQ 4 root (every path the node reads is then seen from inside it)."""
+
+    chroot: Path | None
+
+    @classmethod
+    def selected(cls) -> _Runtime:
+        if not rabbitmq4_selected():
+            return cls(None)
+        out = subprocess.run(
+            [str(RABBITMQ4_SCRIPT), "root"], capture_output=True, text=True, check=True
+        )
+        root = Path(out.stdout.strip())
+        if not (root / ".sessionbus-recipe").exists():
+            raise FileNotFoundError(
+                f"no RabbitMQ 4 root at {root}: run `{RABBITMQ4_SCRIPT} build` (as root)"
+            )
+        return cls(root)
+
+    def command(self, name: str) -> list[str]:
+        if self.chroot is not None:
+            return [str(RABBITMQ4_SCRIPT), "run", str(_BIN / name)]
+        direct = _BIN / name
+        if direct.exists():
+            return [str(direct)]
+        found = shutil.which(name)
+        if found is None:
+            raise FileNotFoundError(f"{name} is not installed")
+        return [found]
+
+    def inside(self, path: Path) -> str:
+        """``path`` (on this machine) as the node sees it."""
+        if self.chroot is None:
+            return str(path)
+        return "/" + str(path.relative_to(self.chroot))
+
+    def node_parent(self) -> str | None:
+        """Where the node's directory goes (None: the temporary directory)."""
+        if self.chroot is None:
+            return None
+        parent = self.chroot / "var" / "lib" / "sessionbus" / "nodes"
+        parent.mkdir(parents=True, exist_ok=True)
+        return str(parent)
+
+    def extra_config(self) -> list[str]:
+        if self.chroot is None:
+            return []
+        lines = (_DEPLOY_LOCAL / "refuse-deprecated.conf").read_text().splitlines()
+        return [line for line in lines if line and not line.startswith("#")]
 
 
 def rabbitmq_available() -> bool:
     """Whether a RabbitMQ server can be started here."""
     try:
-        _tool("rabbitmq-server")
-        _tool("rabbitmqctl")
-    except FileNotFoundError:
+        runtime = _Runtime.selected()
+        runtime.command("rabbitmq-server")
+        runtime.command("rabbitmqctl")
+    except (FileNotFoundError, subprocess.CalledProcessError):
         return False
     return True
 
@@ -84,6 +135,7 @@ class PrivateBroker:
     port: int
     tls_port: int
     ca_file: Path
+    runtime: _Runtime = field(default_factory=lambda: _Runtime(None))
 
     @property
     def url(self) -> str:
@@ -95,20 +147,21 @@ class PrivateBroker:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        inside = self.runtime.inside
         env.update(
             {
-                "HOME": str(self.root / "home"),
+                "HOME": inside(self.root / "home"),
                 "RABBITMQ_NODENAME": self.node,
                 "RABBITMQ_NODE_PORT": str(self.port),
                 "RABBITMQ_DIST_PORT": str(self.port + 1),
                 "RABBITMQ_CTL_DIST_PORT_MIN": str(self.port + 10000),
                 "RABBITMQ_CTL_DIST_PORT_MAX": str(self.port + 10010),
-                "RABBITMQ_MNESIA_BASE": str(self.root / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(self.root / "log"),
-                "RABBITMQ_CONFIG_FILE": str(self.root / "rabbitmq.conf"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.root / "enabled_plugins"),
-                "RABBITMQ_CONF_ENV_FILE": str(self.root / "rabbitmq-env.conf"),
-                "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.root / "advanced.config"),
+                "RABBITMQ_MNESIA_BASE": inside(self.root / "mnesia"),
+                "RABBITMQ_LOG_BASE": inside(self.root / "log"),
+                "RABBITMQ_CONFIG_FILE": inside(self.root / "rabbitmq.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": inside(self.root / "enabled_plugins"),
+                "RABBITMQ_CONF_ENV_FILE": inside(self.root / "rabbitmq-env.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": inside(self.root / "advanced.config"),
             }
         )
         return env
@@ -119,7 +172,7 @@ class PrivateBroker:
 
     def _run(self, tool: str, args: tuple[str, ...], *, timeout: float, check: bool) -> str:
         result = subprocess.run(
-            [_tool(tool), "-n", self.node, *args],
+            [*self.runtime.command(tool), "-n", self.node, *args],
             env=self.env(),
             capture_output=True,
             text=True,
@@ -137,7 +190,13 @@ class PrivateBroker:
         """Whether the RabbitMQ app answers (not just the Erlang node)."""
         try:
             out = subprocess.run(
-                [_tool("rabbitmq-diagnostics"), "-n", self.node, "-q", "check_running"],
+                [
+                    *self.runtime.command("rabbitmq-diagnostics"),
+                    "-n",
+                    self.node,
+                    "-q",
+                    "check_running",
+                ],
                 env=self.env(),
                 capture_output=True,
                 timeout=30,
@@ -190,7 +249,7 @@ class PrivateBroker:
         """Start the application again and wait until it runs; the moment its AMQP
         listener accepted again (the end of the outage, as clients see it)."""
         command = subprocess.Popen(  # watched while it runs: the listener opens before it returns
-            [_tool("rabbitmqctl"), "-n", self.node, "start_app"],
+            [*self.runtime.command("rabbitmqctl"), "-n", self.node, "start_app"],
             env=self.env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -219,18 +278,20 @@ class PrivateBroker:
         cookie.write_text(uuid.uuid4().hex.upper())
         cookie.chmod(0o400)
         tls = certs.make_tls_files(self.root / "tls")
+        inside = self.runtime.inside
         (self.root / "rabbitmq.conf").write_text(
             "\n".join(
                 [
                     f"listeners.tcp.1 = 127.0.0.1:{self.port}",
                     f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}",
-                    f"ssl_options.cacertfile = {tls.ca}",
-                    f"ssl_options.certfile = {tls.cert}",
-                    f"ssl_options.keyfile = {tls.key}",
+                    f"ssl_options.cacertfile = {inside(tls.ca)}",
+                    f"ssl_options.certfile = {inside(tls.cert)}",
+                    f"ssl_options.keyfile = {inside(tls.key)}",
                     "ssl_options.verify = verify_none",
                     "ssl_options.fail_if_no_peer_cert = false",
                     "log.console = false",
                     "log.file.level = warning",
+                    *self.runtime.extra_config(),
                     "",
                 ]
             )
@@ -240,7 +301,7 @@ class PrivateBroker:
         (self.root / "rabbitmq-env.conf").write_text("")
         self.ca_file = tls.ca
         subprocess.run(
-            [_tool("rabbitmq-server"), "-detached"],
+            [*self.runtime.command("rabbitmq-server"), "-detached"],
             env=self.env(),
             capture_output=True,
             timeout=60,
@@ -265,7 +326,8 @@ class PrivateBroker:
 @contextlib.contextmanager
 def private_broker() -> Iterator[PrivateBroker]:
     """A private node for the block; always stopped and removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="sessionbus-faults-broker-"))
+    runtime = _Runtime.selected()
+    root = Path(tempfile.mkdtemp(prefix="sessionbus-faults-broker-", dir=runtime.node_parent()))
     base = _ports(3)
     broker = PrivateBroker(
         node=f"sbfault{uuid.uuid4().hex[:6]}@localhost",
@@ -273,6 +335,7 @@ def private_broker() -> Iterator[PrivateBroker]:
         port=base,
         tls_port=base + 2,
         ca_file=root / "tls" / "ca.pem",
+        runtime=runtime,
     )
     try:
         broker.start()

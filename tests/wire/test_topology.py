@@ -45,6 +45,7 @@ def test_the_default_topology_has_the_designed_names() -> None:
         "heartbeats_exchange": "sessionbus.heartbeats",
         "dead_letter_exchange": "sessionbus.dlx",
         "dead_letter_queue": "sessionbus.dlq",
+        "dead_letter_stream": "sessionbus.dead-letters",
         "unroutable_exchange": "sessionbus.events.unroutable",
         "unroutable_queue": "sessionbus.unroutable",
         "audit_stream": "sessionbus.audit",
