@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,7 @@ class PgSystem(ProcessSystem):
         if not self.coordinators:
             for index in range(self.replicas):
                 argv = coordinator_argv(self.url, self.coordinator_store, self.prefix)
+                argv += ["--metrics-port", "0"]  # a free port, named in the ready line
                 if self.replicas > 1:
                     argv += ["--replica", f"{index}/{self.replicas}"]
                 self.coordinators.append(Child(f"coordinator-{index}", argv, env=self._env()))
@@ -121,6 +124,35 @@ class PgSystem(ProcessSystem):
         for child in self.coordinators:
             code = await child.stop()
             assert code == 0, f"{child.name} exited with {code}:\n{child.output}"
+
+    async def store_positions(self) -> list[int]:
+        """Each coordinator's projection position (``sessionbus_store_position`` from
+        its /metrics): how far it has followed the shared log."""
+
+        def scrape(port: int) -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                text = page.read().decode()
+            match = re.search(r"^sessionbus_store_position (\S+)$", text, re.MULTILINE)
+            assert match is not None, text
+            return int(float(match.group(1)))
+
+        ports = []
+        for child in self.coordinators:
+            ready = next(line for line in child.lines if "; ready" in line)
+            found = re.search(r"metrics on :(\d+)/metrics", ready)
+            assert found is not None, ready
+            ports.append(int(found.group(1)))
+        return [await asyncio.to_thread(scrape, port) for port in ports]
+
+    async def wait_followed(self, timeout: float = 30.0) -> None:
+        """Every coordinator's projections reach the last stored position: each one
+        follows the shared log again after the database came back."""
+        top, _ = await asyncio.to_thread(positions, self.store_url, self.prefix)
+
+        async def followed() -> bool:
+            return min(await self.store_positions()) >= top
+
+        await wait_until(followed, timeout=timeout, what="every replica to follow the log")
 
     def output(self) -> str:
         return "\n".join(f"--- {c.name}\n{c.output}" for c in self.coordinators)

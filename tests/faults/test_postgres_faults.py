@@ -146,6 +146,7 @@ async def test_the_database_going_away_mid_load_loses_and_duplicates_nothing(
             assert len(result.finished) == len(result.sessions) >= SESSIONS
 
             await system.settle()
+            await system.wait_followed()
             await system.stop()
             report, _ = await system.check(result.sessions)
             try:
