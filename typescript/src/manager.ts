@@ -197,16 +197,21 @@ export class SessionManager implements ISessionManager {
   async start(): Promise<this> {
     prepareValidators();
     if (this.ownTransport) await this.transport.connect();
-    await this.transport.declareQueue(this.topology.moduleQueueSpec(this.moduleId));
-    if (this.register) {
-      await this.client.registerModule(this.moduleId, {
-        required: this.required,
-        capabilities: this.capabilities,
-      });
+    try {
+      await this.transport.declareQueue(this.topology.moduleQueueSpec(this.moduleId));
+      if (this.register) {
+        await this.client.registerModule(this.moduleId, {
+          required: this.required,
+          capabilities: this.capabilities,
+        });
+      }
+      await this.catchUp();
+      this.caughtUp(this.baseline);
+      await this.consumer.start();
+    } catch (error) {
+      await this.close(); // a start that failed leaves no connection behind
+      throw error;
     }
-    await this.catchUp();
-    this.caughtUp(this.baseline);
-    await this.consumer.start();
     this.running = true;
     if (this.heartbeatIntervalMs > 0) this.scheduleHeartbeat(0);
     return this;
