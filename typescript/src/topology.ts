@@ -27,6 +27,11 @@ export const HEADERS = {
   REJECT_CODE: "x-sessionbus-reject-code",
   REJECT_FIELD: "x-sessionbus-reject-field",
   REJECTED_BY: "x-sessionbus-rejected-by",
+  // Bookkeeping entries of the dead-letter stream (a letter has none of these).
+  DLQ_ENTRY: "x-sessionbus-dlq-entry",
+  DLQ_CUT: "x-sessionbus-dlq-cut",
+  DLQ_SETTLES: "x-sessionbus-dlq-settles",
+  DLQ_ACTION: "x-sessionbus-dlq-action",
 } as const;
 
 export interface QueueSpec {
@@ -96,8 +101,13 @@ export class Topology {
   get deadLetterExchange(): string {
     return `${this.prefix}.dlx`;
   }
+  /** The dead-letter inbox the broker dead-letters into (read through the stream). */
   get deadLetterQueue(): string {
     return `${this.prefix}.dlq`;
+  }
+  /** Where dead letters are kept and read (`sessionctl dlq`). */
+  get deadLetterStream(): string {
+    return `${this.prefix}.dead-letters`;
   }
   get commandsQueue(): string {
     return `${this.prefix}.commands`;
