@@ -33,7 +33,7 @@ from contracts import (
     new_id,
 )
 from contracts.transport import TransportError
-from module_sdk import CommandFailed, CoordinatorClient, CoordinatorUnavailable
+from module_sdk import CommandFailed, CoordinatorClient, CoordinatorUnavailable, StoreUnavailable
 
 __all__ = ["LoadResult", "SessionLoad"]
 
@@ -73,8 +73,10 @@ class LoadResult:
 
 
 def _refused(exc: BaseException) -> bool:
-    """Whether the client gave up after a reply with a retryable error (``CODE: …``),
-    rather than after no reply at all."""
+    """Whether the client gave up after replies with a retryable error
+    (``StoreUnavailable``, or a cause ``CODE: …``) rather than after no reply at all."""
+    if isinstance(exc, StoreUnavailable):
+        return True
     cause = str(exc.__cause__ or "")
     return cause.split(":", 1)[0] in ErrorCode.__members__
 
