@@ -35,6 +35,7 @@ from coordinator import admin
 from coordinator.definitions import SEED_MODULES, definitions
 from coordinator.demo import DemoOptions, run_demo, summary_table
 from coordinator.errors import CoordinatorError
+from coordinator.errors import StoreUnavailable as StoreDown
 from coordinator.identity import IdentityMap
 from coordinator.runtime import CoordinatorRuntime
 from coordinator.service import SessionCoordinator
@@ -191,6 +192,8 @@ def coordinator(
         )
     except TransportError as exc:
         _fail(f"broker at {redact_url(amqp_url)}: {exc}", 3)
+    except StoreDown as exc:  # unreachable, or held by another coordinator
+        _fail(str(exc), EXIT_STORE)
     except CoordinatorError as exc:
         _fail(str(exc), 4)
 

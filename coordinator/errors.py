@@ -15,6 +15,7 @@ __all__ = [
     "ConfigurationError",
     "CoordinatorError",
     "StoreFull",
+    "StoreIOError",
     "StoreLocked",
     "StoreReadOnly",
     "StoreUnavailable",
@@ -56,6 +57,13 @@ class StoreReadOnly(StoreUnavailable):
     """The store accepts no writes (a read-only file or file system)."""
 
     reason = "read-only"
+
+
+class StoreIOError(StoreUnavailable):
+    """The file system refused a write (SQLite: "disk I/O error"): a file made
+    immutable, a file system remounted read-only under open files, a failing disk."""
+
+    reason = "io-error"
 
 
 class StoreLocked(StoreUnavailable):

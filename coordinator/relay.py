@@ -109,6 +109,7 @@ class OutboxRelay:
         self.fence = fence
         self._loaded = asyncio.Event()  # the tracked position was read from the store
         self._store_down = False
+        self._save_failing = False
         # The tracked position is saved at most every ``save_interval`` seconds (and on
         # close): a crash re-publishes at most that much, which consumers absorb, and
         # the store is spared a write per page.
@@ -260,13 +261,24 @@ class OutboxRelay:
                     log.warning("relay re-publish failed: %s", exc)
                     self._wake.set()
                     continue
-            try:
-                await self._save(force=self._stopping)
-            except StoreUnavailable as exc:
-                log.warning("relay position %d not saved: %s", self.position, exc)
-                self._wake.set()
+            await self._save_or_later()
             if self._stopping:
                 return
+
+    async def _save_or_later(self) -> None:
+        """Save the position, or leave it to the next wake-up (a commit, or the poll),
+        not a retry at once: a full or read-only disk refuses every try while reads,
+        and so publishing, still work."""
+        try:
+            await self._save(force=self._stopping)
+        except StoreUnavailable as exc:
+            if not self._save_failing:  # once per outage
+                log.warning("relay position %d not saved: %s", self.position, exc)
+                self._save_failing = True
+            return
+        if self._save_failing:
+            log.warning("relay position saved again at %d", self.position)
+            self._save_failing = False
 
     async def _save(self, *, force: bool) -> None:
         """Persist the tracked position if it moved (throttled unless ``force``)."""

@@ -18,6 +18,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.relay import OutboxRelay
 from coordinator.server import CommandServer, HealthMonitor, HeartbeatListener
 from coordinator.service import SessionCoordinator
+from coordinator.store import SQLiteClaim, StoreSettings
 
 __all__ = ["CoordinatorRuntime"]
 
@@ -56,6 +57,8 @@ class CoordinatorRuntime:
         self.audit_retention = audit_retention
         self.own_transport = own_transport
         self.coordinator = SessionCoordinator(store, clock=clock, **coordinator_options)
+        self._store_url = store
+        self._claim: SQLiteClaim | None = None
         self.relay: OutboxRelay | None = None
         self.server = CommandServer(
             self.coordinator,
@@ -96,6 +99,8 @@ class CoordinatorRuntime:
         if self.own_transport:
             await self.transport.connect()
         await self.topology.declare(self.transport, audit_retention=self.audit_retention)
+        # One coordinator per SQLite file (see SQLiteClaim): refused before it rebuilds.
+        self._claim = SQLiteClaim.take(StoreSettings.from_url(self._store_url))
         await self.coordinator.start()
         store = self.coordinator.store
         assert store is not None
@@ -139,6 +144,9 @@ class CoordinatorRuntime:
         if self.leadership is not None:
             await self.leadership.close()
         await self.coordinator.close()
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
         if self.own_transport:
             await self.transport.close()
 

@@ -9,9 +9,13 @@ the way out.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import urllib.parse
@@ -54,6 +58,7 @@ from coordinator.domain import EnvelopeAggregate, ModuleRegistry, RegistryState
 from coordinator.errors import (
     ConfigurationError,
     StoreFull,
+    StoreIOError,
     StoreLocked,
     StoreReadOnly,
     StoreUnavailable,
@@ -65,6 +70,7 @@ __all__ = [
     "EnvelopeMapper",
     "EventStore",
     "Partition",
+    "SQLiteClaim",
     "StoreSettings",
     "Upcaster",
     "VersionConflict",
@@ -111,6 +117,9 @@ _SQLITE_KINDS: Final[tuple[tuple[int, str, type[StoreUnavailable]], ...]] = (
     (sqlite3.SQLITE_READONLY, "readonly database", StoreReadOnly),
     (sqlite3.SQLITE_BUSY, "database is locked", StoreLocked),
     (sqlite3.SQLITE_LOCKED, "database table is locked", StoreLocked),
+    # A write the file system refused: a file made immutable, a file system remounted
+    # read-only under open files (EROFS), a failing disk.
+    (sqlite3.SQLITE_IOERR, "disk I/O error", StoreIOError),
 )
 
 
@@ -300,6 +309,69 @@ class StoreSettings:
         raise ConfigurationError(
             f"unsupported store URL {url!r}: use sqlite:///path, postgresql://… or memory://"
         )
+
+
+# --- one coordinator per SQLite file ---------------------------------------------
+
+
+class SQLiteClaim:
+    """A coordinator's exclusive hold on a SQLite store file, so a second coordinator
+    started on the same file is refused at once with a clear error.
+
+    Refused rather than allowed: on SQLite every coordinator is the store's leader
+    (there is no lock that passes leadership on, as PostgreSQL's advisory lock does),
+    so two would both publish every event, both fire timeouts and both report a module's
+    loss of health as events: not lost events, but duplicates and doubled error reports.
+    Replicas are for PostgreSQL. The hold is an ``flock`` on ``<file>-coordinator.lock``
+    beside the store (not on the database file, whose POSIX locks are SQLite's own):
+    the kernel releases it when the process ends, however it ends. Tools that only read
+    the store (``sessionctl history --store``, audit export, a rebuild's workers) take
+    no claim."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, settings: StoreSettings) -> SQLiteClaim | None:
+        """The claim on ``settings``' SQLite file; ``None`` for another backend or an
+        in-memory database. Raises ``StoreLocked`` naming the holder if another
+        coordinator has it."""
+        path = settings.sqlite_path
+        if settings.backend != "sqlite" or not path or path == ":memory:":
+            return None
+        if "mode=memory" in settings.url:
+            return None
+        lock_path = f"{os.path.abspath(path)}-coordinator.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES):
+                raise store_error(exc, f"cannot open {lock_path}") from exc
+            # A read-only file system: the lock file may still be there to lock.
+            try:
+                fd = os.open(lock_path, os.O_RDONLY)
+            except OSError as again:
+                raise StoreReadOnly(f"cannot open {lock_path}: {again}") from again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLocked(
+                f"store {settings.url} is in use by another coordinator ({holder}); "
+                "a SQLite store has one coordinator (use PostgreSQL for replicas)"
+            ) from None
+        with contextlib.suppress(OSError):  # who holds it, for the next one's error
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        return cls(lock_path, fd)
+
+    def release(self) -> None:
+        """Give the file up; safe to call twice."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
 
 
 # --- upcasting -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from contracts import ErrorCode, EventEnvelope
 from coordinator.domain import EnvelopeAggregate
-from coordinator.errors import StoreFull
+from coordinator.errors import StoreFull, StoreLocked
 from module_sdk import CoordinatorUnavailable, StoreUnavailable
 from tests.bus.conftest import Bus
 
@@ -97,3 +98,24 @@ async def test_a_store_outage_is_a_typed_retryable_refusal_end_to_end(
         after = await asyncio.to_thread(store.max_position)
         history = await client.get_session_history(created.session_id)
         assert after - before == len(history.events)
+
+
+async def test_a_second_coordinator_on_the_same_sqlite_file_is_refused(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A SQLite store has one coordinator: a second one on the same file fails to
+    start with ``StoreLocked`` naming the holder, and starts once the first is gone."""
+    store = f"sqlite:///{tmp_path / 'events.sqlite'}"
+    async with bus.runtime(store=store) as first:
+        client = await bus.client()
+        await client.create_workflow_session()
+        second = bus.runtime(store=store)
+        with pytest.raises(StoreLocked) as info:
+            await second.start()
+        assert f"pid {os.getpid()}" in str(info.value)
+        assert "another coordinator" in str(info.value)
+        # The first one is untouched by the attempt.
+        await client.create_workflow_session()
+        assert len(first.coordinator.list_active_workflow_sessions()) == 2
+    async with bus.runtime(store=store) as again:
+        assert len(again.coordinator.list_active_workflow_sessions()) == 2

@@ -7,8 +7,13 @@ reported as stored."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable
+import os
+import subprocess
+import tempfile
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -234,3 +239,51 @@ async def test_commands_submitted_as_the_writer_stops_are_answered(
         await answered(future)
     assert info.value.code is ErrorCode.UNAVAILABLE
     assert info.value.retryable
+
+
+async def test_a_full_disk_under_sqlite_is_a_typed_refusal_and_space_returning_heals_it(
+    clock: ManualClock,
+) -> None:
+    """The real thing on a 2 MB tmpfs: once the disk is full every write is refused
+    STORE_UNAVAILABLE with reason "full" (sqlite3's "database or disk is full" mapped
+    to ``StoreFull`` at the store boundary), nothing is stored, reads still answer,
+    and the same coordinator writes again once space returns."""
+    with tmpfs("2m") as directory:
+        url = f"sqlite:///{directory / 'events.sqlite'}"
+        async with SessionCoordinator(url, clock=clock) as coordinator:
+            sid = (await coordinator.create_workflow_session()).session_id
+            filler = directory / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                for chunk in (1 << 16, 1 << 9):
+                    with contextlib.suppress(OSError):
+                        while True:
+                            os.write(fd, b"\0" * chunk)
+            finally:
+                os.close(fd)
+            before = stored_positions(coordinator)
+            refused = await answered(
+                rejection(coordinator.create_workflow_session(), ErrorCode.STORE_UNAVAILABLE)
+            )
+            assert refused.details == {"reason": "full"}
+            assert stored_positions(coordinator) == before
+            assert (await coordinator.get_session_history(sid)).events
+            filler.unlink()
+            await answered(coordinator.update_session_status(sid, S.PAUSED))
+            assert stored_positions(coordinator) == before + 1
+
+
+@contextlib.contextmanager
+def tmpfs(size: str) -> Iterator[Path]:
+    """A size-limited tmpfs on a fresh directory (the suite runs as root), unmounted
+    afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix="sessionbus-store-"))
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], check=True
+    )
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
