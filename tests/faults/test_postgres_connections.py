@@ -27,6 +27,7 @@ from coordinator.identity import IdentityMap
 from coordinator.leader import Leadership
 from coordinator.runtime import CoordinatorRuntime
 from coordinator.store import EventStore, StoreSettings
+from module_sdk import CoordinatorClient
 from tests.faults.harness import wait_until
 from tests.support.private_postgres import PrivatePostgres
 from tests.support.processes import Child, coordinator_argv
@@ -195,6 +196,10 @@ async def test_a_coordinator_stopped_while_postgres_is_down_exits_cleanly(
     child = Child("coordinator", coordinator_argv(amqp_url, pgf_store, prefix))
     await child.start(ready="; ready")
     try:
+        # Something to checkpoint on close (an empty projection writes none).
+        async with AmqpTransport(amqp_url, connection_name=f"{prefix} client") as transport:
+            client = CoordinatorClient(transport, Topology(prefix), timeout=5.0)
+            await client.create_workflow_session(["s"])
         await asyncio.to_thread(private_pg.stop)
         code = await child.stop(timeout=60)
     finally:
@@ -202,3 +207,4 @@ async def test_a_coordinator_stopped_while_postgres_is_down_exits_cleanly(
         await asyncio.to_thread(private_pg.start)
     assert code == 0, child.output
     assert "Traceback" not in child.output, child.output
+    assert "projection checkpoint not written on close" in child.output, child.output
