@@ -335,7 +335,10 @@ class CoordinatorClient:
         *,
         config: ModuleSessionConfig | None = None,
         metadata: dict[str, Any] | None = None,
+        command_id: uuid.UUID | None = None,
     ) -> Accepted:
+        """Link a module session. ``command_id``: the same one for every try of one
+        link, so a try after a lost reply gets the first one's answer."""
         return await self._expect(
             LinkModuleSession(
                 session_id=workflow_session_id,
@@ -345,14 +348,21 @@ class CoordinatorClient:
                 metadata=metadata or {},
             ),
             Accepted,
+            command_id=command_id,
         )
 
     async def unlink_module_session(
-        self, workflow_session_id: uuid.UUID, module_id: str, reason: str | None = None
+        self,
+        workflow_session_id: uuid.UUID,
+        module_id: str,
+        reason: str | None = None,
+        *,
+        command_id: uuid.UUID | None = None,
     ) -> Accepted:
         return await self._expect(
             UnlinkModuleSession(session_id=workflow_session_id, module_id=module_id, reason=reason),
             Accepted,
+            command_id=command_id,
         )
 
     async def get_linked_sessions(self, workflow_session_id: uuid.UUID) -> dict[str, uuid.UUID]:

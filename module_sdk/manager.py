@@ -75,6 +75,13 @@ DestroyedCallback = Callable[[str, uuid.UUID], Awaitable[None]]
 ErrorCallback = Callable[[str, uuid.UUID, StandardError], Awaitable[None]]
 
 
+def _command_id(module_session_id: uuid.UUID, action: str) -> uuid.UUID:
+    """One command id for every try of one link (or unlink) of a module session: a try
+    sent again after its reply was lost (the event redelivered) is answered as the
+    first was, not refused because the session has moved on since."""
+    return uuid.uuid5(module_session_id, action)
+
+
 async def _log_created(module_id: str, wsid: uuid.UUID, module_session_id: uuid.UUID) -> None:
     log.info("%s: session %s linked to workflow session %s", module_id, module_session_id, wsid)
 
@@ -345,6 +352,7 @@ class SessionManager:
                 module_session_id,
                 config=config,
                 metadata=metadata,
+                command_id=_command_id(module_session_id, "link"),
             )
         except CommandFailed:
             # The workflow session moved on (cleanup, failure) before the link: what was
@@ -396,7 +404,12 @@ class SessionManager:
             await self._destroy_internal(workflow_session_id, module_session_id)
             self._destroyed_linked[workflow_session_id] = module_session_id
         self._owned.pop(workflow_session_id, None)
-        await self.client.unlink_module_session(workflow_session_id, self.module_id, reason)
+        await self.client.unlink_module_session(
+            workflow_session_id,
+            self.module_id,
+            reason,
+            command_id=_command_id(module_session_id, "unlink"),
+        )
         self._destroyed_linked.pop(workflow_session_id, None)
 
     async def _destroy_internal(

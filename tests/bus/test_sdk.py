@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from typing import Any
 
 import msgspec
 
@@ -27,6 +28,7 @@ from contracts import (
 from contracts.transport import OutgoingMessage, QueueSpec
 from coordinator.relay import event_message
 from coordinator.runtime import CoordinatorRuntime
+from module_sdk import CommandFailed, CoordinatorUnavailable
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
 from tests.bus.support import (
@@ -211,6 +213,55 @@ async def test_links_and_unlinks_that_got_no_reply_are_retried_not_given_up(bus:
                 lambda: stats.versions.get(sid) == list(range(1, final + 1)),
                 what="every version applied once",
             )
+
+
+async def test_a_link_whose_reply_was_lost_is_answered_as_applied_after_the_session_moved_on(
+    bus: Bus,
+) -> None:
+    """The module's link is applied but its reply lost; by the time the redelivered
+    event tries it again the session is being cleaned up. The try is the same command
+    (one command id per link), so the coordinator answers it as it did the first — not
+    refused as a link to a closed session — and the module session is destroyed once."""
+    async with bus.runtime() as rt:
+        refused: list[ErrorCode] = []
+        lost: list[uuid.UUID] = []
+
+        class LostReply(RecordingModule):
+            def __init__(self, *args: Any, **options: Any) -> None:
+                super().__init__(*args, **options)
+                link = self.client.link_module_session
+
+                async def first_reply_lost(*a: Any, **kw: Any) -> Any:
+                    relay = rt.relay
+                    assert relay is not None
+                    if not lost:
+                        # Nothing more reaches the module until the link is tried again.
+                        relay.fence = lambda: False
+                    try:
+                        accepted = await link(*a, **kw)
+                    except CommandFailed as exc:
+                        refused.append(exc.code)
+                        raise
+                    finally:
+                        if lost:
+                            relay.fence = None
+                            relay.wake()
+                    if not lost:
+                        lost.append(a[0])
+                        await rt.coordinator.destroy_workflow_session(a[0])  # moves on
+                        raise CoordinatorUnavailable("no reply (lost)")
+                    return accepted
+
+                self.client.link_module_session = first_reply_lost  # type: ignore[method-assign]
+
+        module = bus.module(LostReply)
+        async with module:
+            sid = (await rt.coordinator.create_workflow_session(["s"])).session_id
+            await wait_destroyed(rt, sid, timeout=15)
+            assert lost == [sid]
+            assert refused == []
+            assert module.made == [module.created[sid][0]]
+            assert [d.session_id for d in module.destroyed] == module.made
 
 
 async def test_every_lifecycle_callback_fires(bus: Bus) -> None:
