@@ -248,3 +248,11 @@ def test_a_link_refused_by_a_race_is_not_spurious_but_one_sent_knowing_is() -> N
     report = check(view, {"m": [knowing]})
     assert report.spurious["link_for_destroyed"] == 1, report.summary()
     assert report.links_refused_by_race == 0
+    # A restarted module linking a session destroyed long ago, from stale history: it
+    # held only v1, but the session was destroyed before the link was sent.
+    view.ended_at_version[A] = 4
+    view.destroyed_at[A] = 100.0
+    for outcome in ("SESSION_CLOSED", "SESSION_DESTROYED"):
+        stale = hooked(HookCall("link", A, M1, wall=150.0, outcome=outcome, known_version=1))
+        report = check(view, {"m": [stale]})
+        assert report.spurious["link_for_destroyed"] == 1, report.summary()

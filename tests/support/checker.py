@@ -32,13 +32,14 @@ store too; each of these is a spurious hook call, counted by kind and required t
   workflow session;
 - ``create_twice``: ``on_create`` called a second time for one workflow session;
 - ``destroy_twice``: ``on_destroy`` called a second time for one workflow session;
-- ``link_for_destroyed``: a link sent for a session the module already held as over
-  (its ``known_version`` at or past the event that ended the session's live statuses),
-  or, where the journal does not say what the module held, a link sent after the
-  session was destroyed or refused because it was destroyed or being cleaned up. A
-  link the coordinator refuses because the session ended while the module could not
-  yet know (it failed by a link timeout during a network cut, say) is a race the
-  module handles (it destroys what it made), counted as ``links_refused_by_race``.
+- ``link_for_destroyed``: a link sent after the session was destroyed, or refused
+  because it was destroyed, or sent for a session the module already held as over
+  (its ``known_version`` at or past the event that ended the session's live
+  statuses). A link refused as ``SESSION_CLOSED`` for a session that ended, but was
+  not destroyed, while the module still held it live (it failed by a link timeout
+  during a network cut, say) is a race the module handles (it destroys what it made):
+  counted as ``links_refused_by_race``, not spurious; where the journal does not say
+  what the module held, that refusal counts as spurious too.
 
 A second create or destroy in a life after one that crashed is not spurious (the new
 life cannot know what the killed one did before its acknowledgement): it is counted
@@ -441,18 +442,23 @@ def _check_hooks(
             late = ended is not None and hook.wall is not None and hook.wall > ended
             if hook.kind == "link":
                 ended_at = view.ended_at_version.get(wsid)
-                if hook.known_version is not None:
-                    knew = ended_at is not None and hook.known_version >= ended_at
-                    if knew:
-                        spurious(
-                            "link_for_destroyed",
-                            f"{where}: link {hook.outcome} sent holding v{hook.known_version}"
-                            f", the session ended at v{ended_at}",
-                        )
-                    elif hook.outcome in _LINK_TOO_LATE:
+                knew = (
+                    hook.known_version is not None
+                    and ended_at is not None
+                    and hook.known_version >= ended_at
+                )
+                if knew or late or hook.outcome == "SESSION_DESTROYED":
+                    spurious(
+                        "link_for_destroyed",
+                        f"{where}: link {hook.outcome or 'sent'} (held v{hook.known_version}, "
+                        f"the session ended at v{ended_at})",
+                    )
+                elif hook.outcome in _LINK_TOO_LATE:
+                    if hook.known_version is None:
+                        # The journal does not say what the module held: assume it knew.
+                        spurious("link_for_destroyed", f"{where}: link {hook.outcome}")
+                    else:
                         report.links_refused_by_race += 1
-                elif hook.outcome in _LINK_TOO_LATE or late:
-                    spurious("link_for_destroyed", f"{where}: link {hook.outcome or 'sent'}")
                 continue
             if hook.kind not in ("create", "destroy"):
                 continue
