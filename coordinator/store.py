@@ -110,6 +110,10 @@ class VersionConflict(StoreUnavailable):
     """Another writer appended to a stream first (optimistic concurrency)."""
 
 
+# What a store call may raise: the library's errors, and sqlite3's own where the library
+# lets them through (a new SQLite connection's first statement runs outside its mapping).
+_DB_ERRORS: Final = (PersistenceError, sqlite3.Error)
+
 # SQLite's primary result codes (the low byte of an extended code) that say why a
 # write was refused; the messages are matched too, for errors raised without a code.
 _SQLITE_KINDS: Final[tuple[tuple[int, str, type[StoreUnavailable]], ...]] = (
@@ -601,6 +605,16 @@ class _MemoryCheckpoints:
         pass
 
 
+def _on_read_only_file_system(path: str | None) -> bool:
+    if not path or path == ":memory:":
+        return False
+    try:
+        flags = os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag
+    except OSError:
+        return False
+    return bool(flags & os.ST_RDONLY)
+
+
 def _sqlite_errors(method: _F) -> _F:
     """sqlite3's own errors (these checkpoints use the driver directly) as the
     coordinator's typed errors."""
@@ -766,7 +780,7 @@ def _store_errors(method: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
-        except PersistenceError as exc:
+        except _DB_ERRORS as exc:
             raise store_error(exc) from exc
 
     return wrapper  # type: ignore[return-value]
@@ -857,8 +871,13 @@ class EventStore:
         env = dict(self.settings.env, CREATE_TABLE="no") if existing else self.settings.env
         try:
             self._app = _App(env, self.mapper)
-        except (PersistenceError, OSError) as exc:
-            raise store_error(exc, f"cannot open store {self.settings.url}") from exc
+        except (*_DB_ERRORS, OSError) as exc:
+            error = store_error(exc, f"cannot open store {self.settings.url}")
+            if _on_read_only_file_system(self.settings.sqlite_path):
+                # SQLite says only "unable to open database file" (its WAL needs a
+                # writable directory): say why.
+                error = StoreReadOnly(f"{error} (the file system is read-only)")
+            raise error from exc
         self.recorder = self._app.recorder
         self.checkpoints: Checkpoints = (
             _MemoryCheckpoints() if existing else self._open_checkpoints()
@@ -905,7 +924,7 @@ class EventStore:
             )
         except AggregateNotFoundError:
             return None
-        except PersistenceError as exc:
+        except _DB_ERRORS as exc:
             raise store_error(exc) from exc
         return aggregate
 
@@ -928,7 +947,7 @@ class EventStore:
             recordings = self._app.events.put(events)
         except IntegrityError as exc:
             raise VersionConflict(str(exc)) from exc
-        except PersistenceError as exc:
+        except _DB_ERRORS as exc:
             raise store_error(exc) from exc
         saved = [
             r.domain_event.envelope.with_position(r.notification.id)  # type: ignore[attr-defined]
@@ -957,7 +976,7 @@ class EventStore:
         if snapshots:
             try:
                 self._app.snapshots.put(snapshots)
-            except PersistenceError as exc:
+            except _DB_ERRORS as exc:
                 # The events are committed: a snapshot only shortens later loads, and
                 # failing here would refuse commands that were stored.
                 log.warning("snapshot of %d sessions not saved: %s", len(snapshots), exc)

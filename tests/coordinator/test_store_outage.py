@@ -29,7 +29,7 @@ from contracts import (
     new_id,
 )
 from coordinator.clock import ManualClock
-from coordinator.errors import CommandRejected, StoreUnavailable
+from coordinator.errors import CommandRejected, StoreReadOnly, StoreUnavailable
 from coordinator.service import SessionCoordinator
 from coordinator.writer import WriteJob
 from tests.coordinator.support import rejection, store_of
@@ -287,3 +287,34 @@ def tmpfs(size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(directory)], check=False)
         with contextlib.suppress(OSError):
             directory.rmdir()
+
+
+async def test_a_store_on_a_read_only_file_system_is_refused_clearly_until_writable(
+    clock: ManualClock, tmp_path: Path
+) -> None:
+    """A coordinator started on a read-only bind mount of its store fails at once with
+    ``StoreReadOnly`` (SQLite alone says "unable to open database file"), not with a
+    driver error; once the mount is writable again it starts and writes."""
+    directory = tmp_path / "store"
+    directory.mkdir()
+    async with SessionCoordinator(f"sqlite:///{directory / 'events.sqlite'}", clock=clock) as c:
+        sid = (await c.create_workflow_session()).session_id
+    view = tmp_path / "view"
+    view.mkdir()
+    url = f"sqlite:///{view / 'events.sqlite'}"
+    mount("--bind", str(directory), str(view))
+    try:
+        mount("-o", "remount,bind,ro", str(view))
+        with pytest.raises(StoreReadOnly, match="read-only"):
+            await answered(SessionCoordinator(url, clock=clock).start())
+        mount("-o", "remount,bind,rw", str(view))
+        async with SessionCoordinator(url, clock=clock) as coordinator:
+            await answered(coordinator.update_session_status(sid, S.PAUSED))
+            assert len(coordinator.list_active_workflow_sessions()) == 1
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)  # noqa: ASYNC221 - instant
+
+
+def mount(*args: str) -> None:
+    """``mount ARGS`` (the suite runs as root); instant, so not worth a thread."""
+    subprocess.run(["mount", *args], check=True)
