@@ -70,6 +70,10 @@ _CONFLICT_RETRIES: Final = 3
 _GONE_MEMORY: Final = 100_000
 # After a failed commit, due timeouts are tried again this much later.
 _RETRY_DELAY: Final = timedelta(seconds=1)
+# How often an unreachable store is asked whether it is back (see Writer._probe_store).
+_PROBE_INTERVAL: Final = 0.25
+# A pass that took this long to find the store away spent it in connection retries.
+_SLOW_FAILURE: Final = 1.0
 _S = SessionStatus
 
 
@@ -173,6 +177,13 @@ class Writer:
         self.foreign_events = 0
         self._gone: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._down_since: float | None = None  # when the store failed, while it is away
+        # While the store is unreachable, a pass would spend seconds in the store's own
+        # connection retries before failing again, and the callers queued behind it
+        # would time out instead of hearing why: passes are refused at once instead,
+        # and a probe thread asks the store until it answers.
+        self._unreachable: StoreUnavailable | None = None
+        self._probe: threading.Thread | None = None
+        self._probe_stop = threading.Event()
         self._submitting = threading.Lock()
         self._stopped = False
 
@@ -189,6 +200,7 @@ class Writer:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._probe_stop.set()
         self._queue.put(_STOP)
         thread.join(timeout)
         with self._submitting:
@@ -262,7 +274,7 @@ class Writer:
                 return
 
     def _wait_seconds(self) -> float:
-        if not self._heap:
+        if not self._heap or self._unreachable is not None:
             return 1.0
         delta = (self._heap[0][0] - self.clock.now()).total_seconds()
         return min(1.0, max(0.0, delta))
@@ -274,7 +286,9 @@ class Writer:
         saved: list[EventEnvelope] = []
         touched: dict[uuid.UUID, EnvelopeAggregate] = {}
         fired: list[tuple[datetime, uuid.UUID]] = []
+        started = time.monotonic()
         try:
+            self._check_reachable()
             if self.follow_log:
                 # Unread foreign events may hold a retried command's id: without them
                 # a retry would be applied a second time, so the pass waits for them.
@@ -286,6 +300,12 @@ class Writer:
             # Nothing of this pass was saved: ``EventStore.save`` is one transaction
             # and the last step that can fail.
             self._store_down(exc, len(batch))
+            slow = time.monotonic() - started >= _SLOW_FAILURE
+            if slow and type(exc) is StoreUnavailable and self._unreachable is None:
+                # Not a refusal the store answered (full, read-only, locked …), nor a
+                # quick one: it did not answer, after seconds of retries.
+                self._unreachable = exc
+                self._start_probe()
             self._evict(touched)
             self._rearm(fired, backoff=True)
             touched, saved = {}, []
@@ -370,6 +390,33 @@ class Writer:
             log.warning("event store unavailable (%s): %s", exc.reason, exc)
         if commands:
             log.debug("%d commands refused: store unavailable (%s)", commands, exc.reason)
+
+    def _check_reachable(self) -> None:
+        unreachable = self._unreachable
+        if unreachable is not None:
+            raise type(unreachable)(str(unreachable))
+
+    def _start_probe(self) -> None:
+        if self._probe is None or not self._probe.is_alive():
+            self._probe = threading.Thread(
+                target=self._probe_store, name="sessionbus-writer-probe", daemon=True
+            )
+            self._probe.start()
+
+    def _probe_store(self) -> None:
+        """Ask the store for its position until it answers, then let passes through."""
+        while not self._probe_stop.wait(_PROBE_INTERVAL):
+            try:
+                self.store.max_position()
+            except StoreUnavailable:
+                continue
+            except Exception:
+                log.exception("store probe failed")
+                continue
+            log.info("event store answers again; writes resume")
+            self._unreachable = None
+            self.kick()
+            return
 
     def _store_back(self) -> None:
         if self._down_since is not None:

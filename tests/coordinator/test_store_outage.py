@@ -12,6 +12,8 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +60,9 @@ class FailingStore:
         self.store = store_of(coordinator)
         self.failing: set[str] = set()
         self.error: Exception | None = None
+        self.delay = 0.0  # seconds each failing call takes, as connection retries do
         self.calls: dict[str, int] = dict.fromkeys(self.METHODS, 0)
+        self.writer_calls = 0  # failing calls made by the writer's own passes
         for name in self.METHODS:
             monkeypatch.setattr(self.store, name, self._wrap(name, getattr(self.store, name)))
 
@@ -66,6 +70,9 @@ class FailingStore:
         def method(*args: Any, **kwargs: Any) -> Any:
             if name in self.failing:
                 self.calls[name] += 1
+                if threading.current_thread().name == "sessionbus-writer":
+                    self.writer_calls += 1
+                time.sleep(self.delay)  # on a store thread, as a real retry would
                 raise self.error or StoreUnavailable(f"{name}: the database is away")
             return real(*args, **kwargs)
 
@@ -183,6 +190,44 @@ async def test_a_log_read_failing_after_a_group_commit_strands_no_caller(
         # The next commit reads the log up to itself, the missed events with it.
         await answered(coordinator.create_workflow_session())
         assert len(coordinator.list_active_workflow_sessions()) == 4
+
+
+async def test_an_unreachable_store_is_not_waited_on_by_every_pass(
+    coordinator: SessionCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a pass found the store unreachable (its own connection retries take
+    seconds), later passes are refused at once without touching the store, so the
+    callers queued behind hear STORE_UNAVAILABLE before their own timeouts; a probe
+    asks the store meanwhile, and writes resume by themselves when it answers."""
+    sid = (await coordinator.create_workflow_session()).session_id
+    failing = FailingStore(coordinator, monkeypatch)
+    failing.delay = 1.2
+    failing.fail()
+    await answered(
+        rejection(coordinator.update_session_status(sid, S.PAUSED), ErrorCode.STORE_UNAVAILABLE)
+    )
+    tried = failing.writer_calls
+    assert tried >= 1
+    for _ in range(3):
+        refused = await answered(
+            rejection(coordinator.create_workflow_session(), ErrorCode.STORE_UNAVAILABLE)
+        )
+        assert refused.details == {"reason": "unreachable"}
+    assert failing.writer_calls == tried, "a pass waited on the unreachable store again"
+    failing.heal()
+    # Refused (retryably) until the probe has seen the store answer, then applied.
+    codes: list[ErrorCode] = []
+    for _ in range(100):
+        try:
+            accepted = await answered(coordinator.update_session_status(sid, S.PAUSED))
+            break
+        except CommandRejected as exc:
+            codes.append(exc.code)
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("writes did not resume after the store came back")
+    assert set(codes) <= {ErrorCode.STORE_UNAVAILABLE}
+    assert accepted == Accepted(session_id=sid, version=3, events=1)
 
 
 async def test_an_unforeseen_writer_error_strands_no_caller(
