@@ -206,7 +206,8 @@ async def test_the_sqlite_store_refusing_writes_mid_load_loses_and_duplicates_no
             scenario=f"{name} (1 coordinator)",
             load=f"{len(result.sessions)} sessions, {len(MODULES)} module: "
             f"{result.commands} commands acknowledged ({acknowledged_in_outage} while the "
-            f"store refused), {result.refused_retryable} refused retryably, {result.retries} resent",
+            f"store refused), {result.refused_retryable} refused retryably, "
+            f"{result.retries} resent",
             faults=f"1 x {fault} (store refusing writes {seconds([back - began])}); "
             f"{report.published_duplicates} published twice (absorbed)",
             events_checked=report.events_checked,
