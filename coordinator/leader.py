@@ -184,7 +184,11 @@ class Leadership:
             # Not ``wait_for``: it would wait for the check to finish cancelling, and
             # psycopg's cancel of a query talks to the server (which may be unreachable).
             check = asyncio.ensure_future(self._check())
-            done, _ = await asyncio.wait({check}, timeout=self.check_timeout)
+            try:
+                done, _ = await asyncio.wait({check}, timeout=self.check_timeout)
+            except asyncio.CancelledError:
+                check.cancel()  # closing: the check goes with the loop that ran it
+                raise
             error: BaseException | None
             if done:
                 error = check.exception()
