@@ -32,7 +32,8 @@ before(async () => {
   await requireBroker();
   raw = await connect(AMQP_URL);
   channel = await raw.createChannel();
-  await channel.assertQueue(topology.commandsQueue, { durable: false, autoDelete: true });
+  // Exclusive: RabbitMQ 4 refuses transient non-exclusive queues (a deprecated feature).
+  await channel.assertQueue(topology.commandsQueue, { durable: false, exclusive: true });
   await channel.consume(
     topology.commandsQueue,
     (message) => {
