@@ -163,14 +163,14 @@ export class EventConsumer {
   }
 
   private onDelivery(delivery: Delivery): Promise<void> {
-    const task = this.handleDelivery(delivery).catch(async (error: unknown) => {
+    const handling = this.handleDelivery(delivery).catch(async (error: unknown) => {
       if (error instanceof TransportError) return; // not settled: the broker redelivers it
       // Nothing else should reach here; requeue rather than lose the message.
       await delivery.requeue().catch(() => {});
     });
-    this.inflight.add(task);
-    void task.finally(() => this.inflight.delete(task));
-    return task;
+    this.inflight.add(handling);
+    void handling.finally(() => this.inflight.delete(handling));
+    return handling;
   }
 
   private async handleDelivery(delivery: Delivery): Promise<void> {
