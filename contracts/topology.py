@@ -20,6 +20,7 @@ from contracts.transport import Delivery, ExchangeSpec, QueueSpec, Transport
 __all__ = [
     "DEFAULT_AUDIT_RETENTION",
     "DEFAULT_PREFIX",
+    "DLQ_HEADERS",
     "HEADERS",
     "MODULE_ROUTING_KEYS",
     "Topology",
@@ -56,11 +57,16 @@ class HEADERS:
     REJECT_CODE: Final = "x-sessionbus-reject-code"
     REJECT_FIELD: Final = "x-sessionbus-reject-field"
     REJECTED_BY: Final = "x-sessionbus-rejected-by"
-    # Bookkeeping entries of the dead-letter stream (a letter has none of these).
-    DLQ_ENTRY: Final = "x-sessionbus-dlq-entry"  # "cut" or "settled"
-    DLQ_CUT: Final = "x-sessionbus-dlq-cut"  # the id of a read's cut
-    DLQ_SETTLES: Final = "x-sessionbus-dlq-settles"  # the offset of the letter settled
-    DLQ_ACTION: Final = "x-sessionbus-dlq-action"  # "replayed" or "discarded"
+
+
+class DLQ_HEADERS:  # noqa: N801 - a namespace of constants, as HEADERS
+    """Headers of the dead-letter stream's bookkeeping entries (a letter has none of
+    them); written and read by operator tools only, never by a module."""
+
+    ENTRY: Final = "x-sessionbus-dlq-entry"  # "cut" or "settled"
+    CUT: Final = "x-sessionbus-dlq-cut"  # the id of a read's cut
+    SETTLES: Final = "x-sessionbus-dlq-settles"  # the offset of the letter settled
+    ACTION: Final = "x-sessionbus-dlq-action"  # "replayed" or "discarded"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts import HEADERS, EventEnvelope, Topology
+from contracts.topology import DLQ_HEADERS
 from contracts.transport import Delivery, OutgoingMessage, Transport
 from coordinator.store import EventStore
 
@@ -359,7 +360,7 @@ async def unsettled_dead_letters(transport: Transport, topology: Topology) -> li
     entry (confirmed) and reads up to it; settlements are entries too (``settle``)."""
     await move_dead_letters(transport, topology)
     cut = uuid.uuid4().hex
-    await _append(transport, topology, {HEADERS.DLQ_ENTRY: "cut", HEADERS.DLQ_CUT: cut})
+    await _append(transport, topology, {DLQ_HEADERS.ENTRY: "cut", DLQ_HEADERS.CUT: cut})
     letters: dict[int, Delivery] = {}
     settled: set[int] = set()
     done = asyncio.Event()
@@ -368,12 +369,12 @@ async def unsettled_dead_letters(transport: Transport, topology: Topology) -> li
         await delivery.ack()  # a stream's ack only grants credit; nothing is removed
         if done.is_set():
             return
-        entry = _text(delivery.headers.get(HEADERS.DLQ_ENTRY))
+        entry = _text(delivery.headers.get(DLQ_HEADERS.ENTRY))
         if entry is None:
             letters[int(delivery.headers["x-stream-offset"])] = delivery
         elif entry == "settled":
-            settled.add(int(delivery.headers[HEADERS.DLQ_SETTLES]))
-        elif entry == "cut" and _text(delivery.headers.get(HEADERS.DLQ_CUT)) == cut:
+            settled.add(int(delivery.headers[DLQ_HEADERS.SETTLES]))
+        elif entry == "cut" and _text(delivery.headers.get(DLQ_HEADERS.CUT)) == cut:
             done.set()
 
     handle = await transport.consume(
@@ -398,7 +399,7 @@ async def _settle(transport: Transport, topology: Topology, offset: int, action:
     await _append(
         transport,
         topology,
-        {HEADERS.DLQ_ENTRY: "settled", HEADERS.DLQ_SETTLES: offset, HEADERS.DLQ_ACTION: action},
+        {DLQ_HEADERS.ENTRY: "settled", DLQ_HEADERS.SETTLES: offset, DLQ_HEADERS.ACTION: action},
     )
 
 

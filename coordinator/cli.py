@@ -780,7 +780,7 @@ def dlq_list(amqp_url: str, prefix: str, timeout: float, as_json: bool, limit: i
     if as_json:
         _emit_json([dataclasses.asdict(d) for d in letters])
         return
-    table = Table(title=f"{len(letters)} dead letters in {prefix}.dlq")
+    table = Table(title=f"{len(letters)} dead letters under {prefix}.")
     for column in (
         "offset",
         "message id",

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contracts import HEADERS
+from contracts.topology import DLQ_HEADERS
 from contracts.transport import ConsumerHandle, Delivery, TransportError
 
 if TYPE_CHECKING:
@@ -125,13 +125,13 @@ class CoordinatorMetrics:
         async def on_delivery(delivery: Delivery) -> None:
             await delivery.ack()  # credit only: a stream keeps its entries
             offset = delivery.headers.get("x-stream-offset")
-            entry = delivery.headers.get(HEADERS.DLQ_ENTRY)
+            entry = delivery.headers.get(DLQ_HEADERS.ENTRY)
             if isinstance(entry, bytes):
                 entry = entry.decode()
             if entry is None and offset is not None:
                 letters.add(int(offset))
             elif entry == "settled":
-                settled.add(int(delivery.headers[HEADERS.DLQ_SETTLES]))
+                settled.add(int(delivery.headers[DLQ_HEADERS.SETTLES]))
             self._kept = len(letters - settled)
             self.state.dlq_depth = self._kept + self._inbox
 

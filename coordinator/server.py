@@ -274,12 +274,15 @@ class HeartbeatListener:
         # connection, and the reconnected consumer would find nothing to consume (a
         # robust connection then fails its whole restore, and keeps failing). The
         # queue instead outlives a lost connection and expires once nobody uses it.
+        # A classic queue (the default on every version) without an explicit
+        # x-queue-type: with `x-queue-type: classic` given, RabbitMQ 4.0.5 counts it as
+        # a transient non-exclusive queue when it starts again, and with that deprecated
+        # feature refused it does not start (seen in tests/faults/test_broker_restart).
         await self.transport.declare_queue(
             QueueSpec(
                 self.queue,
                 durable=True,
                 arguments={
-                    "x-queue-type": "classic",  # one coordinator's, not replicated
                     "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS,
                     "x-message-ttl": 60_000,
                     "x-max-length": 100_000,
