@@ -41,7 +41,7 @@ from contracts import (
 )
 from contracts.topology import dead_letter
 from contracts.transport import ConsumerHandle, Delivery, Transport, TransportError
-from module_sdk.errors import CommandFailed
+from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 
 __all__ = ["ConsumerStats", "EventConsumer"]
 
@@ -57,6 +57,11 @@ ApplyHistory = Callable[[Sequence[EventEnvelope]], Awaitable[None]]
 # Registry events (orphan clean-up) are not a per-module sequence: remember this many
 # event ids to drop duplicates.
 _SEEN_REGISTRY: Final = 10_000
+# Before requeuing an event whose reaction found the coordinator (or its store) away,
+# a pause that doubles with each such failure in a row, up to the last value: a store
+# refuses at once, and requeues in a tight loop would spend the queue's delivery limit
+# (contracts.topology.DELIVERY_LIMIT) in a second, dead-lettering the event.
+_UNAVAILABLE_PAUSE: Final = (0.5, 30.0)
 
 
 @dataclass
@@ -127,6 +132,7 @@ class EventConsumer:
         self._handle: ConsumerHandle | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self.stats = ConsumerStats()
+        self._unavailable_streak = 0
 
     @contextlib.asynccontextmanager
     async def session_turn(self, session_id: uuid.UUID) -> AsyncIterator[None]:
@@ -239,6 +245,21 @@ class EventConsumer:
                 rejected_by=self.module_id,
             )
             return
+        except CoordinatorUnavailable as exc:
+            first, most = _UNAVAILABLE_PAUSE
+            pause = min(most, first * 2**self._unavailable_streak)
+            self._unavailable_streak += 1
+            log.warning(
+                "applying %s waits for the coordinator (%s); requeued in %.1f s",
+                env.type,
+                exc,
+                pause,
+                extra={"session_id": sid, "event_id": env.event_id, "module_id": self.module_id},
+            )
+            await asyncio.sleep(pause)
+            self.stats.requeued += 1
+            await delivery.requeue()
+            return
         except Exception:
             log.exception(
                 "applying %s failed; requeued",
@@ -253,6 +274,7 @@ class EventConsumer:
             self.stats.requeued += 1
             await delivery.requeue()
             return
+        self._unavailable_streak = 0
         await delivery.ack()
 
     def _is_history(self, env: EventEnvelope, current: int) -> bool:
