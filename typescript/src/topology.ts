@@ -27,11 +27,6 @@ export const HEADERS = {
   REJECT_CODE: "x-sessionbus-reject-code",
   REJECT_FIELD: "x-sessionbus-reject-field",
   REJECTED_BY: "x-sessionbus-rejected-by",
-  // Bookkeeping entries of the dead-letter stream (a letter has none of these).
-  DLQ_ENTRY: "x-sessionbus-dlq-entry",
-  DLQ_CUT: "x-sessionbus-dlq-cut",
-  DLQ_SETTLES: "x-sessionbus-dlq-settles",
-  DLQ_ACTION: "x-sessionbus-dlq-action",
 } as const;
 
 export interface QueueSpec {
