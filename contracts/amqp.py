@@ -157,12 +157,19 @@ class _NextAddress:
     def __init__(self, addresses: Sequence[str], current: int) -> None:
         self._addresses = [URL(address) for address in addresses]
         self._current = current
+        self._left: object = None  # the underlying connection last moved away from
 
     def __call__(self, connection: object, exc: BaseException | None = None) -> None:
         if len(self._addresses) < 2 or not isinstance(connection, aio_pika.RobustConnection):
             return
         if connection.close_called:
             return  # closed on purpose: no next attempt
+        # A connection made whose restore then failed reports its close twice (once
+        # for the restore, once as the socket closes): move on once, not skip a node.
+        if connection.transport is not None:
+            if connection.transport is self._left:
+                return
+            self._left = connection.transport
         self._current = (self._current + 1) % len(self._addresses)
         connection.url = self._addresses[self._current]
         log.info(

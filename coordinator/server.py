@@ -274,18 +274,21 @@ class HeartbeatListener:
         # connection, and the reconnected consumer would find nothing to consume (a
         # robust connection then fails its whole restore, and keeps failing). The
         # queue instead outlives a lost connection and expires once nobody uses it.
-        # A classic queue (the default on every version) without an explicit
-        # x-queue-type: with `x-queue-type: classic` given, RabbitMQ 4.0.5 counts it as
-        # a transient non-exclusive queue when it starts again, and with that deprecated
-        # feature refused it does not start (seen in tests/faults/test_broker_restart).
+        # Quorum: a classic queue lives on one node of a cluster, and while that node is
+        # down no other node can restore a consumer of it, so the coordinator's whole
+        # connection could not be restored on another node. (A classic one declared
+        # with `x-queue-type: classic` also kept RabbitMQ 4.0.5 from starting again
+        # with transient non-exclusive queues refused.)
         await self.transport.declare_queue(
             QueueSpec(
                 self.queue,
                 durable=True,
                 arguments={
+                    "x-queue-type": "quorum",
                     "x-expires": HEARTBEAT_QUEUE_EXPIRES_MS,
                     "x-message-ttl": 60_000,
                     "x-max-length": 100_000,
+                    "x-overflow": "drop-head",  # the oldest heartbeats go first
                 },
                 bindings=[(self.topology.heartbeats_exchange, "")],
             )
