@@ -276,9 +276,7 @@ class HeartbeatListener:
         # queue instead outlives a lost connection and expires once nobody uses it.
         # Quorum: a classic queue lives on one node of a cluster, and while that node is
         # down no other node can restore a consumer of it, so the coordinator's whole
-        # connection could not be restored on another node. (A classic one declared
-        # with `x-queue-type: classic` also kept RabbitMQ 4.0.5 from starting again
-        # with transient non-exclusive queues refused.)
+        # connection could not be restored on another node.
         await self.transport.declare_queue(
             QueueSpec(
                 self.queue,

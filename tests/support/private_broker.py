@@ -89,7 +89,16 @@ class _Runtime:
         if self.chroot is None:
             return []
         lines = (_DEPLOY_LOCAL / "refuse-deprecated.conf").read_text().splitlines()
-        return [line for line in lines if line and not line.startswith("#")]
+        # All but transient_nonexcl_queues: with it refused, RabbitMQ 4.0.5 at times
+        # will not start its app again after stop_app (failed_to_deny_deprecated_features
+        # [transient_nonexcl_queues]) though every queue on the node was durable; the
+        # broker-restart test does exactly that. The same code runs against the shared
+        # RabbitMQ 4 node, which refuses it, so a transient queue is still caught there.
+        return [
+            line
+            for line in lines
+            if line and not line.startswith("#") and "transient_nonexcl_queues" not in line
+        ]
 
 
 def rabbitmq_available() -> bool:
