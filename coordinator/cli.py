@@ -827,6 +827,33 @@ def _with_selection(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _settle(
+    amqp_url: str,
+    prefix: str,
+    timeout: float,
+    as_json: bool,
+    selection: tuple[str | None, int | None, bool],
+    settle: Callable[..., Awaitable[tuple[int, int]]],
+    done: str,
+) -> None:
+    """Replay or discard the selected dead letters (``settle`` is the admin call) and
+    say how many were ``done`` and how many are left."""
+    message_id, offset = _dlq_selection(*selection)
+
+    async def action(
+        _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
+    ) -> tuple[int, int]:
+        return await settle(transport, topology, message_id=message_id, offset=offset)
+
+    count, kept = _run_bus(amqp_url, prefix, timeout, action)
+    if as_json:
+        _emit_json({done: count, "kept": kept})
+    else:
+        click.echo(f"{done} {count} dead letter(s); {kept} left in the queue")
+    if not selection[2] and count == 0:
+        sys.exit(EXIT_NO)
+
+
 @dlq.command("replay")
 @_bus_options
 @_with_selection
@@ -840,22 +867,8 @@ def dlq_replay(
     every: bool,
 ) -> None:
     """Publish dead letters back to where they came from (then marked settled)."""
-    message_id, offset = _dlq_selection(message_id, offset, every)
-
-    async def action(
-        _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
-    ) -> tuple[int, int]:
-        return await admin.replay_dead_letters(
-            transport, topology, message_id=message_id, offset=offset
-        )
-
-    replayed, kept = _run_bus(amqp_url, prefix, timeout, action)
-    if as_json:
-        _emit_json({"replayed": replayed, "kept": kept})
-    else:
-        click.echo(f"replayed {replayed} dead letter(s); {kept} left in the queue")
-    if not every and replayed == 0:
-        sys.exit(EXIT_NO)
+    selection = (message_id, offset, every)
+    _settle(amqp_url, prefix, timeout, as_json, selection, admin.replay_dead_letters, "replayed")
 
 
 @dlq.command("discard")
@@ -871,22 +884,8 @@ def dlq_discard(
     every: bool,
 ) -> None:
     """Drop dead letters for good (marked settled; nothing is sent)."""
-    message_id, offset = _dlq_selection(message_id, offset, every)
-
-    async def action(
-        _: CoordinatorClient, transport: AmqpTransport, topology: contracts.Topology
-    ) -> tuple[int, int]:
-        return await admin.discard_dead_letters(
-            transport, topology, message_id=message_id, offset=offset
-        )
-
-    discarded, kept = _run_bus(amqp_url, prefix, timeout, action)
-    if as_json:
-        _emit_json({"discarded": discarded, "kept": kept})
-    else:
-        click.echo(f"discarded {discarded} dead letter(s); {kept} left in the queue")
-    if not every and discarded == 0:
-        sys.exit(EXIT_NO)
+    selection = (message_id, offset, every)
+    _settle(amqp_url, prefix, timeout, as_json, selection, admin.discard_dead_letters, "discarded")
 
 
 @main.command()
