@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev,otel]'
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 # The suite's services first: started if down, broker plugins enabled (deploy/local/services.sh).
@@ -50,7 +50,7 @@ bench-quick: $(STAMP)
 lock:
 	$(PYTHON) -m venv /tmp/sessionbus-lock
 	/tmp/sessionbus-lock/bin/python -m pip install --quiet --upgrade pip
-	/tmp/sessionbus-lock/bin/python -m pip install --quiet -e '.[dev,otel]'
+	/tmp/sessionbus-lock/bin/python -m pip install --quiet -e '.[dev]'
 	/tmp/sessionbus-lock/bin/python -m pip freeze --exclude-editable > requirements.lock
 	rm -rf /tmp/sessionbus-lock
 

@@ -74,13 +74,15 @@ from contracts import (
     codec_for,
     new_id,
 )
-from contracts.amqp import AmqpTransport
-from contracts.transport import Delivery, QueueSpec, TransportError
-from coordinator.relay import OutboxRelay
-from coordinator.runtime import CoordinatorRuntime
-from coordinator.service import SessionCoordinator
+from contracts.topology import QueueSpec
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.relay import OutboxRelay
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient, SessionManager
-from module_sdk.reference import MODULES as REFERENCE_MODULES
+from reference_modules import MODULES as REFERENCE_MODULES
+from transport.amqp import AmqpTransport
+from transport.port import Delivery, TransportError
+from transport.topology import declare_topology
 
 _S = SessionStatus
 AMQP = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -241,7 +243,7 @@ class Harness:
         # What the coordinator would declare, declared before any process starts: module
         # queues bind to the events exchange, so modules may start before the
         # coordinator (identical arguments, so its own declaration is a no-op).
-        await self.topology.declare(self.transport)
+        await declare_topology(self.transport, self.topology)
 
     async def coordinator(self, store: Path) -> Child:
         child = await _spawn(
@@ -294,7 +296,7 @@ class Harness:
             [
                 sys.executable,
                 "-m",
-                "module_sdk.reference",
+                "reference_modules",
                 name,
                 "--amqp-url",
                 AMQP,

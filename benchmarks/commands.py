@@ -24,7 +24,7 @@ from benchmarks.environment import postgres_schema
 from benchmarks.registry import Context, Figure, Trial, measurement, percentile, ratio, target
 from benchmarks.workload import REQUIRED
 from contracts import SessionStatus
-from coordinator.service import SessionCoordinator
+from coordinator.service.coordinator import SessionCoordinator
 
 _S = SessionStatus
 Step = Callable[[uuid.UUID], Awaitable[Any]]

@@ -31,8 +31,8 @@ import coordinator
 from benchmarks.environment import rss_bytes
 from benchmarks.registry import Context, Figure, Trial, measurement, target
 from benchmarks.workload import generate
-from coordinator.service import SessionCoordinator
-from coordinator.store import EventStore
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.store.eventstore import EventStore
 
 MB = 1024 * 1024
 

@@ -24,7 +24,7 @@ from eventsourcing.domain import Aggregate, event
 from benchmarks.registry import Context, Deadline, Figure, Trial, measurement
 from benchmarks.workload import Generated, generate, verify_sample
 from contracts import EventEnvelope
-from coordinator.store import EventStore
+from coordinator.store.eventstore import EventStore
 
 PAGE = 1000
 

@@ -6,7 +6,7 @@ eventsourcing's PostgreSQL recorder in large transactions. Each trial also decod
 same events without sessionbus code (select the state column, msgspec-decode each) so
 the ratio rebuild / raw decode compares like with like.
 
-The coordinator folds a long history in several processes (``coordinator.rebuild``:
+The coordinator folds a long history in several processes (``coordinator.read.rebuild``:
 one per core, at most four), as it does on start; ``rebuild_processes`` records how
 many, and ``rebuild_cpu_us_per_event`` counts the CPU of all of them. The raw decode
 is one process.
@@ -32,9 +32,9 @@ from benchmarks.environment import postgres_schema
 from benchmarks.raw import PAGE, dataset, dataset_params, decode_sqlite
 from benchmarks.registry import Context, Deadline, Figure, Trial, measurement, ratio, target
 from contracts import EventEnvelope
-from coordinator.projections import Projections
-from coordinator.service import SessionCoordinator
-from coordinator.store import EventStore
+from coordinator.read.projections import Projections
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.store.eventstore import EventStore
 
 
 def _rebuild(url: str) -> tuple[Projections, float, float, int]:

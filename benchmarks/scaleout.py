@@ -21,8 +21,8 @@ from pathlib import Path
 import psycopg
 
 from contracts import RecordActivity, Topology
-from contracts.amqp import AmqpTransport
 from module_sdk import CoordinatorClient
+from transport.amqp import AmqpTransport
 
 SESSIONCTL = str(Path(sys.executable).with_name("sessionctl"))
 AMQP = os.environ.get("SESSIONBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")

@@ -1,6 +1,6 @@
 """Realistic session histories, written fast but for real.
 
-Every event is made by ``coordinator.domain``'s aggregates (rules checked, envelopes
+Every event is made by ``coordinator.domain.aggregates``'s aggregates (rules checked, envelopes
 sealed, hashes chained, state folded) and appended by ``EventStore.save``, exactly as
 the coordinator's writer does; only the asyncio front end and the one-commit-per-pass
 pacing are skipped, so thousands of events go into each transaction.
@@ -31,14 +31,14 @@ from contracts import (
     WorkflowConfig,
     verify_chain_raw,
 )
-from coordinator.domain import (
+from coordinator.domain.aggregates import (
     OPERATOR,
     CommandContext,
     ModuleRegistry,
     Principal,
     WorkflowSessionAggregate,
 )
-from coordinator.store import EventStore
+from coordinator.store.eventstore import EventStore
 
 MODULES = (
     "ai-context-manager",

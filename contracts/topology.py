@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
 
 from contracts.errors import ValidationError
 from contracts.events import EVENT_TYPES, event_type
 from contracts.ids import PREFIX_PATTERN, parse_module_id
-from contracts.transport import Delivery, ExchangeSpec, QueueSpec, Transport
 
 __all__ = [
     "DEFAULT_AUDIT_RETENTION",
@@ -23,8 +23,10 @@ __all__ = [
     "DLQ_HEADERS",
     "HEADERS",
     "MODULE_ROUTING_KEYS",
+    "ExchangeSpec",
+    "ExchangeType",
+    "QueueSpec",
     "Topology",
-    "dead_letter",
 ]
 
 # How long the audit stream keeps events (RabbitMQ x-max-age syntax).
@@ -42,6 +44,30 @@ DELIVERY_LIMIT: Final = 10
 DEAD_LETTER_INBOX_DELIVERY_LIMIT: Final = 1_000_000
 
 DEFAULT_PREFIX: Final = "sessionbus"
+
+
+ExchangeType = Literal["topic", "fanout", "direct"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    name: str
+    type: ExchangeType
+    durable: bool = True
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A queue and what it is bound to. ``arguments`` carry ``x-queue-type``,
+    dead-lettering and limits exactly as RabbitMQ takes them."""
+
+    name: str
+    durable: bool = True
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    bindings: Sequence[tuple[str, str]] = ()  # (exchange, routing key)
+    exclusive: bool = False
+    auto_delete: bool = False
 
 
 class HEADERS:
@@ -279,15 +305,6 @@ class Topology:
             ),
         ]
 
-    async def declare(
-        self, transport: Transport, *, audit_retention: str = DEFAULT_AUDIT_RETENTION
-    ) -> None:
-        """Declare everything the coordinator owns (idempotent)."""
-        for exchange in self.exchange_specs():
-            await transport.declare_exchange(exchange)
-        for queue in self.queue_specs(audit_retention=audit_retention):
-            await transport.declare_queue(queue)
-
     def names(self) -> dict[str, str]:
         """Every fixed name, for display and for cleaning up a prefix."""
         return {
@@ -301,33 +318,3 @@ class Topology:
             "audit_stream": self.audit_stream,
             "commands_queue": self.commands_queue(),
         }
-
-
-async def dead_letter(
-    transport: Transport,
-    topology: Topology,
-    delivery: Delivery,
-    *,
-    reason: str,
-    code: str,
-    rejected_by: str,
-    field: str | None = None,
-) -> None:
-    """Move a message that cannot be processed to the dead-letter queue with the reason
-    in its headers, then ack it. Publishing first (confirmed) means a crash in between
-    leaves a duplicate in the DLQ, never a loss."""
-    headers = dict(delivery.headers)
-    headers[HEADERS.REJECT_REASON] = reason[:1000]
-    headers[HEADERS.REJECT_CODE] = code
-    headers[HEADERS.REJECTED_BY] = rejected_by
-    headers["x-original-routing-key"] = delivery.routing_key
-    headers["x-original-exchange"] = delivery.exchange
-    if field is not None:
-        headers[HEADERS.REJECT_FIELD] = field
-    await transport.publish(
-        topology.dead_letter_exchange,
-        delivery.routing_key,
-        delivery.to_outgoing(headers=headers, user_id=None),
-        mandatory=False,
-    )
-    await delivery.ack()

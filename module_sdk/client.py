@@ -72,9 +72,9 @@ from contracts import (
     WorkflowSession,
     new_id,
 )
-from contracts.tracing import current_trace_id, inject
-from contracts.transport import OutgoingMessage, Transport, TransportError
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError, StoreUnavailable
+from transport.port import OutgoingMessage, Transport, TransportError
+from transport.tracing import current_trace_id, inject
 
 __all__ = ["CoordinatorClient", "SessionsSnapshot"]
 

@@ -39,9 +39,9 @@ from contracts import (
     Topology,
     codec_for,
 )
-from contracts.topology import dead_letter
-from contracts.transport import ConsumerHandle, Delivery, Transport, TransportError
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable
+from transport.port import ConsumerHandle, Delivery, Transport, TransportError
+from transport.topology import dead_letter
 
 __all__ = ["ConsumerStats", "EventConsumer"]
 

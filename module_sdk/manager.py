@@ -54,11 +54,11 @@ from contracts import (
     new_id,
     parse_module_id,
 )
-from contracts.amqp import AmqpTransport
-from contracts.transport import OutgoingMessage, Transport, TransportError
 from module_sdk.client import CoordinatorClient
 from module_sdk.consumer import EventConsumer
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
+from transport.amqp import AmqpTransport
+from transport.port import OutgoingMessage, Transport, TransportError
 
 __all__ = ["SessionLifecycleCallbacks", "SessionManager"]
 

@@ -1,6 +1,6 @@
 """The in-process bus for module authors' tests and the embedded demo.
 
-``InProcessBus`` is a broker in this process (``contracts.memory``) with the same
+``InProcessBus`` is a broker in this process (``transport.memory``) with the same
 routing, acknowledgement, dead-lettering and identity rules as RabbitMQ. Give each
 party its own transport: ``bus.transport("executor")`` connects as broker user
 ``executor``, so identity checks behave as they do on a real broker.
@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 
-from contracts.memory import MemoryBroker, MemoryTransport, Permissions
+from transport.memory import MemoryBroker, MemoryTransport, Permissions
 
 __all__ = ["InProcessBus", "Permissions", "wait_for"]
 

@@ -18,13 +18,13 @@ from typing import Any, Literal, TypeVar
 import pytest
 
 from contracts import Topology
-from contracts.amqp import AmqpTransport
-from contracts.transport import Transport
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient, SessionManager
 from module_sdk.testing import InProcessBus
 from tests.support.broker_admin import create_user, delete_user, user_url
+from transport.amqp import AmqpTransport
+from transport.port import Transport
 
 M = TypeVar("M", bound=SessionManager)
 

@@ -18,11 +18,11 @@ from contracts import (
     Topology,
     WorkflowSession,
 )
-from contracts.transport import Delivery, Transport
-from coordinator.admin import unsettled_dead_letters
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import SessionLifecycleCallbacks, SessionManager
 from module_sdk.testing import wait_for
+from sessionctl.admin import unsettled_dead_letters
+from transport.port import Delivery, Transport
 
 Settle = Callable[[Delivery], Awaitable[None]]
 

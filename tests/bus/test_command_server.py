@@ -35,11 +35,11 @@ from contracts import (
     WorkflowSession,
     new_id,
 )
-from contracts.transport import OutgoingMessage, Transport
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CommandFailed, CoordinatorClient
 from tests.bus.conftest import Bus
 from tests.bus.support import dead_letters, wait_destroyed
+from transport.port import OutgoingMessage, Transport
 
 pytestmark = pytest.mark.broker
 

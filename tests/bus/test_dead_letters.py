@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 
 from contracts import HEADERS
-from contracts.topology import dead_letter
-from contracts.transport import OutgoingMessage, QueueSpec, Transport
-from coordinator.admin import browse_dead_letters, discard_dead_letters, replay_dead_letters
+from contracts.topology import QueueSpec
+from sessionctl.admin import browse_dead_letters, discard_dead_letters, replay_dead_letters
 from tests.bus.conftest import Bus
 from tests.bus.support import dead_letters, take
+from transport.port import OutgoingMessage, Transport
+from transport.topology import dead_letter, declare_topology
 
 LISTINGS = 100
 
@@ -57,7 +58,7 @@ async def _dead_lettered_by_the_broker(t: Transport, bus: Bus) -> str:
 async def test_letters_listed_a_hundred_times_are_unchanged_and_replayed_after(bus: Bus) -> None:
     t = await bus.connect("operator")
     topo = bus.topology
-    await topo.declare(t)
+    await declare_topology(t, topo)
     work = f"{bus.prefix}.work"
     await t.declare_queue(QueueSpec(work))
     await _rejected_by_a_consumer(t, bus, work, 3)
@@ -86,7 +87,7 @@ async def test_letters_listed_a_hundred_times_are_unchanged_and_replayed_after(b
 async def test_one_letter_is_replayed_or_discarded_and_the_others_stay(bus: Bus) -> None:
     t = await bus.connect("operator")
     topo = bus.topology
-    await topo.declare(t)
+    await declare_topology(t, topo)
     work = f"{bus.prefix}.work"
     await t.declare_queue(QueueSpec(work))
     await _rejected_by_a_consumer(t, bus, work, 3)

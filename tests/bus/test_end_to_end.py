@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from contracts import REGISTRY_ID, SessionStatus, Topology
-from contracts.amqp import AmqpTransport
-from coordinator.store import EventStore
+from coordinator.store.eventstore import EventStore
 from module_sdk import CoordinatorClient
 from module_sdk.testing import wait_for
+from transport.amqp import AmqpTransport
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

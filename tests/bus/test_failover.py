@@ -18,13 +18,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from contracts import SessionStatus
-from contracts.amqp import AmqpTransport
-from contracts.transport import TransportError
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
 from tests.bus.support import RecordingModule, wait_status
 from tests.bus.test_reconnect import create_many, finish
 from tests.support.tcp_proxy import TcpProxy
+from transport.amqp import AmqpTransport
+from transport.port import TransportError
 
 pytestmark = pytest.mark.broker
 

@@ -23,12 +23,12 @@ from contracts import (
     UnlinkModuleSession,
     new_id,
 )
-from contracts.transport import AccessRefused, OutgoingMessage
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CommandFailed
 from module_sdk.testing import wait_for
 from tests.bus.conftest import BrokerUsers, Bus
 from tests.bus.support import RecordingModule, wait_status
+from transport.port import AccessRefused, OutgoingMessage
 
 pytestmark = pytest.mark.broker
 

@@ -11,13 +11,13 @@ import uuid
 import pytest
 
 from contracts import REGISTRY_ID, SessionStatus
-from contracts.amqp import AmqpTransport
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
 from module_sdk.testing import wait_for
 from tests.bus.conftest import BrokerUsers, Bus
 from tests.bus.support import RecordingModule, wait_destroyed, wait_status
 from tests.support.broker_admin import close_user_connections, user_connections
+from transport.amqp import AmqpTransport
 
 pytestmark = pytest.mark.broker
 

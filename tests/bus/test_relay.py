@@ -26,16 +26,17 @@ from contracts import (
     StandardError,
     new_id,
 )
-from contracts.amqp import AmqpTransport
-from contracts.transport import ConfirmTimeout, OutgoingMessage, QueueSpec
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
-from coordinator.service import SessionCoordinator
+from contracts.topology import QueueSpec
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
 from tests.bus.support import Observer
 from tests.support.tcp_proxy import TcpProxy
+from transport.amqp import AmqpTransport
+from transport.port import ConfirmTimeout, OutgoingMessage
 
 pytestmark = pytest.mark.broker
 

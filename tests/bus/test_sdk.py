@@ -25,9 +25,9 @@ from contracts import (
     WorkflowSession,
     new_id,
 )
-from contracts.transport import OutgoingMessage, QueueSpec
-from coordinator.relay import event_message
-from coordinator.runtime import CoordinatorRuntime
+from contracts.topology import QueueSpec
+from coordinator.service.relay import event_message
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CommandFailed, CoordinatorUnavailable
 from module_sdk.testing import wait_for
 from tests.bus.conftest import Bus
@@ -39,6 +39,7 @@ from tests.bus.support import (
     wait_destroyed,
     wait_status,
 )
+from transport.port import OutgoingMessage
 
 S = SessionStatus
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from contracts import ErrorCode, EventEnvelope
-from coordinator.domain import EnvelopeAggregate
+from coordinator.domain.aggregates import EnvelopeAggregate
 from coordinator.errors import StoreFull, StoreLocked
 from module_sdk import CoordinatorUnavailable, StoreUnavailable
 from tests.bus.conftest import Bus

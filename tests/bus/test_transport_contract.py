@@ -1,5 +1,5 @@
 """The broker port's contract, proven once per broker: the same test class runs on the
-in-process broker (``contracts.memory``) and on RabbitMQ (``contracts.amqp``), so the
+in-process broker (``transport.memory``) and on RabbitMQ (``transport.amqp``), so the
 module authors' test harness keeps the rules the real broker enforces."""
 
 from __future__ import annotations
@@ -11,22 +11,21 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from contracts import HEADERS
-from contracts.topology import dead_letter
-from contracts.transport import (
+from contracts.topology import ExchangeSpec, QueueSpec
+from module_sdk.testing import wait_for
+from tests.bus.conftest import Bus
+from tests.bus.support import Inbox, dead_letters, drain, take
+from transport.port import (
     DIRECT_REPLY_TO,
     AccessRefused,
     Delivery,
-    ExchangeSpec,
     OutgoingMessage,
-    QueueSpec,
     QueueStats,
     TransportClosed,
     TransportError,
     Unroutable,
 )
-from module_sdk.testing import wait_for
-from tests.bus.conftest import Bus
-from tests.bus.support import Inbox, dead_letters, drain, take
+from transport.topology import dead_letter, declare_topology
 
 
 def message(body: bytes | str, **fields: object) -> OutgoingMessage:
@@ -457,7 +456,7 @@ class TestTransportContract:
     ) -> None:
         t = await bus.connect("test")
         topo = bus.topology
-        await topo.declare(t)
+        await declare_topology(t, topo)
         work = f"{bus.prefix}.work"
         await t.declare_queue(QueueSpec(work))
         await t.publish(

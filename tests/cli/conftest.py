@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from contracts import Topology
-from contracts.amqp import AmqpTransport
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
-from module_sdk.reference import Executor, ReferenceModule, TaskLoop
+from reference_modules import Executor, ReferenceModule, TaskLoop
+from transport.amqp import AmqpTransport
 
 SESSIONCTL = str(Path(sys.executable).with_name("sessionctl"))
 

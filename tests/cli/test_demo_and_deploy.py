@@ -20,17 +20,17 @@ from typing import Any
 import pytest
 
 from contracts import Topology
-from contracts.amqp import AmqpTransport
-from contracts.transport import AccessRefused, OutgoingMessage
-from coordinator.definitions import SEED_MODULES, definitions, module_permissions
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
-from module_sdk.reference import Executor
-from module_sdk.reference.http import FrontendApp
 from module_sdk.testing import InProcessBus, wait_for
+from reference_modules import Executor
+from reference_modules.http import FrontendApp
+from sessionctl.definitions import SEED_MODULES, definitions, module_permissions
 from tests.cli.conftest import sessionctl
 from tests.support.broker_admin import delete_user, management, user_url
+from transport.amqp import AmqpTransport
+from transport.port import AccessRefused, OutgoingMessage
 
 
 @pytest.mark.broker
@@ -222,7 +222,7 @@ def _free_port() -> int:
 async def test_frontend_api_process_serves_http_over_rabbitmq(
     amqp_url: str, prefix: str, tmp_path: Path
 ) -> None:
-    """`python -m module_sdk.reference frontend-api --http-port N` is a real module
+    """`python -m reference_modules frontend-api --http-port N` is a real module
     process with a real HTTP server proxying to the coordinator."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
@@ -235,7 +235,7 @@ async def test_frontend_api_process_serves_http_over_rabbitmq(
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "module_sdk.reference",
+            "reference_modules",
             "frontend-api",
             "--amqp-url",
             amqp_url,

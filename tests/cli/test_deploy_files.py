@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from contracts import Topology
-from coordinator.definitions import definitions
+from sessionctl.definitions import definitions
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -11,8 +11,8 @@ from typing import ClassVar
 import pytest
 
 from contracts import Topology
-from coordinator.admin import list_queues
 from module_sdk.testing import InProcessBus
+from sessionctl.admin import list_queues
 
 PUBLISHED_PER_SCRAPE = 50.0
 DELIVERED_PER_SCRAPE = 30.0

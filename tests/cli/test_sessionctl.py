@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from contracts import SessionStatus
-from contracts.transport import OutgoingMessage
 from coordinator.errors import StoreUnavailable
 from module_sdk.testing import wait_for
 from tests.cli.conftest import SESSIONCTL, Result, System, sessionctl
 from tests.support import services
+from transport.port import OutgoingMessage
 
 pytestmark = pytest.mark.broker
 

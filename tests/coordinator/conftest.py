@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from coordinator.clock import ManualClock
-from coordinator.service import SessionCoordinator
+from coordinator.domain.clock import ManualClock
+from coordinator.service.coordinator import SessionCoordinator
 
 
 @dataclass(frozen=True)

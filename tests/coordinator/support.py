@@ -10,8 +10,8 @@ import pytest
 
 from contracts import ErrorCode, EventEnvelope
 from coordinator.errors import CommandRejected
-from coordinator.service import SessionCoordinator
-from coordinator.store import EventStore
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.store.eventstore import EventStore
 
 
 async def rejection(awaitable: Awaitable[Any], code: ErrorCode) -> CommandRejected:

@@ -21,10 +21,10 @@ from contracts import (
     WorkflowSession,
     fold_history,
 )
-from coordinator.clock import ManualClock
-from coordinator.compact import created_key, deadline_of, micros, pack, unpack
-from coordinator.projections import Projections, SessionTable
-from coordinator.service import SessionCoordinator
+from coordinator.domain.clock import ManualClock
+from coordinator.domain.compact import created_key, deadline_of, micros, pack, unpack
+from coordinator.read.projections import Projections, SessionTable
+from coordinator.service.coordinator import SessionCoordinator
 
 S = SessionStatus
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -154,9 +154,9 @@ async def test_a_coordinator_with_everything_packed_reads_as_one_without(
     """Every read, with no session left unpacked in the projections or the writer's
     cache, against the same reads of a coordinator whose projections are restored
     from its own snapshot (as objects); then a restart from the checkpoint."""
-    monkeypatch.setattr("coordinator.projections.HOT_SESSIONS", 0)
-    monkeypatch.setattr("coordinator.projections.DESTROYED_HOT", 0)
-    monkeypatch.setattr("coordinator.domain.UnpackedStates.__init__.__defaults__", (0,))
+    monkeypatch.setattr("coordinator.read.projections.HOT_SESSIONS", 0)
+    monkeypatch.setattr("coordinator.read.projections.DESTROYED_HOT", 0)
+    monkeypatch.setattr("coordinator.domain.aggregates.UnpackedStates.__init__.__defaults__", (0,))
     url = f"sqlite:///{tmp_path / 'packed.sqlite'}"
     async with SessionCoordinator(url, clock=clock) as coordinator:
         await coordinator.register_module("executor", required=True)

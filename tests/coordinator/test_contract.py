@@ -24,9 +24,9 @@ from contracts import (
     UpdateSessionStatus,
     WorkflowConfig,
 )
-from coordinator.clock import ManualClock
-from coordinator.domain import Principal
-from coordinator.service import SessionCoordinator
+from coordinator.domain.aggregates import Principal
+from coordinator.domain.clock import ManualClock
+from coordinator.service.coordinator import SessionCoordinator
 from tests.coordinator.support import event_types, history, position, rejection
 
 S = SessionStatus

@@ -22,10 +22,10 @@ from contracts import (
     UpdateSessionStatus,
     WorkflowConfig,
 )
-from coordinator.clock import ManualClock
-from coordinator.domain import WorkflowSessionAggregate
+from coordinator.domain.aggregates import WorkflowSessionAggregate
+from coordinator.domain.clock import ManualClock
 from coordinator.errors import CommandRejected
-from coordinator.service import SessionCoordinator
+from coordinator.service.coordinator import SessionCoordinator
 
 S = SessionStatus
 COMMANDS = 500

@@ -27,11 +27,11 @@ from contracts import (
     verify_chain,
     verify_chain_raw,
 )
-from coordinator.clock import ManualClock
-from coordinator.domain import WorkflowSessionAggregate
+from coordinator.domain.aggregates import WorkflowSessionAggregate
+from coordinator.domain.clock import ManualClock
 from coordinator.errors import ConfigurationError
-from coordinator.service import SessionCoordinator
-from coordinator.store import EnvelopeMapper, EventStore, Upcaster
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.store.eventstore import EnvelopeMapper, EventStore, Upcaster
 from tests.coordinator.conftest import Backend
 from tests.coordinator.support import store_of
 

@@ -22,8 +22,8 @@ from contracts import (
     WorkflowConfig,
     WorkflowSession,
 )
-from coordinator.clock import ManualClock
-from coordinator.service import SessionCoordinator
+from coordinator.domain.clock import ManualClock
+from coordinator.service.coordinator import SessionCoordinator
 from tests.coordinator.support import event_types, history
 
 S = SessionStatus

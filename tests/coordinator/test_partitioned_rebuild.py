@@ -22,13 +22,13 @@ from contracts import (
     StatusChanged,
     WorkflowConfig,
 )
-from coordinator import compact
-from coordinator.clock import ManualClock
+from coordinator.domain import compact
+from coordinator.domain.clock import ManualClock
 from coordinator.errors import ConfigurationError
-from coordinator.projections import Projections
-from coordinator.rebuild import _decoder, _encoder, _merge, _part, rebuild_partitioned
-from coordinator.service import SessionCoordinator
-from coordinator.store import EventStore, Partition, Upcaster
+from coordinator.read.projections import Projections
+from coordinator.read.rebuild import _decoder, _encoder, _merge, _part, rebuild_partitioned
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.store.eventstore import EventStore, Partition, Upcaster
 from tests.coordinator.conftest import Backend
 from tests.coordinator.test_restart import CHECKPOINT, _build_varied, _observed
 

@@ -17,16 +17,16 @@ from contracts import (
     StandardError,
     WorkflowConfig,
 )
-from coordinator import compact
-from coordinator.clock import ManualClock
-from coordinator.projections import (
+from coordinator.domain import compact
+from coordinator.domain.clock import ManualClock
+from coordinator.read.projections import (
     CHECKPOINT_FORMAT,
     Projections,
     ProjectionSnapshot,
     _checkpoint_decoder,
     _checkpoint_encoder,
 )
-from coordinator.service import SessionCoordinator
+from coordinator.service.coordinator import SessionCoordinator
 from tests.coordinator.conftest import Backend
 from tests.coordinator.support import position
 

@@ -8,7 +8,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from contracts import CommandRequest, CreateWorkflowSession, SessionCreated, new_id
-from coordinator.service import SessionCoordinator
+from coordinator.service.coordinator import SessionCoordinator
 
 
 async def test_copies_of_one_command_in_one_batch_are_applied_once_and_answered_alike(

@@ -42,11 +42,11 @@ from contracts import (
     UpdateSessionStatus,
     WorkflowConfig,
 )
-from coordinator.clock import ManualClock
-from coordinator.domain import Principal
+from coordinator.domain.aggregates import Principal
+from coordinator.domain.clock import ManualClock
 from coordinator.errors import CommandRejected
-from coordinator.service import SessionCoordinator
-from coordinator.store import EventStore
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.store.eventstore import EventStore
 
 S = SessionStatus
 LIVE = {S.INITIALIZING, S.ACTIVE, S.PAUSED}

@@ -30,10 +30,10 @@ from contracts import (
     WorkflowConfig,
     new_id,
 )
-from coordinator.clock import ManualClock
+from coordinator.domain.clock import ManualClock
 from coordinator.errors import CommandRejected, StoreReadOnly, StoreUnavailable
-from coordinator.service import SessionCoordinator
-from coordinator.writer import WriteJob
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.writer import WriteJob
 from tests.coordinator.support import rejection, store_of
 
 S = SessionStatus

@@ -18,10 +18,10 @@ from contracts import (
     SessionStatus,
     WorkflowConfig,
 )
-from coordinator.clock import ManualClock
-from coordinator.domain import EnvelopeAggregate
+from coordinator.domain.aggregates import EnvelopeAggregate
+from coordinator.domain.clock import ManualClock
 from coordinator.errors import StoreUnavailable
-from coordinator.service import SessionCoordinator
+from coordinator.service.coordinator import SessionCoordinator
 from tests.coordinator.support import event_types, rejection
 
 S = SessionStatus

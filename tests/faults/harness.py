@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from contracts import Topology
-from contracts.amqp import AmqpTransport
-from contracts.transport import TransportError
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient, CoordinatorUnavailable
 from tests.support.checker import (
     CheckReport,
@@ -35,6 +33,8 @@ from tests.support.checker import (
 from tests.support.journal_module import JournalModule, incarnation
 from tests.support.load import LoadResult, SessionLoad
 from tests.support.processes import Child, coordinator_argv, journal_module_argv
+from transport.amqp import AmqpTransport
+from transport.port import TransportError
 
 __all__ = [
     "InProcessSystem",

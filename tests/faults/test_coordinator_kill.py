@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 
 from contracts import HEADERS, Command
-from contracts.transport import Delivery, QueueSpec
-from coordinator.store import EventStore
+from contracts.topology import QueueSpec
+from coordinator.store.eventstore import EventStore
 from tests.faults.harness import end_load_after, process_system, wait_until
 from tests.faults.report import Row, record, seconds
 from tests.faults.sizes import sized
 from tests.support.load import SessionLoad
+from transport.port import Delivery
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow]
 

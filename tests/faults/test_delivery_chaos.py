@@ -20,13 +20,13 @@ import aio_pika
 import pytest
 
 from contracts import WorkflowSession
-from contracts.topology import MODULE_ROUTING_KEYS
-from contracts.transport import Delivery, QueueSpec
+from contracts.topology import MODULE_ROUTING_KEYS, QueueSpec
 from tests.faults.harness import inprocess_system, wait_until
 from tests.faults.report import Row, record
 from tests.faults.sizes import sized
 from tests.support.journal_module import JournalModule
 from tests.support.load import SessionLoad
+from transport.port import Delivery
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from contracts import Codec, SessionStatus, WorkflowConfig
-from coordinator.relay import event_message
+from coordinator.service.relay import event_message
 from module_sdk import CoordinatorClient
 from tests.faults.harness import end_load_after, process_system, wait_until
 from tests.faults.report import Row, record, seconds

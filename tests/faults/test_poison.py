@@ -38,16 +38,17 @@ from contracts import (
     UpdateSessionStatus,
     seal,
 )
-from contracts.amqp import AmqpTransport
 from contracts.commands import CommandRequest
 from contracts.events import EVENT_TYPES, event_type
-from contracts.transport import OutgoingMessage
-from coordinator.admin import unsettled_dead_letters
+from sessionctl.admin import unsettled_dead_letters
 from tests.faults.harness import inprocess_system, wait_until
 from tests.faults.report import Row, record
 from tests.faults.sizes import sized
 from tests.support.load import SessionLoad
 from tests.support.processes import run_sessionctl
+from transport.amqp import AmqpTransport
+from transport.port import OutgoingMessage
+from transport.topology import declare_topology
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.slow]
 
@@ -332,7 +333,7 @@ async def test_dlq_list_shows_more_dead_letters_than_a_connection_has_channels(
     topology = Topology(prefix)
     count = 2600
     async with AmqpTransport(amqp_url, connection_name=f"{prefix} dead letters") as transport:
-        await topology.declare(transport)
+        await declare_topology(transport, topology)
         batch = [
             (
                 "",

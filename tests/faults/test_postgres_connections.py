@@ -21,17 +21,17 @@ from pathlib import Path
 import pytest
 
 from contracts import CreateWorkflowSession, Topology, new_id
-from contracts.amqp import AmqpTransport
+from coordinator.domain.identity import IdentityMap
 from coordinator.errors import CommandRejected, CoordinatorError
-from coordinator.identity import IdentityMap
-from coordinator.leader import Leadership
-from coordinator.runtime import CoordinatorRuntime
-from coordinator.store import EventStore, StoreSettings
+from coordinator.service.leader import Leadership
+from coordinator.service.runtime import CoordinatorRuntime
+from coordinator.store.eventstore import EventStore, StoreSettings
 from module_sdk import CoordinatorClient
 from tests.faults.harness import wait_until
 from tests.support.private_postgres import PrivatePostgres
 from tests.support.processes import Child, coordinator_argv
 from tests.support.tcp_proxy import TcpProxy
+from transport.amqp import AmqpTransport
 
 pytestmark = [pytest.mark.faults, pytest.mark.broker, pytest.mark.postgres]
 

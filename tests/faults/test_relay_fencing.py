@@ -11,10 +11,12 @@ from collections import Counter
 import pytest
 
 from contracts import Topology, codec_for
-from contracts.transport import Delivery, QueueSpec
-from coordinator.relay import OutboxRelay
-from coordinator.service import SessionCoordinator
+from contracts.topology import QueueSpec
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.relay import OutboxRelay
 from module_sdk.testing import InProcessBus, wait_for
+from transport.port import Delivery
+from transport.topology import declare_topology
 
 pytestmark = pytest.mark.faults
 
@@ -24,7 +26,7 @@ async def test_a_fenced_relay_publishes_nothing_and_a_late_save_never_moves_back
     bus = InProcessBus()
     transport = bus.transport()
     await transport.connect()
-    await topology.declare(transport)
+    await declare_topology(transport, topology)
     seen: Counter[uuid.UUID] = Counter()
 
     async def on_event(delivery: Delivery) -> None:

@@ -18,11 +18,13 @@ from collections import Counter
 import pytest
 
 from contracts import Topology, codec_for
-from contracts.transport import Delivery, QueueSpec
-from coordinator import relay as relay_module
-from coordinator.relay import OutboxRelay
-from coordinator.service import SessionCoordinator
+from contracts.topology import QueueSpec
+from coordinator.service import relay as relay_module
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.relay import OutboxRelay
 from module_sdk.testing import InProcessBus, wait_for
+from transport.port import Delivery
+from transport.topology import declare_topology
 
 pytestmark = pytest.mark.faults
 
@@ -35,7 +37,7 @@ async def test_what_was_published_after_a_reconnect_is_published_again(
     bus = InProcessBus()
     transport = bus.transport()
     await transport.connect()
-    await topology.declare(transport)
+    await declare_topology(transport, topology)
     seen: Counter[uuid.UUID] = Counter()
 
     async def on_event(delivery: Delivery) -> None:

@@ -1,7 +1,7 @@
 """Scenario 8: security — identity, broker permissions, tamper evidence, TLS.
 
 - Two modules, each connected as a broker user of its own with exactly
-  ``coordinator.definitions.module_permissions`` (and nothing more: the SDK must work
+  ``sessionctl.definitions.module_permissions`` (and nothing more: the SDK must work
   with that), under load. One module tries to act on the other's module sessions
   (link, unlink, status, activity, orphan report): FORBIDDEN, nothing stored. It forges
   the AMQP ``user_id``: the broker refuses the message. It publishes to the events
@@ -46,11 +46,10 @@ from contracts import (
     new_id,
     seal,
 )
-from contracts.amqp import AmqpTransport
-from contracts.transport import AccessRefused, OutgoingMessage, QueueSpec, TransportError
-from coordinator.definitions import module_permissions
-from coordinator.service import SessionCoordinator
+from contracts.topology import QueueSpec
+from coordinator.service.coordinator import SessionCoordinator
 from module_sdk import CommandFailed, CoordinatorClient
+from sessionctl.definitions import module_permissions
 from tests.faults.harness import inprocess_system, process_system, wait_until
 from tests.faults.report import Row, record
 from tests.faults.sizes import sized
@@ -60,6 +59,8 @@ from tests.support.least_privilege import restricted_users
 from tests.support.load import SessionLoad
 from tests.support.private_broker import PrivateBroker
 from tests.support.processes import run_sessionctl
+from transport.amqp import AmqpTransport
+from transport.port import AccessRefused, OutgoingMessage, TransportError
 
 S = SessionStatus
 JSON = Codec("json")

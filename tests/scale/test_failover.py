@@ -35,10 +35,10 @@ from contracts import (
     UpdateSessionStatus,
     verify_chain_raw,
 )
-from contracts.amqp import AmqpTransport
-from contracts.audit import read_audit_stream
-from coordinator.store import EventStore
+from coordinator.store.eventstore import EventStore
 from module_sdk import CommandFailed, CoordinatorClient, CoordinatorUnavailable
+from transport.amqp import AmqpTransport
+from transport.audit import read_audit_stream
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres, pytest.mark.slow]
 

@@ -75,9 +75,9 @@ from contracts import (
     Unlinked,
     verify_chain_raw,
 )
-from contracts.audit import read_audit_stream
-from contracts.transport import Transport
-from coordinator.store import EventStore
+from coordinator.store.eventstore import EventStore
+from transport.audit import read_audit_stream
+from transport.port import Transport
 
 __all__ = [
     "SPURIOUS_KINDS",

@@ -48,9 +48,9 @@ from contracts import (
     Topology,
     WorkflowSession,
 )
-from contracts.amqp import AmqpTransport
 from module_sdk import CommandFailed, CoordinatorClient, SessionManager
 from tests.support.checker import HookCall, Incarnation
+from transport.amqp import AmqpTransport
 
 __all__ = ["Journal", "JournalModule", "incarnation"]
 

@@ -1,5 +1,5 @@
 """Broker users with exactly the permissions a deployment gives them (for example
-``coordinator.definitions.module_permissions``), made through the management API of
+``sessionctl.definitions.module_permissions``), made through the management API of
 the shared test broker and deleted afterwards."""
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ from contracts import (
     WorkflowSession,
     new_id,
 )
-from contracts.transport import TransportError
 from module_sdk import CommandFailed, CoordinatorClient, CoordinatorUnavailable, StoreUnavailable
+from transport.port import TransportError
 
 __all__ = ["LoadResult", "SessionLoad"]
 

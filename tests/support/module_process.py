@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from contracts import ModuleSessionConfig, ModuleSessionInfo, Topology, WorkflowSession
-from contracts.amqp import AmqpTransport
 from module_sdk import SessionManager
+from transport.amqp import AmqpTransport
 
 log = logging.getLogger("sessionbus.tests.module_process")
 

@@ -1,4 +1,4 @@
-"""Consumer acks travel together (``contracts.amqp._Acks``); what reaches the broker must
+"""Consumer acks travel together (``transport.amqp._Acks``); what reaches the broker must
 be a valid sequence whatever the write queue does: RabbitMQ closes the channel on an
 ack of a tag that is not outstanding, and with it every delivery in flight."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from contracts.amqp import AmqpDelivery, _Acks
-from contracts.transport import TransportError
+from transport.amqp import AmqpDelivery, _Acks
+from transport.port import TransportError
 
 
 class Broker:

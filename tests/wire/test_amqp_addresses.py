@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contracts.amqp import AmqpTransport, broker_addresses, redact_url
+from transport.amqp import AmqpTransport, broker_addresses, redact_url
 
 
 def test_one_url_is_one_address() -> None:

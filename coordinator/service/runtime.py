@@ -10,15 +10,16 @@ from typing import Any
 
 from contracts import DEFAULT_PREFIX, EventEnvelope, Topology
 from contracts.topology import DEFAULT_AUDIT_RETENTION
-from contracts.transport import Transport
-from coordinator.clock import Clock
-from coordinator.identity import IdentityMap
-from coordinator.leader import Leadership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.relay import OutboxRelay
-from coordinator.server import CommandServer, HealthMonitor, HeartbeatListener
-from coordinator.service import SessionCoordinator
-from coordinator.store import SQLiteClaim, StoreSettings
+from coordinator.domain.clock import Clock
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.leader import Leadership
+from coordinator.service.metrics import CoordinatorMetrics
+from coordinator.service.relay import OutboxRelay
+from coordinator.service.server import CommandServer, HealthMonitor, HeartbeatListener
+from coordinator.store.eventstore import SQLiteClaim, StoreSettings
+from transport.port import Transport
+from transport.topology import declare_topology
 
 __all__ = ["CoordinatorRuntime"]
 
@@ -98,7 +99,7 @@ class CoordinatorRuntime:
     async def _start(self) -> None:
         if self.own_transport:
             await self.transport.connect()
-        await self.topology.declare(self.transport, audit_retention=self.audit_retention)
+        await declare_topology(self.transport, self.topology, audit_retention=self.audit_retention)
         # One coordinator per SQLite file (see SQLiteClaim): refused before it rebuilds.
         self._claim = SQLiteClaim.take(StoreSettings.from_url(self._store_url))
         await self.coordinator.start()

@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from contracts.transport import (
+from contracts.topology import ExchangeSpec, QueueSpec
+from transport.port import (
     DIRECT_REPLY_TO,
     AccessRefused,
     ConsumerHandle,
     Delivery,
-    ExchangeSpec,
     Handler,
     OutgoingMessage,
-    QueueSpec,
     QueueStats,
     Transport,
     TransportClosed,

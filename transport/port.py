@@ -1,7 +1,7 @@
 """The broker port: what sessionbus needs from a message broker, in one place.
 
-Two implementations share it: ``contracts.amqp`` (RabbitMQ through aio-pika) and
-``contracts.memory`` (an in-process broker with the same routing, acknowledgement,
+Two implementations share it: ``transport.amqp`` (RabbitMQ through aio-pika) and
+``transport.memory`` (an in-process broker with the same routing, acknowledgement,
 dead-lettering and identity rules, for module authors' tests and the embedded demo).
 The coordinator and the module SDK are written against this port only.
 """
@@ -13,7 +13,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Any, Final
+
+from contracts.topology import ExchangeSpec, QueueSpec
 
 __all__ = [
     "DIRECT_REPLY_TO",
@@ -21,10 +23,8 @@ __all__ = [
     "ConfirmTimeout",
     "ConsumerHandle",
     "Delivery",
-    "ExchangeSpec",
     "Handler",
     "OutgoingMessage",
-    "QueueSpec",
     "QueueStats",
     "Transport",
     "TransportClosed",
@@ -61,30 +61,6 @@ class AccessRefused(TransportError):
     """The broker refused the operation for this user (permissions, forged user_id)."""
 
     retryable = False
-
-
-ExchangeType = Literal["topic", "fanout", "direct"]
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeSpec:
-    name: str
-    type: ExchangeType
-    durable: bool = True
-    arguments: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    """A queue and what it is bound to. ``arguments`` carry ``x-queue-type``,
-    dead-lettering and limits exactly as RabbitMQ takes them."""
-
-    name: str
-    durable: bool = True
-    arguments: Mapping[str, Any] = field(default_factory=dict)
-    bindings: Sequence[tuple[str, str]] = ()  # (exchange, routing key)
-    exclusive: bool = False
-    auto_delete: bool = False
 
 
 @dataclass(frozen=True, slots=True)

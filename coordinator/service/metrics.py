@@ -13,25 +13,38 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from contracts.topology import DLQ_HEADERS
-from contracts.transport import ConsumerHandle, Delivery, TransportError
+from contracts.topology import DLQ_HEADERS, Topology
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.relay import OutboxRelay
+from transport.port import ConsumerHandle, Delivery, Transport, TransportError
 
-if TYPE_CHECKING:
-    from coordinator.runtime import CoordinatorRuntime
-
-__all__ = ["CoordinatorMetrics"]
+__all__ = ["CoordinatorMetrics", "MetricsSource"]
 
 log = logging.getLogger("sessionbus.coordinator.metrics")
 
 
+class MetricsSource(Protocol):
+    """What the metrics read at scrape time: the runtime's parts (a protocol, so the
+    runtime that owns the metrics is not imported by them)."""
+
+    @property
+    def coordinator(self) -> SessionCoordinator: ...
+    @property
+    def relay(self) -> OutboxRelay | None: ...
+    @property
+    def transport(self) -> Transport: ...
+    @property
+    def topology(self) -> Topology: ...
+
+
 class _StateCollector(Collector):
-    def __init__(self, runtime: CoordinatorRuntime) -> None:
+    def __init__(self, runtime: MetricsSource) -> None:
         self.runtime = runtime
         self.dlq_depth: int | None = None
 
@@ -83,7 +96,7 @@ class _StateCollector(Collector):
 class CoordinatorMetrics:
     """The coordinator's metrics and, when a port is given, the /metrics endpoint."""
 
-    def __init__(self, runtime: CoordinatorRuntime) -> None:
+    def __init__(self, runtime: MetricsSource) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.commands = Counter(
             "sessionbus_commands",

@@ -38,7 +38,7 @@ from typing import Any
 
 import psycopg
 
-from coordinator.store import PostgresTimeouts, StoreSettings
+from coordinator.store.eventstore import PostgresTimeouts, StoreSettings
 
 __all__ = ["Leadership"]
 

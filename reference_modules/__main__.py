@@ -1,4 +1,4 @@
-"""Run one reference module as its own process: ``python -m module_sdk.reference NAME``."""
+"""Run one reference module as its own process: ``python -m reference_modules NAME``."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 import uvicorn
 
 from contracts import DEFAULT_PREFIX, Topology
-from contracts.amqp import AmqpTransport
-from contracts.logs import configure_logging
-from contracts.transport import TransportError
-from module_sdk.reference import MODULES
-from module_sdk.reference.http import FrontendApp
+from module_sdk.logs import configure_logging
+from reference_modules import MODULES
+from reference_modules.http import FrontendApp
+from transport.amqp import AmqpTransport
+from transport.port import TransportError
 
 
 async def _run(
@@ -63,7 +63,7 @@ async def _serve_http(module: Any, host: str, port: int) -> tuple[Any, asyncio.T
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m module_sdk.reference")
+    parser = argparse.ArgumentParser(prog="python -m reference_modules")
     parser.add_argument("name", choices=sorted(MODULES))
     parser.add_argument(
         "--amqp-url",

@@ -31,9 +31,9 @@ from typing import Final
 from eventsourcing.persistence import Notification
 
 from contracts import HEADERS, Codec, EventEnvelope, Topology
-from contracts.transport import OutgoingMessage, Transport, TransportError
 from coordinator.errors import StoreUnavailable
-from coordinator.store import EventStore, positioned
+from coordinator.store.eventstore import EventStore, positioned
+from transport.port import OutgoingMessage, Transport, TransportError
 
 __all__ = ["OutboxRelay", "event_message", "traceparent"]
 
@@ -98,7 +98,7 @@ class OutboxRelay:
         fence: Callable[[], bool] | None = None,
     ) -> None:
         """``fence()``: whether this relay may publish now (the store's leadership lease,
-        see ``coordinator.leader``); checked before every page."""
+        see ``coordinator.service.leader``); checked before every page."""
         self.store = store
         self.transport = transport
         self.topology = topology

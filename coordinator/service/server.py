@@ -31,21 +31,15 @@ from contracts import (
     codec_for,
     new_id,
 )
-from contracts.topology import dead_letter
-from contracts.tracing import correlation_from_headers
-from contracts.transport import (
-    ConsumerHandle,
-    Delivery,
-    OutgoingMessage,
-    QueueSpec,
-    Transport,
-    TransportError,
-)
-from coordinator.domain import COORDINATOR
+from contracts.topology import QueueSpec
+from coordinator.domain.aggregates import COORDINATOR
+from coordinator.domain.identity import IdentityMap
 from coordinator.errors import CommandRejected
-from coordinator.identity import IdentityMap
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.service import SessionCoordinator
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.metrics import CoordinatorMetrics
+from transport.port import ConsumerHandle, Delivery, OutgoingMessage, Transport, TransportError
+from transport.topology import dead_letter
+from transport.tracing import correlation_from_headers
 
 __all__ = ["CommandServer", "HealthMonitor", "HeartbeatListener"]
 

@@ -54,7 +54,7 @@ from contracts import (
     ReplayedEvent,
     WorkflowSession,
 )
-from coordinator.domain import EnvelopeAggregate, ModuleRegistry, RegistryState
+from coordinator.domain.aggregates import EnvelopeAggregate, ModuleRegistry, RegistryState
 from coordinator.errors import (
     ConfigurationError,
     StoreFull,

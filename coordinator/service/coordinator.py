@@ -78,24 +78,24 @@ from contracts import (
     new_id,
     verify_chain_raw,
 )
-from coordinator.clock import Clock, SystemClock
-from coordinator.domain import OPERATOR, Principal, next_deadline
+from coordinator.domain.aggregates import OPERATOR, Principal, next_deadline
+from coordinator.domain.clock import Clock, SystemClock
 from coordinator.errors import (
     CommandRejected,
     ConfigurationError,
     CoordinatorError,
     StoreUnavailable,
 )
-from coordinator.memory import release_free_memory
-from coordinator.projections import Projections, integrity_report
-from coordinator.rebuild import (
+from coordinator.read.projections import Projections, integrity_report
+from coordinator.read.rebuild import (
     MAX_PARTITIONS,
     PARALLEL_MIN_EVENTS,
     default_workers,
     rebuild_partitioned,
 )
-from coordinator.store import EventStore
-from coordinator.writer import Outcome, WriteJob, Writer
+from coordinator.service.memory import release_free_memory
+from coordinator.service.writer import Outcome, WriteJob, Writer
+from coordinator.store.eventstore import EventStore
 
 __all__ = ["CommitListener", "RebuildProgress", "SessionCoordinator"]
 
@@ -285,7 +285,7 @@ class SessionCoordinator:
     def _rebuild(self, *, from_checkpoint: bool = True) -> Projections:
         """Load the projection checkpoint if any, then fold everything after it; a long
         history without a checkpoint is folded by several processes (``rebuild_workers``,
-        see ``coordinator.rebuild``). GC is paused: the objects made here live long and a
+        see ``coordinator.read.rebuild``). GC is paused: the objects made here live long and a
         collection pass over them costs a large share of a bulk replay."""
         assert self.store is not None
         started = time.perf_counter()

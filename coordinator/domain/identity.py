@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 
 from contracts import parse_module_id
-from coordinator.domain import Principal
+from coordinator.domain.aggregates import Principal
 from coordinator.errors import ConfigurationError
 
 __all__ = ["IdentityMap"]

@@ -2,7 +2,7 @@
 
 Each creates an internal session of its kind when a workflow session starts (a
 simulated browser, AI connection, stream …), reports activity, and cleans up on
-CLEANUP. They are real module services: ``python -m module_sdk.reference NAME`` runs one
+CLEANUP. They are real module services: ``python -m reference_modules NAME`` runs one
 in its own process. The executor-streamer is optional (the seed's ``streamId?``); the
 others are required.
 """

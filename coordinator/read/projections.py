@@ -7,7 +7,7 @@ after a restart). It is owned by one thread at a time: built in a worker thread 
 start-up, then updated only on the event loop.
 
 Sessions are held compactly (``SessionTable``): the most recently folded ones as
-``WorkflowSession`` objects, every other one packed by ``coordinator.compact`` (about a
+``WorkflowSession`` objects, every other one packed by ``coordinator.domain.compact`` (about a
 tenth of the memory) and unpacked when read.
 """
 
@@ -44,9 +44,9 @@ from contracts import (
     WorkflowSession,
     fold_session,
 )
-from coordinator import compact
-from coordinator.compact import created_key, deadline_of, micros, pack, unpack
-from coordinator.domain import next_deadline
+from coordinator.domain import compact
+from coordinator.domain.aggregates import next_deadline
+from coordinator.domain.compact import created_key, deadline_of, micros, pack, unpack
 
 __all__ = ["ProjectionSnapshot", "Projections", "SessionTable", "integrity_report"]
 
@@ -89,7 +89,7 @@ _Packed: TypeAlias = tuple[uuid.UUID, bytes]
 
 class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
     """Sessions by id, in insertion order: the most recently stored ones as objects,
-    the others packed (``coordinator.compact``) and unpacked on every read, so a read
+    the others packed (``coordinator.domain.compact``) and unpacked on every read, so a read
     never hands out an object the table holds on to. A state that cannot be packed
     exactly stays an object.
 

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from contracts import HEADERS, EventEnvelope, Topology
 from contracts.topology import DLQ_HEADERS
-from contracts.transport import Delivery, OutgoingMessage, Transport
-from coordinator.store import EventStore
+from coordinator.store.eventstore import EventStore
+from transport.port import Delivery, OutgoingMessage, Transport
 
 __all__ = [
     "DeadLetter",

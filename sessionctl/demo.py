@@ -35,15 +35,15 @@ from contracts import (
     WorkflowConfig,
     verify_chain_raw,
 )
-from contracts.amqp import AmqpTransport, redact_url
-from contracts.memory import MemoryBroker
-from contracts.transport import Transport, TransportError
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
-from coordinator.service import SessionCoordinator
+from coordinator.domain.identity import IdentityMap
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import SdkError
-from module_sdk.reference import MODULES, ReferenceModule
+from reference_modules import MODULES, ReferenceModule
+from transport.amqp import AmqpTransport, redact_url
+from transport.memory import MemoryBroker
+from transport.port import Transport, TransportError
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -110,7 +110,7 @@ async def _start_module_processes(
         name: await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "module_sdk.reference",
+            "reference_modules",
             name,
             "--amqp-url",
             url,

@@ -27,22 +27,22 @@ from rich.tree import Tree
 
 import contracts
 from contracts import schema as schema_mod
-from contracts.amqp import AmqpTransport, redact_url
-from contracts.audit import read_audit_stream
-from contracts.logs import configure_logging
-from contracts.transport import TransportError
-from coordinator import admin
-from coordinator.definitions import SEED_MODULES, definitions
-from coordinator.demo import DemoOptions, run_demo, summary_table
+from coordinator.domain.identity import IdentityMap
 from coordinator.errors import CoordinatorError
 from coordinator.errors import StoreUnavailable as StoreDown
-from coordinator.identity import IdentityMap
-from coordinator.runtime import CoordinatorRuntime
-from coordinator.service import SessionCoordinator
-from coordinator.store import DEFAULT_STORE_URL, MAX_PARTITIONS, EventStore
+from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.runtime import CoordinatorRuntime
+from coordinator.store.eventstore import DEFAULT_STORE_URL, MAX_PARTITIONS, EventStore
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, StoreUnavailable
-from module_sdk.reference.__main__ import main as run_module
+from module_sdk.logs import configure_logging
+from reference_modules.__main__ import main as run_module
+from sessionctl import admin
+from sessionctl.definitions import SEED_MODULES, definitions
+from sessionctl.demo import DemoOptions, run_demo, summary_table
+from transport.amqp import AmqpTransport, redact_url
+from transport.audit import read_audit_stream
+from transport.port import TransportError
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 AMQP_URL_HELP = "RabbitMQ URL; the nodes of a cluster as several URLs separated by commas"

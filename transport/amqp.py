@@ -40,16 +40,15 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from yarl import URL
 
-from contracts.transport import (
+from contracts.topology import ExchangeSpec, QueueSpec
+from transport.port import (
     DIRECT_REPLY_TO,
     AccessRefused,
     ConfirmTimeout,
     ConsumerHandle,
     Delivery,
-    ExchangeSpec,
     Handler,
     OutgoingMessage,
-    QueueSpec,
     QueueStats,
     Transport,
     TransportClosed,

@@ -41,8 +41,7 @@ from contracts import (
     UpdateSessionStatus,
     new_id,
 )
-from coordinator.clock import Clock
-from coordinator.domain import (
+from coordinator.domain.aggregates import (
     COORDINATOR,
     CommandContext,
     EnvelopeAggregate,
@@ -53,9 +52,10 @@ from coordinator.domain import (
     WorkflowSessionAggregate,
     require_module,
 )
+from coordinator.domain.clock import Clock
 from coordinator.errors import CommandRejected, StoreUnavailable
-from coordinator.projections import integrity_report
-from coordinator.store import EventStore, VersionConflict
+from coordinator.read.projections import integrity_report
+from coordinator.store.eventstore import EventStore, VersionConflict
 
 __all__ = ["Outcome", "WriteJob", "Writer"]
 

@@ -17,7 +17,7 @@ from contracts.codec import codec_for
 from contracts.errors import DecodeError
 from contracts.events import EventEnvelope
 from contracts.topology import Topology
-from contracts.transport import Delivery, Transport
+from transport.port import Delivery, Transport
 
 __all__ = ["read_audit_stream"]
 

@@ -47,7 +47,7 @@ from contracts import (
     seal,
 )
 from contracts.events import ActivityRecorded, EventBase
-from coordinator.compact import pack, unpack
+from coordinator.domain.compact import pack, unpack
 from coordinator.errors import CommandRejected
 
 __all__ = [
@@ -319,7 +319,7 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
 
     ``state`` is kept in the instance ``__dict__`` (where eventsourcing's snapshots read
     and restore it); ``compact`` replaces it there by its packed form
-    (``coordinator.compact``), which the next read of ``state`` unpacks: an aggregate
+    (``coordinator.domain.compact``), which the next read of ``state`` unpacks: an aggregate
     the writer keeps cached between commands holds ~0.5 KB instead of ~6 KB."""
 
     @property

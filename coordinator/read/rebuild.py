@@ -34,14 +34,14 @@ import msgspec
 from contracts import Accepted, Codec, ModuleRegistered, WorkflowSession
 from contracts.codec import Format
 from contracts.status import SessionStatus
-from coordinator import compact
-from coordinator.projections import (
+from coordinator.domain import compact
+from coordinator.read.projections import (
     COMMAND_MEMORY,
     DESTROYED_MEMORY,
     Projections,
     shared_session_id,
 )
-from coordinator.store import MAX_PARTITIONS, EventStore, Partition, Upcaster
+from coordinator.store.eventstore import MAX_PARTITIONS, EventStore, Partition, Upcaster
 
 __all__ = ["MAX_PARTITIONS", "PARALLEL_MIN_EVENTS", "default_workers", "rebuild_partitioned"]
 

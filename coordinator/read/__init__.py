@@ -1,0 +1,1 @@
+"""The coordinator's read side: projections folded from the event log."""

@@ -1,0 +1,1 @@
+"""The running coordinator: writer, outbox relay, command server, leader and metrics."""

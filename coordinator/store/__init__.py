@@ -1,0 +1,1 @@
+"""The coordinator's event store: eventsourcing's recorders behind one URL."""
