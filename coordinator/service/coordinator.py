@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import itertools
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, TypeVar
-
-import msgspec
 
 from contracts import (
     ACTIVE_STATUSES,
@@ -34,7 +30,6 @@ from contracts import (
     Destroyed,
     DestroyWorkflowSession,
     ErrorCode,
-    EventEnvelope,
     EventsPage,
     GetCoordinatorHealth,
     GetLinkedSessions,
@@ -86,15 +81,11 @@ from coordinator.errors import (
     CoordinatorError,
     StoreUnavailable,
 )
+from coordinator.read.loader import RebuildProgress, load_projections, save_checkpoint
 from coordinator.read.projections import Projections, integrity_report
-from coordinator.read.rebuild import (
-    MAX_PARTITIONS,
-    PARALLEL_MIN_EVENTS,
-    default_workers,
-    rebuild_partitioned,
-)
-from coordinator.service.memory import release_free_memory
-from coordinator.service.writer import Outcome, WriteJob, Writer
+from coordinator.read.rebuild import MAX_PARTITIONS, PARALLEL_MIN_EVENTS, default_workers
+from coordinator.service.commits import CommitApplier, CommitListener
+from coordinator.service.writer import WriteJob, Writer
 from coordinator.store.eventstore import EventStore
 
 __all__ = ["CommitListener", "RebuildProgress", "SessionCoordinator"]
@@ -104,10 +95,6 @@ log = logging.getLogger("sessionbus.coordinator")
 T = TypeVar("T")
 WorkflowSessionCallback = Callable[[WorkflowSession], Awaitable[None]]
 ModuleSessionLinkCallback = Callable[[uuid.UUID, str, uuid.UUID], Awaitable[None]]
-CommitListener = Callable[[list[EventEnvelope]], None]
-RebuildProgress = Callable[[int, int], None]
-
-_CHECKPOINT: Final = "projections"
 # Young collections every 50k allocations instead of 700; full ones rarer still.
 GC_THRESHOLDS: Final = (50_000, 20, 100)
 
@@ -155,24 +142,19 @@ class SessionCoordinator:
         self.follow_interval = follow_interval
         self.follow_log = follow_log
         self._follower: asyncio.Task[None] | None = None
+        self._commits: CommitApplier | None = None
         self._touched: set[uuid.UUID] = set()
         self.store: EventStore | None = store if isinstance(store, EventStore) else None
         self._owns_store = not isinstance(store, EventStore)
         self.projections = Projections()
         self._writer: Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # (saved envelopes, resolved jobs, a log position to catch up to or None)
-        self._commits: asyncio.Queue[
-            tuple[list[EventEnvelope], list[tuple[WriteJob, Outcome]], int | None]
-        ]
-        self._applier: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._commit_listeners: list[CommitListener] = []
         self._handover: list[WriteJob] = []  # for the writer at the end of this loop pass
         self._created_callbacks: list[WorkflowSessionCallback] = []
         self._destroyed_callbacks: list[WorkflowSessionCallback] = []
         self._linked_callbacks: list[ModuleSessionLinkCallback] = []
-        self._checkpointed_at = 0
         self._state = "new"
         self.published_position = 0
         self.rebuild_seconds = 0.0
@@ -195,7 +177,6 @@ class SessionCoordinator:
             raise CoordinatorError(f"coordinator already {self._state}")
         self._state = "starting"
         self._loop = asyncio.get_running_loop()
-        self._commits = asyncio.Queue()
         if self.store is None:
             url = self._store_arg if isinstance(self._store_arg, str) else None
             self.store = await asyncio.to_thread(EventStore, url)
@@ -207,14 +188,21 @@ class SessionCoordinator:
             # default thresholds collections took a third of the CPU of a busy
             # coordinator (measured: 101-158 vs 76-84 µs per event under group commit).
             gc.set_threshold(*GC_THRESHOLDS)
-        self._checkpointed_at = self.projections.position
         self.projections.listeners.append(self._on_session_event)
         proj = self.projections
         deadlines = proj.deadlines()
+        self._commits = CommitApplier(
+            store,
+            lambda: self.projections,
+            page=self.rebuild_page,
+            checkpoint_every=self.checkpoint_every,
+            after_apply=self._arm_touched,
+        )
+        self._commits.listeners = self._commit_listeners
         self._writer = Writer(
             store,
             self.clock,
-            self._deliver,
+            self._commits.deliver,
             max_batch=self.max_batch,
             applied=proj.applied_commands(),
             deadlines=deadlines,
@@ -222,9 +210,11 @@ class SessionCoordinator:
             follow_log=self.follow_log,
         )
         await asyncio.to_thread(self._writer.start)
-        self._applier = asyncio.create_task(self._apply_commits(), name="sessionbus-projections")
+        self._commits.start()
         if self.follow_interval is not None:
-            self._follower = asyncio.create_task(self._follow(), name="sessionbus-follow")
+            self._follower = asyncio.create_task(
+                self._commits.follow(self.follow_interval), name="sessionbus-follow"
+            )
         self._state = "running"
         log.info(
             "coordinator started: %d events, %d live sessions, position %d",
@@ -244,10 +234,8 @@ class SessionCoordinator:
             await asyncio.gather(self._follower, return_exceptions=True)
         if self._writer is not None:
             await asyncio.to_thread(self._writer.stop)
-        if self._applier is not None:
-            await self._commits.join()
-            self._applier.cancel()
-            await asyncio.gather(self._applier, return_exceptions=True)
+        if self._commits is not None:
+            await self._commits.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -283,152 +271,26 @@ class SessionCoordinator:
         self._checkpoint()
 
     def _rebuild(self, *, from_checkpoint: bool = True) -> Projections:
-        """Load the projection checkpoint if any, then fold everything after it; a long
-        history without a checkpoint is folded by several processes (``rebuild_workers``,
-        see ``coordinator.read.rebuild``). GC is paused: the objects made here live long and a
-        collection pass over them costs a large share of a bulk replay."""
         assert self.store is not None
-        started = time.perf_counter()
-        proj = Projections()
-        saved = self.store.checkpoints.get(_CHECKPOINT) if from_checkpoint else None
-        total = self.store.max_position()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            if saved is not None:
-                try:
-                    proj = Projections.decode_snapshot(saved[1])
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    log.warning(
-                        "projection checkpoint unreadable (%s); rebuilding from history", exc
-                    )
-                    proj = Projections()
-            self.rebuild_processes = 1
-            if proj.position == 0 and total >= max(self.parallel_rebuild_min, 1):
-                merged = rebuild_partitioned(
-                    self.store,
-                    total,
-                    workers=self.rebuild_workers,
-                    page=self.rebuild_page,
-                    progress=self.progress,
-                )
-                if merged is not None:
-                    proj, self.rebuild_processes = merged, self.rebuild_workers
-            proj.begin_replay()
-            for page in self.store.replay(proj.position, self.rebuild_page):
-                proj.apply_all(page)
-                if self.progress is not None:
-                    self.progress(proj.position, total)
-        finally:
-            proj.end_replay()
-            if gc_was_enabled:
-                gc.enable()
-            gc.freeze()
-            release_free_memory()
-        self.rebuild_seconds = time.perf_counter() - started
-        self.rebuilt_events = proj.events_applied
-        return proj
+        loaded = load_projections(
+            self.store,
+            from_checkpoint=from_checkpoint,
+            page=self.rebuild_page,
+            workers=self.rebuild_workers,
+            parallel_min=self.parallel_rebuild_min,
+            progress=self.progress,
+        )
+        self.rebuild_seconds = loaded.seconds
+        self.rebuilt_events = loaded.events
+        self.rebuild_processes = loaded.processes
+        return loaded.projections
 
     def _checkpoint(self) -> None:
         assert self.store is not None
-        proj = self.projections
-        if proj.position == 0:
-            return
-        data = proj.encode_snapshot()
-        self.store.checkpoints.put(_CHECKPOINT, proj.position, data)
-        del data
-        release_free_memory()
-        self._checkpointed_at = proj.position
-
-    def _deliver(self, saved: list[EventEnvelope], results: list[tuple[WriteJob, Outcome]]) -> None:
-        """Called on the writer thread after each pass."""
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self._commits.put_nowait, (saved, results, None))
-        except RuntimeError:
-            # The loop is gone (its owner stopped without closing us): nobody waits.
-            log.warning("commit of %d events not delivered: event loop closed", len(saved))
-
-    async def _apply_commits(self) -> None:
-        """Apply each commit to the projections, then resolve its callers, in order."""
-        while True:
-            saved, results, target = await self._commits.get()
-            try:
-                try:
-                    await self._catch_up(saved)
-                    if target is not None:
-                        await self._catch_up_to(target)
-                    self._arm_touched()
-                finally:
-                    # Callers first, then the relay: their replies are scheduled ahead
-                    # of the publishing of the same events, which nobody is waiting
-                    # on. Resolved even when the projections could not catch up (the
-                    # store went away between the commit and the read): what was
-                    # saved is saved, and the next commit or follow catches up.
-                    self._resolve(results)
-                for listener in self._commit_listeners:
-                    try:
-                        listener(saved)
-                    except Exception:
-                        log.exception("commit listener failed")
-                if self.projections.position - self._checkpointed_at >= self.checkpoint_every:
-                    self._checkpointed_at = self.projections.position
-                    try:
-                        await asyncio.to_thread(self._checkpoint)
-                    except StoreUnavailable as exc:
-                        log.warning("projection checkpoint not written: %s", exc)
-            except Exception:
-                log.exception("applying a commit failed")
-            finally:
-                self._commits.task_done()
-
-    @staticmethod
-    def _resolve(results: list[tuple[WriteJob, Outcome]]) -> None:
-        for job, outcome in results:
-            future = job.token
-            if isinstance(future, asyncio.Future) and not future.done():
-                if isinstance(outcome, CommandRejected):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result((outcome, job.actions))
-
-    async def _catch_up(self, saved: list[EventEnvelope]) -> None:
-        proj = self.projections
-        if not saved:
-            return
-        contiguous = saved[0].position == proj.position + 1 and all(
-            b.position == (a.position or 0) + 1 for a, b in itertools.pairwise(saved)
-        )
-        if contiguous:
-            proj.apply_all(saved)
-            return
-        # Someone else wrote in between (another coordinator), or ids have gaps:
-        # follow the notification log itself up to what was just saved.
-        await self._catch_up_to(max(e.position or 0 for e in saved))
-
-    async def _catch_up_to(self, target: int) -> None:
-        assert self.store is not None
-        proj = self.projections
-        while proj.position < target:
-            page = await asyncio.to_thread(self.store.read, proj.position, self.rebuild_page)
-            if not page:
-                break
-            proj.apply_all(page)
-
-    async def _follow(self) -> None:
-        """Follow the shared notification log: another coordinator on the same store
-        appends events this one did not write, and the projections must see them."""
-        assert self.store is not None
-        interval = self.follow_interval or 1.0
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                top = await asyncio.to_thread(self.store.max_position)
-            except Exception as exc:  # noqa: BLE001 - the store may be away; try later
-                log.warning("could not read the log position: %s", exc)
-                continue
-            if top > self.projections.position:
-                self._commits.put_nowait(([], [], top))
+        if self._commits is not None:
+            self._commits.checkpoint()
+        else:
+            save_checkpoint(self.store, self.projections)
 
     @property
     def fires_timeouts(self) -> bool:

@@ -296,28 +296,9 @@ class Writer:
             outcomes, saved = self._commit(batch, touched, fired)
             if saved:
                 self._store_back()
-        except StoreUnavailable as exc:
-            # Nothing of this pass was saved: ``EventStore.save`` is one transaction
-            # and the last step that can fail.
-            self._store_down(exc, len(batch))
-            slow = time.monotonic() - started >= _SLOW_FAILURE
-            if slow and type(exc) is StoreUnavailable and self._unreachable is None:
-                # Not a refusal the store answered (full, read-only, locked …), nor a
-                # quick one: it did not answer, after seconds of retries.
-                self._unreachable = exc
-                self._start_probe()
-            self._evict(touched)
-            self._rearm(fired, backoff=True)
+        except Exception as exc:  # noqa: BLE001 - every job gets an outcome, whatever failed
+            outcomes = self._failed_pass(exc, batch, touched, fired, started)
             touched, saved = {}, []
-            outcomes = [exc.rejection()] * len(batch)
-        except Exception as exc:
-            log.exception("writer pass of %d commands failed", len(batch))
-            self._evict(touched)
-            self._rearm(fired, backoff=True)
-            touched, saved = {}, []
-            outcomes = [
-                CommandRejected(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
-            ] * len(batch)
         finally:
             if len(outcomes) != len(batch):  # an exception no handler above took
                 outcomes = [CommandRejected(ErrorCode.INTERNAL, "writer pass interrupted")] * len(
@@ -332,6 +313,32 @@ class Writer:
                 self.batches += 1
                 self.commands += len(batch)
                 self.deliver(saved, list(zip(batch, outcomes, strict=True)))
+
+    def _failed_pass(
+        self,
+        exc: Exception,
+        batch: list[WriteJob],
+        touched: dict[uuid.UUID, EnvelopeAggregate],
+        fired: list[tuple[datetime, uuid.UUID]],
+        started: float,
+    ) -> list[Outcome]:
+        """Undo what a failed pass did in memory and give each job its error: nothing
+        of the pass was saved (``EventStore.save`` is one transaction and the last step
+        that can fail)."""
+        self._evict(touched)
+        self._rearm(fired, backoff=True)
+        if not isinstance(exc, StoreUnavailable):
+            log.error("writer pass of %d commands failed", len(batch), exc_info=exc)
+            error = CommandRejected(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            return [error] * len(batch)
+        self._store_down(exc, len(batch))
+        slow = time.monotonic() - started >= _SLOW_FAILURE
+        if slow and type(exc) is StoreUnavailable and self._unreachable is None:
+            # Not a refusal the store answered (full, read-only, locked …), nor a
+            # quick one: it did not answer, after seconds of retries.
+            self._unreachable = exc
+            self._start_probe()
+        return [exc.rejection()] * len(batch)
 
     def _commit(
         self,
