@@ -14,13 +14,15 @@ Routes (JSON in, JSON out; errors are ``StandardError`` bodies with a matching s
 
 from __future__ import annotations
 
-import re
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
-from urllib.parse import parse_qs
 
 import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from contracts import ErrorCode, SessionStatus, StandardError, WorkflowConfig
 from contracts.errors import field_path
@@ -29,12 +31,7 @@ from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 
 __all__ = ["ExecuteStepsRequest", "FrontendApp"]
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
 _MAX_BODY: Final = 1 << 20
-_SESSION = re.compile(r"^/sessions/(?P<id>[^/]+)(?P<rest>/[a-z]+)?$")
 _STATUS_FOR: Final[dict[ErrorCode, int]] = {
     ErrorCode.UNKNOWN_SESSION: 404,
     ErrorCode.INVALID_MESSAGE: 400,
@@ -71,94 +68,87 @@ def _bad(message: str, field: str | None = None) -> _HttpError:
     )
 
 
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(payload), status, media_type="application/json")
+
+
 class FrontendApp:
-    """ASGI application; serve it with any ASGI server (``uvicorn``)."""
+    """ASGI application; serve it with any ASGI server (``uvicorn``). Routing, requests
+    and lifespan are Starlette's; every answer, error or not, is a JSON body."""
 
     def __init__(self, client: CoordinatorClient) -> None:
         self.client = client
         self._decoder = msgspec.json.Decoder(ExecuteStepsRequest)
+        routes = [
+            Route("/health", self._health, methods=["GET"]),
+            Route("/sessions", self._list, methods=["GET"]),
+            Route("/sessions", self._execute_steps, methods=["POST"]),
+            Route("/sessions/{id}", self._get, methods=["GET"]),
+            Route("/sessions/{id}/status", self._status, methods=["GET"]),
+            Route("/sessions/{id}/history", self._history, methods=["GET"]),
+            Route("/sessions/{id}/integrity", self._integrity, methods=["GET"]),
+            Route("/sessions/{id}/destroy", self._destroy, methods=["POST"]),
+        ]
+        self.app = Starlette(
+            routes=routes,
+            exception_handlers={
+                _HttpError: _on_http_error,
+                CommandFailed: _on_command_failed,
+                CoordinatorUnavailable: _on_unavailable,
+                404: _on_no_route,
+                405: _on_no_route,
+            },
+        )
+        # Paths are matched with a trailing slash stripped (below), not redirected.
+        self.app.router.redirect_slashes = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        try:
-            status, payload = await self._route(scope, receive)
-        except _HttpError as exc:
-            status, payload = exc.status, exc.error
-        except CommandFailed as exc:
-            status, payload = _STATUS_FOR.get(exc.error.code, 422), exc.error
-        except CoordinatorUnavailable as exc:
-            status = 503
-            payload = StandardError(code=ErrorCode.UNAVAILABLE, message=str(exc), retryable=True)
-        body = msgspec.json.encode(payload)
-        await send(
+        if scope["type"] == "http":
+            path = scope["path"].rstrip("/") or "/"
+            if path != scope["path"]:
+                scope = dict(scope, path=path)
+        await self.app(scope, receive, send)
+
+    async def _health(self, _request: Request) -> Response:
+        return _json(await self.client.get_coordinator_health())
+
+    async def _list(self, request: Request) -> Response:
+        status = _status_param(_first(request, "status"))
+        ids = await self.client.list_active_workflow_sessions(status, _first(request, "module"))
+        return _json({"session_ids": ids})
+
+    async def _execute_steps(self, request: Request) -> Response:
+        steps = await self._read(request)
+        session = await self.client.create_workflow_session(steps.steps, steps.config)
+        return _json(
+            {"session_id": session.session_id, "status": session.status, "session": session},
+            201,
+        )
+
+    async def _get(self, request: Request) -> Response:
+        return _json(await self._session(_session_id(request)))
+
+    async def _status(self, request: Request) -> Response:
+        sid = _session_id(request)
+        session = await self._session(sid)
+        return _json(
             {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
+                "session_id": sid,
+                "status": session.status,
+                "modules": {m: i.status for m, i in session.modules.items()},
             }
         )
-        await send({"type": "http.response.body", "body": body})
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _history(self, request: Request) -> Response:
+        return _json(await self.client.get_session_history(_session_id(request)))
 
-    async def _route(self, scope: Scope, receive: Receive) -> tuple[int, Any]:
-        method = scope["method"]
-        path = scope["path"].rstrip("/") or "/"
-        query = parse_qs(scope.get("query_string", b"").decode())
-        client = self.client
-        if path == "/health" and method == "GET":
-            return 200, await client.get_coordinator_health()
-        if path == "/sessions":
-            if method == "GET":
-                status = _status_param(query)
-                module = query.get("module", [None])[0]
-                ids = await client.list_active_workflow_sessions(status, module)
-                return 200, {"session_ids": ids}
-            if method == "POST":
-                request = await self._read(receive)
-                session = await client.create_workflow_session(request.steps, request.config)
-                return 201, {
-                    "session_id": session.session_id,
-                    "status": session.status,
-                    "session": session,
-                }
-        match = _SESSION.match(path)
-        if match is not None:
-            sid = _session_id(match["id"])
-            rest = match["rest"] or ""
-            if method == "GET" and rest == "":
-                return 200, await self._session(sid)
-            if method == "GET" and rest == "/status":
-                session = await self._session(sid)
-                return 200, {
-                    "session_id": sid,
-                    "status": session.status,
-                    "modules": {m: i.status for m, i in session.modules.items()},
-                }
-            if method == "GET" and rest == "/history":
-                return 200, await client.get_session_history(sid)
-            if method == "GET" and rest == "/integrity":
-                return 200, await client.validate_session_integrity(sid)
-            if method == "POST" and rest == "/destroy":
-                await client.destroy_workflow_session(sid, "destroyed through frontend-api")
-                return 202, {"session_id": sid, "cleanup": True}
-        raise _HttpError(
-            404, StandardError(code=ErrorCode.INVALID_MESSAGE, message=f"no route {method} {path}")
-        )
+    async def _integrity(self, request: Request) -> Response:
+        return _json(await self.client.validate_session_integrity(_session_id(request)))
+
+    async def _destroy(self, request: Request) -> Response:
+        sid = _session_id(request)
+        await self.client.destroy_workflow_session(sid, "destroyed through frontend-api")
+        return _json({"session_id": sid, "cleanup": True}, 202)
 
     async def _session(self, sid: uuid.UUID) -> Any:
         session = await self.client.get_workflow_session(sid)
@@ -169,12 +159,10 @@ class FrontendApp:
             )
         return session
 
-    async def _read(self, receive: Receive) -> ExecuteStepsRequest:
+    async def _read(self, request: Request) -> ExecuteStepsRequest:
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            chunk = message.get("body", b"")
+        async for chunk in request.stream():
             size += len(chunk)
             if size > _MAX_BODY:
                 raise _HttpError(
@@ -184,8 +172,6 @@ class FrontendApp:
                     ),
                 )
             chunks.append(chunk)
-            if not message.get("more_body"):
-                break
         try:
             return self._decoder.decode(b"".join(chunks))
         except msgspec.ValidationError as exc:
@@ -194,7 +180,35 @@ class FrontendApp:
             raise _bad(f"malformed JSON body: {exc}") from exc
 
 
-def _session_id(text: str) -> uuid.UUID:
+async def _on_http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _HttpError)
+    return _json(exc.error, exc.status)
+
+
+async def _on_command_failed(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CommandFailed)
+    return _json(exc.error, _STATUS_FOR.get(exc.error.code, 422))
+
+
+async def _on_unavailable(_request: Request, exc: Exception) -> Response:
+    error = StandardError(code=ErrorCode.UNAVAILABLE, message=str(exc), retryable=True)
+    return _json(error, 503)
+
+
+async def _on_no_route(request: Request, _exc: Exception) -> Response:
+    """No route, or not with this method (Starlette's 404 and 405): a 404 naming both."""
+    method, path = request.method, request.scope["path"]
+    error = StandardError(code=ErrorCode.INVALID_MESSAGE, message=f"no route {method} {path}")
+    return _json(error, 404)
+
+
+def _first(request: Request, name: str) -> str | None:
+    """A query parameter's first non-empty value."""
+    return next((v for v in request.query_params.getlist(name) if v), None)
+
+
+def _session_id(request: Request) -> uuid.UUID:
+    text: str = request.path_params["id"]
     try:
         return uuid.UUID(text)
     except ValueError:
@@ -206,8 +220,7 @@ def _session_id(text: str) -> uuid.UUID:
         ) from None
 
 
-def _status_param(query: dict[str, list[str]]) -> SessionStatus | None:
-    value = query.get("status", [None])[0]
+def _status_param(value: str | None) -> SessionStatus | None:
     if value is None:
         return None
     try:

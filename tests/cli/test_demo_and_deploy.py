@@ -192,6 +192,8 @@ async def test_frontend_api_serves_session_queries_and_execute_steps() -> None:
         assert state == {"session_id": sid, "status": "ACTIVE", "modules": {}}
         status, history = await _asgi_call(app, "GET", f"/sessions/{sid}/history")
         assert [e["version"] for e in history["events"]] == [1, 2]
+        status, report = await _asgi_call(app, "GET", f"/sessions/{sid}/integrity")
+        assert (status, report["workflow_session_id"], report["is_valid"]) == (200, sid, True)
         status, health = await _asgi_call(app, "GET", "/health")
         assert health["active_workflow_sessions"] == 1
         assert (await _asgi_call(app, "POST", f"/sessions/{sid}/destroy"))[0] == 202
@@ -207,6 +209,10 @@ async def test_frontend_api_serves_session_queries_and_execute_steps() -> None:
         assert (status, error["field"]) == (400, "status")
         status, error = await _asgi_call(app, "GET", "/nowhere")
         assert status == 404
+        # A known path with another method is no route either; a trailing slash is the same path.
+        status, error = await _asgi_call(app, "DELETE", "/sessions")
+        assert (status, error["message"]) == (404, "no route DELETE /sessions")
+        assert (await _asgi_call(app, "GET", "/sessions/", query="status="))[0] == 200
         status, error = await _asgi_call(app, "POST", "/sessions", b"x" * (2 << 20))
         assert (status, error["code"]) == (413, "MESSAGE_TOO_LARGE")
         await transport.close()
