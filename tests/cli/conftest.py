@@ -4,9 +4,6 @@ process, while this test's event loop keeps the coordinator answering."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +15,10 @@ from coordinator.domain.identity import IdentityMap
 from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
 from reference_modules import Executor, ReferenceModule, TaskLoop
+from tests.support.processes import CtlResult, run_sessionctl
 from transport.amqp import AmqpTransport
 
-SESSIONCTL = str(Path(sys.executable).with_name("sessionctl"))
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
+Result = CtlResult
 
 
 @dataclass
@@ -53,28 +44,7 @@ async def sessionctl(
     env: dict[str, str] | None = None,
 ) -> Result:
     """Run ``sessionctl ARGS`` in a subprocess without blocking the event loop."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
-    environment["COLUMNS"] = "200"
-    if prefix is not None:
-        environment["SESSIONBUS_PREFIX"] = prefix
-    if url is not None:
-        environment["SESSIONBUS_AMQP_URL"] = url
-    environment.update(env or {})
-    process = await asyncio.create_subprocess_exec(
-        SESSIONCTL,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=environment,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.communicate()
-        raise
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
+    return await run_sessionctl(*args, prefix=prefix, url=url, env=env, timeout=timeout)
 
 
 @pytest.fixture

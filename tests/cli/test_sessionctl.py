@@ -16,8 +16,9 @@ import pytest
 from contracts import SessionStatus
 from coordinator.errors import StoreUnavailable
 from module_sdk.testing import wait_for
-from tests.cli.conftest import SESSIONCTL, Result, System, sessionctl
+from tests.cli.conftest import Result, System, sessionctl
 from tests.support import services
+from tests.support.processes import SESSIONCTL
 from transport.port import OutgoingMessage
 
 pytestmark = pytest.mark.broker

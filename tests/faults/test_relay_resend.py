@@ -12,19 +12,13 @@ a real broker restarted three times.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections import Counter
 
 import pytest
 
-from contracts import Topology, codec_for
-from contracts.topology import QueueSpec
 from coordinator.service import relay as relay_module
-from coordinator.service.coordinator import SessionCoordinator
 from coordinator.service.relay import OutboxRelay
-from module_sdk.testing import InProcessBus, wait_for
-from transport.port import Delivery
-from transport.topology import declare_topology
+from module_sdk.testing import wait_for
+from tests.support.relay_rig import relay_rig
 
 pytestmark = pytest.mark.faults
 
@@ -33,50 +27,32 @@ async def test_what_was_published_after_a_reconnect_is_published_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(relay_module, "RESEND_AFTER_RECONNECT", 0.2)
-    topology = Topology("resend")
-    bus = InProcessBus()
-    transport = bus.transport()
-    await transport.connect()
-    await declare_topology(transport, topology)
-    seen: Counter[uuid.UUID] = Counter()
+    async with relay_rig("resend") as rig:
+        store, seen, coordinator = rig.store, rig.published, rig.coordinator
+        transport = rig.transport
+        relay = OutboxRelay(store, transport, rig.topology)
+        coordinator.add_commit_listener(relay.wake)
+        await relay.start()
+        try:
+            for index in range(3):
+                await coordinator.create_workflow_session([f"before-{index}"])
+            before = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
+            await wait_for(lambda: set(seen) == before, timeout=5, what="the first events")
+            # Delivered is not yet confirmed: a reconnect noticed while the last page is
+            # still out counts that page as published after it, so wait for the relay.
+            await relay.wait_idle()
 
-    async def on_event(delivery: Delivery) -> None:
-        seen[codec_for(delivery.content_type).decode_envelope(delivery.body).event_id] += 1
-        await delivery.ack()
-
-    await transport.declare_queue(
-        QueueSpec("resend.tap", bindings=[(topology.events_exchange, "#")])
-    )
-    await transport.consume("resend.tap", on_event)
-    coordinator = SessionCoordinator("memory://")
-    await coordinator.start()
-    store = coordinator.store
-    assert store is not None
-    relay = OutboxRelay(store, transport, topology)
-    coordinator.add_commit_listener(relay.wake)
-    await relay.start()
-    try:
-        for index in range(3):
-            await coordinator.create_workflow_session([f"before-{index}"])
-        before = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
-        await wait_for(lambda: set(seen) == before, timeout=5, what="the first events")
-        # Delivered is not yet confirmed: a reconnect noticed while the last page is
-        # still out counts that page as published after it, so wait for the relay.
-        await relay.wait_idle()
-
-        transport.reconnects += 1  # the connection was lost and restored
-        for index in range(3):
-            await coordinator.create_workflow_session([f"after-{index}"])
-        every = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
-        after = every - before
-        await wait_for(
-            lambda: all(seen[e] == 2 for e in after), timeout=5, what="the re-publication"
-        )
-        await asyncio.sleep(1.2)  # one more relay round: nothing else goes out again
-        assert {e: n for e, n in seen.items() if n > 1} == dict.fromkeys(after, 2)
-        assert all(seen[e] == 1 for e in before)
-        assert relay.resent == len(after)
-    finally:
-        await relay.close()
-        await coordinator.close()
-        await transport.close()
+            transport.reconnects += 1  # the connection was lost and restored
+            for index in range(3):
+                await coordinator.create_workflow_session([f"after-{index}"])
+            every = {e.event_id for e in await asyncio.to_thread(store.read, 0, 1000)}
+            after = every - before
+            await wait_for(
+                lambda: all(seen[e] == 2 for e in after), timeout=5, what="the re-publication"
+            )
+            await asyncio.sleep(1.2)  # one more relay round: nothing else goes out again
+            assert {e: n for e, n in seen.items() if n > 1} == dict.fromkeys(after, 2)
+            assert all(seen[e] == 1 for e in before)
+            assert relay.resent == len(after)
+        finally:
+            await relay.close()

@@ -163,16 +163,28 @@ class CtlResult:
     err: str
 
 
-async def run_sessionctl(*args: str, timeout: float = 120.0) -> CtlResult:
-    """``sessionctl ARGS`` in its own process (without SESSIONBUS_* from this one)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
-    env["COLUMNS"] = "200"
+async def run_sessionctl(
+    *args: str,
+    prefix: str | None = None,
+    url: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> CtlResult:
+    """``sessionctl ARGS`` in its own process, as a user runs it: without SESSIONBUS_*
+    from this one, then with the given prefix, broker URL and variables."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SESSIONBUS_")}
+    environment["COLUMNS"] = "200"
+    if prefix is not None:
+        environment["SESSIONBUS_PREFIX"] = prefix
+    if url is not None:
+        environment["SESSIONBUS_AMQP_URL"] = url
+    environment.update(env or {})
     process = await asyncio.create_subprocess_exec(
         SESSIONCTL,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env=environment,
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout)
