@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install services test test-ts lint format demo bench bench-quick lock clean
+.PHONY: install services browser test test-ts screenshots lint format demo bench bench-quick lock clean
 
 install: $(STAMP)
 
@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
-# The suite's services first: started if down, broker plugins enabled (deploy/local/services.sh).
-test: $(STAMP) services
+# The suite's services first: started if down, broker plugins enabled (deploy/local/services.sh);
+# the console's browser tests need Debian's Chromium (deploy/local/browser.sh installs it).
+test: $(STAMP) services browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 	$(MAKE) test-ts
 
@@ -27,6 +28,14 @@ test-ts: $(STAMP) services
 
 services:
 	bash deploy/local/services.sh
+
+browser:
+	bash deploy/local/browser.sh
+
+# The README's pictures of the console (docs/screenshots/*.png), taken by the browser
+# tests' own fixtures against a real coordinator, broker and modules.
+screenshots: $(STAMP) services browser
+	$(BIN)/python -m pytest tests/console/browser -m screenshots -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
