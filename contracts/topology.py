@@ -6,7 +6,6 @@ seeing each other's traffic.
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -164,21 +163,6 @@ class Topology:
     def audit_stream(self) -> str:
         """Stream queue bound to every event: replayable history for auditors."""
         return f"{self.prefix}.audit"
-
-    @classmethod
-    def from_env(cls, prefix: str | None = None, partitions: int | None = None) -> Topology:
-        """The topology given, else ``SESSIONBUS_PREFIX`` / ``SESSIONBUS_PARTITIONS``
-        from the environment, else the defaults."""
-        if partitions is None:
-            raw = os.environ.get("SESSIONBUS_PARTITIONS", "1")
-            try:
-                partitions = int(raw)
-            except ValueError:
-                raise ValidationError(
-                    f"SESSIONBUS_PARTITIONS must be a whole number, got {raw!r}",
-                    field="partitions",
-                ) from None
-        return cls(prefix or os.environ.get("SESSIONBUS_PREFIX") or DEFAULT_PREFIX, partitions)
 
     def partition_of(self, session_id: uuid.UUID | None) -> int:
         """The partition of a workflow session's commands (0 without a session).

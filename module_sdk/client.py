@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -73,14 +73,23 @@ from contracts import (
     new_id,
 )
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError, StoreUnavailable
+from transport.amqp import AmqpTransport
 from transport.port import OutgoingMessage, Transport, TransportError
+from transport.settings import Settings
 from transport.tracing import current_trace_id, inject
 
-__all__ = ["CoordinatorClient", "SessionsSnapshot"]
+__all__ = [
+    "DEFAULT_CONNECTION_NAME",
+    "CoordinatorClient",
+    "SessionsSnapshot",
+    "connection_settings",
+]
 
 R = TypeVar("R")
 
 
+# The RabbitMQ connection name of a client that ``connect`` opens, unless set.
+DEFAULT_CONNECTION_NAME = "sessionbus-client"
 # Before the second attempt of a command; later ones back off exponentially.
 FIRST_RETRY_PAUSE = 0.05
 _requests = itertools.count(1)
@@ -115,10 +124,23 @@ def _gave_up(command: Command, attempts: int, exc: _Retryable) -> CoordinatorUna
     return CoordinatorUnavailable(f"{name} got no reply after {attempts} attempts: {exc}")
 
 
+def connection_settings(
+    settings: Settings | None, url: str | Sequence[str] | None, prefix: str | None
+) -> Settings:
+    """``settings`` (default: read from the environment now) with what the caller of a
+    ``connect`` said: the broker (one URL, or a cluster's nodes) and the prefix."""
+    if url is not None and not isinstance(url, str):
+        url = ",".join(url)
+    return (settings or Settings.from_env()).replace(amqp_url=url, prefix=prefix)
+
+
 class CoordinatorClient:
     """Typed calls to the coordinator. ``user_id`` (default: the transport's user) is
     stamped on every request; the broker refuses one that does not match the
-    connection, so the coordinator knows who is asking."""
+    connection, so the coordinator knows who is asking.
+
+    ``async with CoordinatorClient.connect() as client: …`` from a script; on a
+    transport of one's own, ``CoordinatorClient(transport, topology)``."""
 
     def __init__(
         self,
@@ -128,12 +150,59 @@ class CoordinatorClient:
         timeout: float = 10.0,
         attempts: int = 3,
         codec: Codec | None = None,
+        own_transport: bool = False,
     ) -> None:
         self.transport = transport
         self.topology = topology or Topology()
         self.timeout = timeout
         self.attempts = max(1, attempts)
         self.codec = codec or Codec("json")
+        self.own_transport = own_transport
+
+    @classmethod
+    def connect(
+        cls,
+        url: str | Sequence[str] | None = None,
+        *,
+        prefix: str | None = None,
+        settings: Settings | None = None,
+        connection_name: str | None = None,
+        timeout: float = 10.0,
+        attempts: int = 3,
+        codec: Codec | None = None,
+    ) -> Self:
+        """A client on its own RabbitMQ connection, opened by ``async with`` and closed
+        at its end, as ``SessionManager.connect`` makes a manager. What is not given
+        comes from ``settings`` (default: read from the environment now,
+        ``Settings.from_env()``): the broker from ``SESSIONBUS_AMQP_URL`` (one URL or a
+        cluster's nodes), the prefix from ``SESSIONBUS_PREFIX``, the partitions from
+        ``SESSIONBUS_PARTITIONS``, the connection name from
+        ``SESSIONBUS_CONNECTION_NAME`` (else ``sessionbus-client``)."""
+        settings = connection_settings(settings, url, prefix)
+        name = connection_name or settings.connection_name or DEFAULT_CONNECTION_NAME
+        transport = AmqpTransport(settings.amqp_url, connection_name=name)
+        return cls(
+            transport,
+            settings.topology(),
+            timeout=timeout,
+            attempts=attempts,
+            codec=codec,
+            own_transport=True,
+        )
+
+    async def __aenter__(self) -> Self:
+        if self.own_transport:
+            await self.transport.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection ``connect`` opened (a transport given is the giver's
+        to close). Safe to call twice."""
+        if self.own_transport:
+            await self.transport.close()
 
     async def call(
         self,

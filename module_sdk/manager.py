@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,11 +53,12 @@ from contracts import (
     new_id,
     parse_module_id,
 )
-from module_sdk.client import CoordinatorClient
+from module_sdk.client import CoordinatorClient, connection_settings
 from module_sdk.consumer import EventConsumer
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
 from transport.amqp import AmqpTransport
 from transport.port import OutgoingMessage, Transport, TransportError
+from transport.settings import Settings
 
 __all__ = ["SessionLifecycleCallbacks", "SessionManager"]
 
@@ -179,19 +179,27 @@ class SessionManager:
 
     @classmethod
     def connect(
-        cls, url: str | Sequence[str], *, prefix: str | None = None, **options: Any
+        cls,
+        url: str | Sequence[str] | None = None,
+        *,
+        prefix: str | None = None,
+        settings: Settings | None = None,
+        **options: Any,
     ) -> Self:
         """A manager on its own RabbitMQ connection (closed with the manager). ``url``
         is one AMQP URL, or the nodes of a cluster (several URLs, or one string with
         them separated by commas): the connection moves to another node when its node
-        goes. The topology prefix is ``prefix``, else the ``topology`` option, else
-        ``SESSIONBUS_PREFIX`` from the environment, else the default."""
+        goes. What is not given comes from ``settings`` (default: read from the
+        environment now, ``Settings.from_env()``): the URL from ``SESSIONBUS_AMQP_URL``;
+        the topology prefix is ``prefix``, else the ``topology`` option, else
+        ``SESSIONBUS_PREFIX``, else the default."""
         module_id = options.get("module_id") or cls.module_id
-        name = os.environ.get("SESSIONBUS_CONNECTION_NAME", f"sessionbus-module-{module_id}")
-        transport = AmqpTransport(url, connection_name=name)
+        settings = connection_settings(settings, url, prefix)
+        name = settings.connection_name or f"sessionbus-module-{module_id}"
+        transport = AmqpTransport(settings.amqp_url, connection_name=name)
         topology: Topology | None = options.pop("topology", None)
         if prefix or topology is None:
-            topology = Topology.from_env(prefix)
+            topology = settings.topology()
         return cls(transport, topology=topology, own_transport=True, **options)
 
     # -- hooks a module overrides -----------------------------------------------------

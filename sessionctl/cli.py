@@ -32,19 +32,19 @@ from coordinator.errors import CoordinatorError
 from coordinator.errors import StoreUnavailable as StoreDown
 from coordinator.service.coordinator import SessionCoordinator
 from coordinator.service.runtime import CoordinatorRuntime
-from coordinator.store.eventstore import DEFAULT_STORE_URL, MAX_PARTITIONS, EventStore
+from coordinator.store.eventstore import MAX_PARTITIONS, EventStore
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, StoreUnavailable
 from module_sdk.logs import configure_logging
 from reference_modules.__main__ import main as run_module
-from sessionctl import admin
+from sessionctl import admin, settings
 from sessionctl.definitions import SEED_MODULES, definitions
 from sessionctl.demo import DemoOptions, run_demo, summary_table
 from transport.amqp import AmqpTransport, redact_url
 from transport.audit import read_audit_stream
 from transport.port import TransportError
+from transport.settings import SettingsError
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 AMQP_URL_HELP = "RabbitMQ URL; the nodes of a cluster as several URLs separated by commas"
 
 # Exit codes: 0 done; 1 the answer is "no" (unknown session, failed verification,
@@ -77,14 +77,9 @@ def _fail(message: str, code: int = 1) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sessionbus")
-@click.option(
-    "--log-level", default=os.environ.get("SESSIONBUS_LOG_LEVEL", "WARNING"), show_default=True
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default=os.environ.get("SESSIONBUS_LOG_FORMAT", "text"),
-    show_default=True,
+@settings.option("log_level", "--log-level", help="Log level.")
+@settings.option(
+    "log_format", "--log-format", type=click.Choice(["text", "json"]), help="Log lines."
 )
 def main(log_level: str, log_format: str) -> None:
     """Session lifecycle coordination over RabbitMQ."""
@@ -103,54 +98,41 @@ def schema(kind: str, prefix: str) -> None:
 
 # A long history without a checkpoint is folded by this many processes (``coordinator
 # .rebuild``); for the coordinator and for ``replay``.
-_rebuild_workers = click.option(
+_rebuild_workers = settings.option(
+    "rebuild_workers",
     "--rebuild-workers",
-    envvar="SESSIONBUS_REBUILD_WORKERS",
     type=click.IntRange(1, MAX_PARTITIONS),
-    default=None,
-    help="Processes that fold a long history without a checkpoint on start "
-    "[default: one per core, at most 4].",
+    help="Processes that fold a long history without a checkpoint on start.",
 )
+_amqp_url = settings.option("amqp_url", "--amqp-url", help=AMQP_URL_HELP)
+_prefix = settings.option("prefix", "--prefix", help="Topology prefix.")
+_store = settings.option("store", "--store", help="Event store URL.")
 
 
 @main.command()
-@click.option(
-    "--amqp-url",
-    envvar="SESSIONBUS_AMQP_URL",
-    default=DEFAULT_AMQP_URL,
-    show_default=True,
-    help=AMQP_URL_HELP,
+@_amqp_url
+@_store
+@_prefix
+@settings.option("identity", "--identity", help="user=module[,…];user=*")
+@settings.option(
+    "audit_retention", "--audit-retention", help="How long the audit stream keeps events."
 )
-@click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
-@click.option(
-    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
-)
-@click.option(
-    "--identity", envvar="SESSIONBUS_IDENTITY", default=None, help="user=module[,…];user=*"
-)
-@click.option(
-    "--audit-retention", envvar="SESSIONBUS_AUDIT_RETENTION", default="30D", show_default=True
-)
-@click.option(
+@settings.option(
+    "partitions",
     "--partitions",
-    envvar="SESSIONBUS_PARTITIONS",
-    type=click.IntRange(1, 256),
-    default=1,
-    show_default=True,
+    type=click.IntRange(1, contracts.topology.MAX_PARTITIONS),
     help="Command partitions (the same on every coordinator and client).",
 )
-@click.option(
+@settings.option(
+    "replica",
     "--replica",
-    envvar="SESSIONBUS_REPLICA",
-    default=None,
     help="I/N (or hostname/N in a StatefulSet): this is replica I of N; it takes the "
     "partitions p % N == I first.",
 )
-@click.option(
+@settings.option(
+    "metrics_port",
     "--metrics-port",
-    envvar="SESSIONBUS_METRICS_PORT",
     type=click.IntRange(0, 65535),
-    default=None,
     help="Serve Prometheus /metrics on this port (0: any free port).",
 )
 @_rebuild_workers
@@ -170,10 +152,9 @@ def coordinator(
         topology = contracts.Topology(prefix, partitions)
         replica_of = _replica(replica)
         transport = AmqpTransport(
-            amqp_url,
-            connection_name=os.environ.get("SESSIONBUS_CONNECTION_NAME", "sessionbus-coordinator"),
+            amqp_url, connection_name=settings.current().coordinator_connection_name()
         )
-        idmap = IdentityMap.parse(identity) if identity else IdentityMap.from_env(transport.user)
+        idmap = IdentityMap.from_setting(identity, transport.user)
     except (contracts.ContractsError, CoordinatorError) as exc:
         _fail(str(exc), 2)
         return
@@ -235,13 +216,7 @@ async def _serve(
 
 
 @main.command()
-@click.option(
-    "--amqp-url",
-    envvar="SESSIONBUS_AMQP_URL",
-    default=DEFAULT_AMQP_URL,
-    show_default=True,
-    help=AMQP_URL_HELP,
-)
+@_amqp_url
 @click.option(
     "--broker",
     type=click.Choice(["auto", "rabbitmq", "memory"]),
@@ -294,21 +269,16 @@ T = TypeVar("T")
 def _bus_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
     f = click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds.")(f)
-    f = click.option(
-        "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
-    )(f)
-    return click.option(
-        "--amqp-url",
-        envvar="SESSIONBUS_AMQP_URL",
-        default=DEFAULT_AMQP_URL,
-        show_default=True,
-        help=AMQP_URL_HELP,
-    )(f)
+    f = _prefix(f)
+    result: Callable[..., Any] = _amqp_url(f)
+    return result
 
 
 def _topology(prefix: str) -> contracts.Topology:
+    """The topology of ``prefix`` (a flag's, or the setting's) with the partitions of
+    the settings."""
     try:
-        return contracts.Topology.from_env(prefix)
+        return contracts.Topology(prefix, settings.current().partitions)
     except contracts.ValidationError as exc:
         raise click.BadParameter(str(exc), param_hint="--prefix") from exc
 
@@ -678,17 +648,15 @@ def modules(amqp_url: str, prefix: str, timeout: float, as_json: bool) -> None:
 
 @main.command()
 @_bus_options
-@click.option(
+@settings.option(
+    "management_url",
     "--management-url",
-    envvar="SESSIONBUS_MANAGEMENT_URL",
-    default=None,
     help="RabbitMQ management API, e.g. http://localhost:15672/ (queue list and types; "
     "figures and rates on 3.x).",
 )
-@click.option(
+@settings.option(
+    "prometheus_url",
     "--prometheus-url",
-    envvar="SESSIONBUS_PROMETHEUS_URL",
-    default=None,
     help="rabbitmq_prometheus endpoint, e.g. http://localhost:15692/ (figures and rates; "
     "where RabbitMQ 4 keeps them).",
 )
@@ -889,7 +857,7 @@ def dlq_discard(
 
 
 @main.command()
-@click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
+@_store
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--page", default=1000, show_default=True, type=click.IntRange(10, 100_000))
 @_rebuild_workers
@@ -953,17 +921,9 @@ def audit() -> None:
 @click.option("--since", type=click.DateTime(), default=None, help="UTC time.")
 @click.option("--session", "session_id", default=None)
 @click.option("--from-stream", is_flag=True, help="Read the RabbitMQ audit stream, not the store.")
-@click.option("--store", envvar="SESSIONBUS_STORE", default=DEFAULT_STORE_URL, show_default=True)
-@click.option(
-    "--amqp-url",
-    envvar="SESSIONBUS_AMQP_URL",
-    default=DEFAULT_AMQP_URL,
-    show_default=True,
-    help=AMQP_URL_HELP,
-)
-@click.option(
-    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
-)
+@_store
+@_amqp_url
+@_prefix
 @click.option("--output", "-o", type=click.File("wb"), default="-", show_default=True)
 def audit_export(
     since: datetime | None,
@@ -1013,25 +973,15 @@ def audit_export(
 
 @main.command("module")
 @click.argument("name", type=click.Choice(sorted(_SEED_MODULES)))
-@click.option(
-    "--amqp-url",
-    envvar="SESSIONBUS_AMQP_URL",
-    default=DEFAULT_AMQP_URL,
-    show_default=True,
-    help=AMQP_URL_HELP,
-)
-@click.option(
-    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
-)
+@_amqp_url
+@_prefix
 def module_command(name: str, amqp_url: str, prefix: str) -> None:
     """Run one of the seven reference modules until SIGTERM or SIGINT."""
     sys.exit(run_module([name, "--amqp-url", amqp_url, "--prefix", prefix]))
 
 
 @main.command("definitions")
-@click.option(
-    "--prefix", envvar="SESSIONBUS_PREFIX", default=contracts.DEFAULT_PREFIX, show_default=True
-)
+@_prefix
 @click.option("--vhost", default="/", show_default=True)
 @click.option("--audit-retention", default="30D", show_default=True)
 @click.option(
@@ -1060,3 +1010,40 @@ def definitions_command(prefix: str, vhost: str, audit_retention: str, passwords
         passwords[user] = given[user]
     doc = definitions(topology, passwords, vhost=vhost, audit_retention=audit_retention)
     click.echo(json.dumps(doc, indent=2))
+
+
+@main.command("config")
+@click.option(
+    "--markdown",
+    "as_markdown",
+    is_flag=True,
+    help="The README's configuration table: every variable, its meaning and default.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def config_command(as_markdown: bool, as_json: bool) -> None:
+    """Every SESSIONBUS_* setting: the value a sessionbus process started here would
+    take, and where it comes from (URLs with their passwords hidden)."""
+    if as_markdown:
+        click.echo(settings.markdown(), nl=False)
+        return
+    rows: dict[str, tuple[str, str]] = {}
+    for program in settings.EVERY_PROGRAM:
+        try:
+            values = program.from_env(os.environ)
+        except SettingsError as exc:
+            _fail(str(exc), EXIT_USAGE)
+            return
+        for variable, value, where in values.source(os.environ):
+            shown = "" if value is None else str(value)
+            if shown and variable.endswith(("_URL", "_STORE")):
+                shown = redact_url(shown)
+            rows.setdefault(variable, (shown, where))
+    if as_json:
+        _emit_json({v: {"value": value, "from": where} for v, (value, where) in rows.items()})
+        return
+    table = Table(title="sessionbus settings")
+    for column in ("variable", "value", "from"):
+        table.add_column(column)
+    for variable, (value, where) in rows.items():
+        table.add_row(variable, value or "-", where)
+    _console.print(table)

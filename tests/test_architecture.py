@@ -64,6 +64,7 @@ NOT_IN_CONTRACTS = {
     "starlette",
     "uvicorn",
     "subprocess",
+    "os",
 }
 
 

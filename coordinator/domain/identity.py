@@ -9,7 +9,6 @@ ids that user may act for.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
 from contracts import parse_module_id
@@ -64,10 +63,10 @@ class IdentityMap:
         return cls(users)
 
     @classmethod
-    def from_env(cls, default_user: str = "guest") -> IdentityMap:
-        """``SESSIONBUS_IDENTITY`` if set; otherwise development mode for
-        ``default_user`` (which ``announce`` logs once the service runs)."""
-        text = os.environ.get("SESSIONBUS_IDENTITY")
+    def from_setting(cls, text: str | None, default_user: str = "guest") -> IdentityMap:
+        """The map ``text`` writes out (the ``identity`` setting, ``SESSIONBUS_IDENTITY``)
+        if any; otherwise development mode for ``default_user`` (which ``announce``
+        logs once the service runs)."""
         if text:
             return cls.parse(text)
         return cls.development_mode(default_user)

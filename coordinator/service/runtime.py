@@ -17,6 +17,7 @@ from coordinator.service.leader import Leadership
 from coordinator.service.metrics import CoordinatorMetrics
 from coordinator.service.relay import OutboxRelay
 from coordinator.service.server import CommandServer, HealthMonitor, HeartbeatListener
+from coordinator.service.settings import CoordinatorSettings
 from coordinator.store.eventstore import SQLiteClaim, StoreSettings
 from transport.port import Transport
 from transport.topology import declare_topology
@@ -50,11 +51,19 @@ class CoordinatorRuntime:
         metrics_port: int | None = None,
         replica: tuple[int, int] | None = None,
         leadership_interval: float = 1.0,
+        settings: CoordinatorSettings | None = None,
         **coordinator_options: Any,
     ) -> None:
+        if store is None or identity is None:
+            # What the caller leaves out comes from the process's settings, as for
+            # ``sessionctl coordinator``: an identity map left out must not quietly
+            # become development mode where SESSIONBUS_IDENTITY names one.
+            settings = settings or CoordinatorSettings.from_env()
+            store = settings.store if store is None else store
+            identity = identity or settings.identity_map(transport.user)
         self.transport = transport
         self.topology = topology or Topology(DEFAULT_PREFIX)
-        self.identity = identity or IdentityMap.from_env(transport.user)
+        self.identity = identity
         self.audit_retention = audit_retention
         self.own_transport = own_transport
         self.coordinator = SessionCoordinator(store, clock=clock, **coordinator_options)

@@ -1,7 +1,8 @@
 """The event store: eventsourcing's recorders behind one URL, with a msgspec mapper.
 
-``SESSIONBUS_STORE`` picks the backend: ``sqlite:///path`` (the embedded default),
-``postgresql://user@host:port/db?schema=s`` (production), or ``memory://`` (tests).
+The store URL (the ``store`` setting, ``SESSIONBUS_STORE``) picks the backend:
+``sqlite:///path`` (the embedded default), ``postgresql://user@host:port/db?schema=s``
+(production), or ``memory://`` (tests).
 Stored event state is the contracts ``EventEnvelope`` encoded by msgspec, so what is
 stored is exactly what is published and hashed; older schema versions are upcast on
 the way out.
@@ -246,7 +247,8 @@ class StoreSettings:
 
     @classmethod
     def from_url(cls, url: str | None = None) -> StoreSettings:
-        url = url or os.environ.get("SESSIONBUS_STORE") or DEFAULT_STORE_URL
+        # The caller passes the process's setting; the store reads no environment.
+        url = url or DEFAULT_STORE_URL
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme.lower()
         if scheme == "memory":

@@ -45,12 +45,12 @@ from contracts import (
     EventEnvelope,
     ModuleSessionConfig,
     ModuleSessionInfo,
-    Topology,
     WorkflowSession,
 )
 from module_sdk import CommandFailed, CoordinatorClient, SessionManager
 from tests.support.checker import HookCall, Incarnation
 from transport.amqp import AmqpTransport
+from transport.settings import Settings
 
 __all__ = ["Journal", "JournalModule", "incarnation"]
 
@@ -243,16 +243,15 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     journal = Journal(Path(args.journal))
     cls = _Optional if args.optional else JournalModule
+    # SESSIONBUS_PARTITIONS as the coordinators have it (tests with replicas).
+    settings = Settings.from_env(amqp_url=args.url, prefix=args.prefix)
     module = cls(
         AmqpTransport(
-            args.url,
-            connection_name=os.environ.get(
-                "SESSIONBUS_CONNECTION_NAME", f"module {args.module_id}"
-            ),
+            settings.amqp_url,
+            connection_name=settings.connection_name or f"module {args.module_id}",
         ),
         module_id=args.module_id,
-        # SESSIONBUS_PARTITIONS as the coordinators have it (tests with replicas).
-        topology=Topology.from_env(args.prefix),
+        topology=settings.topology(),
         own_transport=True,
         heartbeat_interval=1.0,
         client_timeout=3.0,
