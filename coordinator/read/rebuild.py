@@ -18,14 +18,14 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
+import multiprocessing
 import operator
 import os
 import pickle
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Final
 
@@ -82,13 +82,14 @@ class _Part(msgspec.Struct, array_like=True):
     names: list[str]
 
 
+_SPAWN: Final = multiprocessing.get_context("spawn")
 _encoder: Final = msgspec.msgpack.Encoder(uuid_format="bytes")
 _decoder: Final = msgspec.msgpack.Decoder(_Part)
 
 
 @dataclass(frozen=True)
 class _Job:
-    """One worker's part of a rebuild; pickled to a fresh process."""
+    """One worker's part of a rebuild; pickled to a pool process."""
 
     url: str
     codec_format: Format
@@ -175,68 +176,39 @@ def rebuild_partitioned(
         for index in range(workers)
     ]
     try:
-        sent = [pickle.dumps(job) for job in jobs[1:]]
+        # All jobs carry the same settings: one that cannot be sent stops nothing started.
+        pickle.dumps(jobs[1])
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         log.info("rebuild in one process: the store's settings cannot be sent (%s)", exc)
         return None
     started = time.monotonic()
-    # Fresh interpreters running this module, not multiprocessing's: a forked child
-    # would inherit this process's threads in whatever state they were, and a spawned
-    # one re-imports the embedding program's main module.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    # Spawned, not forked: a forked child would inherit this process's threads (the
+    # store's pool, the event loop's) in whatever state they were. A spawned worker
+    # imports the embedding program's main module as ``__mp_main__``: a program that
+    # starts a coordinator must keep that behind ``if __name__ == "__main__"``.
+    pool = ProcessPoolExecutor(max_workers=len(jobs) - 1, mp_context=_SPAWN)
     try:
-        children = [
-            subprocess.Popen(  # noqa: S603 (our own interpreter and module)
-                [sys.executable, "-m", __name__],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-            )
-            for _ in sent
-        ]
-    except OSError as exc:
-        log.warning("rebuild in one process: cannot start a worker (%s)", exc)
-        return None
-    try:
-        for child, data in zip(children, sent, strict=True):
-            assert child.stdin is not None
-            child.stdin.write(data)
-            child.stdin.close()
-            child.stdin = None  # sent: communicate() only reads
+        futures = [pool.submit(_fold_encoded, job) for job in jobs[1:]]
         own = _fold(store, jobs[0], progress)
         # The others have the same amount of work: far longer means something is wrong.
-        patience = max(60.0, 3 * (time.monotonic() - started))
-        encoded = [_result(child, patience) for child in children]
+        deadline = time.monotonic() + max(60.0, 3 * (time.monotonic() - started))
+        encoded = [f.result(timeout=max(0.0, deadline - time.monotonic())) for f in futures]
     except Exception as exc:  # noqa: BLE001
-        # Whatever went wrong, the sequential fold runs next and meets (and reports)
-        # any fault in the history itself.
+        # Whatever went wrong (a worker that could not start, open the store or read an
+        # event; one that took too long), the sequential fold runs next and meets (and
+        # reports) any fault in the history itself.
         log.warning(
             "partitioned rebuild failed (%s: %s); folding in one process", type(exc).__name__, exc
         )
+        pool.shutdown(wait=False, cancel_futures=True)
         return None
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-            child.wait()
-            for pipe in (child.stdout, child.stderr):
-                if pipe is not None:
-                    pipe.close()
+    pool.shutdown(wait=True)
     parts = [_decoder.decode(data) for data in encoded]
     del encoded
     merged = _merge(own, parts, until)
     if progress is not None:
         progress(until, until)
     return merged
-
-
-def _result(child: subprocess.Popen[bytes], timeout: float) -> bytes:
-    out, err = child.communicate(timeout=timeout)
-    if child.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"worker exited with {child.returncode}: {tail[0]}")
-    return out
 
 
 def _merge(own: Projections, parts: list[_Part], until: int) -> Projections:
@@ -318,8 +290,3 @@ def _combined(entries: list[_Remembered]) -> list[_Remembered]:
             )
         by_id[key] = entry
     return list(by_id.values())
-
-
-if __name__ == "__main__":
-    # A worker: one pickled _Job on stdin, its encoded _Part on stdout.
-    sys.stdout.buffer.write(_fold_encoded(pickle.load(sys.stdin.buffer)))  # noqa: S301
