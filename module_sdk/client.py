@@ -15,13 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self, TypeVar
 
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-)
-
 from contracts import (
     Accepted,
     Codec,
@@ -73,6 +66,7 @@ from contracts import (
     new_id,
 )
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError, StoreUnavailable
+from module_sdk.retrying import FIRST_PAUSE, retrying
 from transport.amqp import AmqpTransport
 from transport.port import OutgoingMessage, Transport, TransportError
 from transport.settings import Settings
@@ -91,7 +85,7 @@ R = TypeVar("R")
 # The RabbitMQ connection name of a client that ``connect`` opens, unless set.
 DEFAULT_CONNECTION_NAME = "sessionbus-client"
 # Before the second attempt of a command; later ones back off exponentially.
-FIRST_RETRY_PAUSE = 0.05
+FIRST_RETRY_PAUSE = FIRST_PAUSE
 _requests = itertools.count(1)
 
 
@@ -230,12 +224,7 @@ class CoordinatorClient:
                 raise _gave_up(command, 1, exc) from exc
         await asyncio.sleep(FIRST_RETRY_PAUSE)
         try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.attempts - 1),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                retry=retry_if_exception_type(_Retryable),
-                reraise=True,
-            ):
+            async for attempt in retrying(self.attempts - 1, max_pause=1.0, on=_Retryable):
                 with attempt:
                     return await self._once(request, body, timeout)
         except _Retryable as exc:

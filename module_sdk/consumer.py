@@ -246,6 +246,9 @@ class EventConsumer:
             )
             return
         except CoordinatorUnavailable as exc:
+            # Not a retry policy here: the broker redelivers the requeued event, to this
+            # consumer or another; the pause, longer with each one in a row, only
+            # keeps a consumer from spinning on a coordinator that is away.
             first, most = _UNAVAILABLE_PAUSE
             pause = min(most, first * 2**self._unavailable_streak)
             self._unavailable_streak += 1

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Self
 
-from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
-
 from contracts import (
     ACTIVE_STATUSES,
     REGISTRY_ID,
@@ -56,6 +54,7 @@ from contracts import (
 from module_sdk.client import CoordinatorClient, connection_settings
 from module_sdk.consumer import EventConsumer
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, SdkError
+from module_sdk.retrying import retrying
 from transport.amqp import AmqpTransport
 from transport.port import OutgoingMessage, Transport, TransportError
 from transport.settings import Settings
@@ -683,11 +682,7 @@ class SessionManager:
     # -- plumbing ---------------------------------------------------------------------
 
     async def _retry(self, attempts: int, call: Callable[[], Awaitable[Any]]) -> Any:
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(max(1, attempts + 1)),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
-            reraise=True,
-        ):
+        async for attempt in retrying(max(1, attempts + 1), max_pause=2.0):
             with attempt:
                 return await call()
         raise AssertionError("unreachable")  # pragma: no cover

@@ -179,6 +179,9 @@ class Leadership:
         return False
 
     async def _run(self) -> None:
+        # Not a tenacity retry: a check every ``interval`` whether it succeeds or not
+        # (the lease is renewed by the checks that succeed), with a new connection after
+        # one that failed.
         failing = False
         while True:
             # Not ``wait_for``: it would wait for the check to finish cancelling, and

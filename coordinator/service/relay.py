@@ -216,6 +216,10 @@ class OutboxRelay:
         await self._save(force=True)
 
     async def _run(self) -> None:
+        # Not a tenacity retry: this is the relay's service loop, and each pass is the
+        # work the latest wake-up (a commit, the poll) brings, not one operation tried
+        # again. The backoff only paces the passes while the store or the broker is
+        # away, and a pass that succeeds resets it.
         backoff = 0.1
         while True:
             with contextlib.suppress(TimeoutError):
