@@ -21,6 +21,7 @@ from coordinator.read.loader import save_checkpoint
 from coordinator.read.projections import Projections
 from coordinator.service.writer import Outcome, WriteJob
 from coordinator.store.eventstore import EventStore
+from coordinator.store.watch import LogWatch
 
 __all__ = ["CommitApplier", "CommitListener"]
 
@@ -56,6 +57,7 @@ class CommitApplier:
         self._passes: asyncio.Queue[_Pass] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self.listeners: list[CommitListener] = []
+        self.watch: LogWatch | None = None  # while following
         self.checkpointed_at = projections().position
 
     def start(self) -> None:
@@ -90,16 +92,24 @@ class CommitApplier:
 
     async def follow(self, interval: float) -> None:
         """Follow the shared notification log: another coordinator on the same store
-        appends events this one did not write, and the projections must see them."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                top = await asyncio.to_thread(self._store.max_position)
-            except Exception as exc:  # noqa: BLE001 - the store may be away; try later
-                log.warning("could not read the log position: %s", exc)
-                continue
-            if top > self._projections().position:
-                self.catch_up_to(top)
+        appends events this one did not write, and the projections must see them.
+        Woken by the store's notifications (PostgreSQL), and looking every ``interval``
+        seconds anyway (``LogWatch``)."""
+        async with LogWatch(self._store) as watch:
+            self.watch = watch
+            while True:
+                await watch.wait(interval)
+                await self._look()
+
+    async def _look(self) -> None:
+        """Queue a catch-up if the log holds what the projections have not applied."""
+        try:
+            top = await asyncio.to_thread(self._store.max_position)
+        except Exception as exc:  # noqa: BLE001 - the store may be away; try later
+            log.warning("could not read the log position: %s", exc)
+            return
+        if top > self._projections().position:
+            self.catch_up_to(top)
 
     async def _run(self) -> None:
         while True:

@@ -87,6 +87,7 @@ from coordinator.read.rebuild import MAX_PARTITIONS, PARALLEL_MIN_EVENTS, defaul
 from coordinator.service.commits import CommitApplier, CommitListener
 from coordinator.service.writer import WriteJob, Writer
 from coordinator.store.eventstore import EventStore
+from coordinator.store.watch import LogWatch
 
 __all__ = ["CommitListener", "RebuildProgress", "SessionCoordinator"]
 
@@ -291,6 +292,12 @@ class SessionCoordinator:
             self._commits.checkpoint()
         else:
             save_checkpoint(self.store, self.projections)
+
+    @property
+    def log_watch(self) -> LogWatch | None:
+        """What wakes this coordinator when another commits to the store (while it
+        follows the log)."""
+        return None if self._commits is None else self._commits.watch
 
     @property
     def fires_timeouts(self) -> bool:

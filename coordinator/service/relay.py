@@ -39,7 +39,9 @@ __all__ = ["OutboxRelay", "event_message", "traceparent"]
 
 log = logging.getLogger("sessionbus.coordinator.relay")
 
-# Without a wake-up (another coordinator wrote), look at the log this often.
+# The fall-back only: another coordinator's commits wake the relay too, through this
+# coordinator's log follower (woken by the store's notifications on PostgreSQL,
+# ``coordinator.store.watch``); without any wake-up, look at the log this often.
 POLL_SECONDS: Final = 1.0
 MAX_BACKOFF: Final = 5.0
 # After a reconnect, publish again what was published since, this much later.
