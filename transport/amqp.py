@@ -6,7 +6,9 @@ publishes go through one channel with publisher confirms and ``on_return_raises`
 unroutable mandatory message is an error, not a silent drop); each consumer gets its
 own channel so its prefetch and its failures are its own; requests use RabbitMQ's
 direct reply-to on a dedicated channel. aio-pika and aiormq exceptions are converted
-to the port's ``TransportError`` tree here, at the boundary.
+to the port's ``TransportError`` tree here, at the boundary. Publishes are written
+beneath aio-pika's API, by ``transport._aiormq_publish`` (it says why), the one module
+that touches aiormq's internals.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ import contextvars
 import logging
 import re
 import ssl
-import struct
 import urllib.parse
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC
-from typing import Any, NamedTuple
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -33,14 +32,10 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aiormq import spec as amqp_spec
-from aiormq.abc import ChannelFrame
-from pamqp import encode as pamqp_encode
-from pamqp.body import ContentBody
-from pamqp.header import ContentHeader
 from yarl import URL
 
 from contracts.topology import ExchangeSpec, QueueSpec
+from transport import _aiormq_publish as beneath
 from transport.port import (
     DIRECT_REPLY_TO,
     AccessRefused,
@@ -59,7 +54,6 @@ from transport.port import (
 __all__ = [
     "RECONNECT_ERRORS",
     "AmqpTransport",
-    "FastProperties",
     "broker_addresses",
     "redact_url",
 ]
@@ -77,10 +71,6 @@ RECONNECT_ERRORS: tuple[type[BaseException], ...] = (
 # aio-pika raises RuntimeError("... closed") while a robust connection is restored.
 _LOST: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, RuntimeError)
 _CHANNEL_ERRORS: tuple[type[BaseException], ...] = (*RECONNECT_ERRORS, aiormq.exceptions.AMQPError)
-_OCTET = struct.Struct(">B")
-_FLAGS = struct.Struct(">H")
-_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
-_TRANSIENT = int(aio_pika.DeliveryMode.NOT_PERSISTENT)
 # How long to give aio-pika's close callback before looking at a closed channel again.
 _RESTORE_PAUSE = 0.01
 
@@ -211,15 +201,6 @@ def _is_open(channel: AbstractChannel) -> bool:
     """Whether the channel is open now (a call, so that a type checker does not carry
     one reading of it across an ``await``)."""
     return not channel.is_closed
-
-
-async def _underlay(channel: AbstractChannel) -> aiormq.Channel:
-    """aiormq's channel under an aio-pika one (its write queue, lock and delivery tags
-    are only on the concrete class)."""
-    underlay = await channel.get_underlay_channel()
-    if not isinstance(underlay, aiormq.Channel):
-        raise TransportError(f"unexpected channel type {type(underlay).__name__}")
-    return underlay
 
 
 class _Acks:
@@ -379,167 +360,6 @@ class _AmqpConsumerHandle(ConsumerHandle):
         with contextlib.suppress(*_CHANNEL_ERRORS):
             await self._acks.flush()
             await self._channel.close()
-
-
-def _short(value: str) -> bytes:
-    raw = value.encode()
-    if len(raw) > 255:
-        raise TypeError(f"string exceeds maximum length of 255 bytes: {value[:40]!r}…")
-    return _OCTET.pack(len(raw)) + raw
-
-
-class FastProperties(amqp_spec.Basic.Properties):
-    """``Basic.Properties`` with a direct ``marshal``: the same bytes as pamqp's
-    generic one (which looks up and dispatches on each property's type) at a fraction
-    of its cost, which is a good share of every publish."""
-
-    def marshal(self) -> bytes:
-        flags = 0
-        parts: list[bytes] = []
-        # pamqp leaves out exactly the properties that are None or "".
-        if self.content_type:
-            flags |= 0x8000
-            parts.append(_short(self.content_type))
-        if self.content_encoding:
-            flags |= 0x4000
-            parts.append(_short(self.content_encoding))
-        if self.headers is not None:
-            flags |= 0x2000
-            parts.append(pamqp_encode.field_table(self.headers))
-        if self.delivery_mode is not None:
-            flags |= 0x1000
-            parts.append(_OCTET.pack(self.delivery_mode))
-        if self.priority is not None:
-            flags |= 0x0800
-            parts.append(_OCTET.pack(self.priority))
-        for flag, value in (
-            (0x0400, self.correlation_id),
-            (0x0200, self.reply_to),
-            (0x0100, self.expiration),
-            (0x0080, self.message_id),
-        ):
-            if value:
-                flags |= flag
-                parts.append(_short(value))
-        if self.timestamp is not None:
-            flags |= 0x0040
-            parts.append(pamqp_encode.timestamp(self.timestamp))
-        for flag, value in (
-            (0x0020, self.message_type),
-            (0x0010, self.user_id),
-            (0x0008, self.app_id),
-            (0x0004, self.cluster_id),
-        ):
-            if value:
-                flags |= flag
-                parts.append(_short(value))
-        return _FLAGS.pack(flags) + b"".join(parts)
-
-
-async def _send_now(
-    channel: aiormq.Channel, routing_key: str, body: bytes, properties: amqp_spec.Basic.Properties
-) -> None:
-    """Put an unconfirmed publish to the default exchange straight on the connection's
-    write queue: its frames marshalled into one piece, in call order.
-
-    On a channel without publisher confirms there is no delivery tag to keep in step,
-    so aiormq's ``basic_publish`` (a lock, a timeout scope and futures per message)
-    buys nothing here, and replies are the coordinator's most frequent publish.
-    """
-    if channel.is_closed:
-        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    size = channel.max_content_size
-    frames: list[Any] = [
-        amqp_spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=False),
-        ContentHeader(properties=properties, body_size=len(body)),
-    ]
-    frames.extend(ContentBody(body[i : i + size]) for i in range(0, len(body), size))
-    # The writer's queue is bounded: waiting for room is the backpressure.
-    await channel.write_queue.put(ChannelFrame.marshall(channel.number, frames))
-
-
-async def _publish_confirmed(
-    channel: aiormq.Channel,
-    exchange: str,
-    items: Sequence[tuple[str, OutgoingMessage]],
-    mandatory: bool,
-) -> _Batch:
-    """Put a batch of publishes on a confirming channel as one write, each
-    registered for its confirm (and its return) where aiormq's reader looks.
-
-    ``basic_publish`` does the same one message at a time, with a lock, a timeout
-    scope, a drain future and a task per message when many are gathered: most of a
-    relay's CPU. Here the channel's lock is taken once for the batch, which keeps its
-    delivery tags in step with what the broker counts."""
-    if channel.is_closed:
-        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    size = channel.max_content_size
-    frames: list[Any] = []
-    ids: list[str] = []
-    for routing_key, message in items:
-        properties = _properties(message)
-        if not properties.message_id:
-            # A return is matched to its publish by message id.
-            properties.message_id = uuid.uuid4().hex
-        ids.append(properties.message_id)
-        body = message.body
-        frames.append(
-            amqp_spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-        )
-        frames.append(ContentHeader(properties=properties, body_size=len(body)))
-        frames.extend(ContentBody(body[i : i + size]) for i in range(0, len(body), size))
-    data = ChannelFrame.marshall(channel.number, frames)
-    async with channel.lock:
-        first = channel.delivery_tag + 1
-        futures = [channel.create_future() for _ in ids]
-        for tag, (message_id, future) in enumerate(zip(ids, futures, strict=True), first):
-            channel.confirmations[tag] = future
-            channel.message_id_delivery_tag[message_id] = tag
-        channel.delivery_tag += len(ids)
-        try:
-            # The writer's queue is bounded: waiting for room is the backpressure.
-            await channel.write_queue.put(data)
-        except BaseException:
-            # Not queued, so the broker never counts these: give the tags back.
-            channel.delivery_tag -= len(ids)
-            _forget(channel, ids, first)
-            for future in futures:
-                future.cancel()
-            raise
-    return _Batch(first, ids, futures)
-
-
-class _Batch(NamedTuple):
-    first: int  # the delivery tag of the first message
-    ids: list[str]  # message ids, in order
-    futures: list[asyncio.Future[Any]]  # confirms, in order
-
-
-def _forget(channel: aiormq.Channel, ids: list[str], first: int) -> None:
-    """Drop the return lookups (and any confirm still registered) of a batch."""
-    by_id = channel.message_id_delivery_tag
-    for tag, message_id in enumerate(ids, first):
-        channel.confirmations.pop(tag, None)
-        if by_id.get(message_id) == tag:
-            del by_id[message_id]
-
-
-def _properties(message: OutgoingMessage) -> amqp_spec.Basic.Properties:
-    """The AMQP properties of a message, built directly: an ``aio_pika.Message`` per
-    publish (validated attribute by attribute, then converted to these same
-    properties) costs more than the publish itself on the command path."""
-    return FastProperties(
-        content_type=message.content_type,
-        headers=dict(message.headers) if message.headers else None,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_type=message.type,
-        user_id=message.user_id,
-        timestamp=message.timestamp.astimezone(UTC) if message.timestamp else None,
-        delivery_mode=_PERSISTENT if message.persistent else _TRANSIENT,
-        expiration=str(message.expiration_ms) if message.expiration_ms else None,
-    )
 
 
 class AmqpTransport(Transport):
@@ -741,13 +561,13 @@ class AmqpTransport(Transport):
         relay does from its unmoved position; a confirm arriving later is dropped."""
         with _mapped(where):
             channel = await self._ready(self._publish_channel)
-            underlay = await _underlay(channel)
+            underlay = await beneath.underlay(channel)
             # One deadline for the batch, not a timer per message: a relay page is
             # hundreds of messages.
             deadline = asyncio.get_running_loop().time() + self.confirm_timeout
             try:
                 async with asyncio.timeout_at(deadline):
-                    batch = await _publish_confirmed(underlay, exchange, items, mandatory)
+                    batch = await beneath.publish_confirmed(underlay, exchange, items, mandatory)
             except TimeoutError as exc:
                 raise ConfirmTimeout(
                     f"{where}: no room on the connection within {self.confirm_timeout} s"
@@ -765,18 +585,18 @@ class AmqpTransport(Transport):
                 late.__cause__ = exc
                 failure = failure or late
             finally:
-                _forget(underlay, batch.ids, batch.first)
+                batch.forget()
             if failure is not None:
                 raise failure
 
     async def send(self, routing_key: str, message: OutgoingMessage) -> None:
         with _mapped(f"send to {routing_key}"):
             channel = await self._sender()
-            underlay = await _underlay(channel)
+            underlay = await beneath.underlay(channel)
             # Not mandatory: a reply to a client that has gone must not come back as a
             # return. Not waiting for the socket write either: frames leave in order,
             # so a reply is always written before the ack that follows it.
-            await _send_now(underlay, routing_key, message.body, _properties(message))
+            await beneath.send_now(underlay, routing_key, message.body, beneath.properties(message))
 
     async def consume(
         self,
@@ -826,12 +646,12 @@ class AmqpTransport(Transport):
             self._waiting[message.correlation_id] = future
             try:
                 channel = await self._sender()
-                underlay = await _underlay(channel)
+                underlay = await beneath.underlay(channel)
                 # Direct reply-to: the request must leave on the channel that consumes
                 # the pseudo-queue.
-                properties = _properties(message)
+                properties = beneath.properties(message)
                 properties.reply_to = DIRECT_REPLY_TO
-                await _send_now(underlay, queue, message.body, properties)
+                await beneath.send_now(underlay, queue, message.body, properties)
                 return await asyncio.wait_for(future, timeout)
             finally:
                 self._waiting.pop(message.correlation_id, None)

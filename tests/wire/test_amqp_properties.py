@@ -10,7 +10,7 @@ from aiormq import spec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.amqp import FastProperties
+from transport._aiormq_publish import FastProperties
 
 short = st.one_of(st.none(), st.just(""), st.text(max_size=40))
 table_values = st.one_of(
