@@ -30,6 +30,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from yarl import URL
@@ -197,10 +198,43 @@ def _mapped(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 
+def _underlying(connection: AbstractRobustConnection) -> object:
+    """aiormq's connection under a robust one now (None while there is none)."""
+    transport = connection.transport
+    return None if transport is None else transport.connection
+
+
 def _is_open(channel: AbstractChannel) -> bool:
     """Whether the channel is open now (a call, so that a type checker does not carry
     one reading of it across an ``await``)."""
     return not channel.is_closed
+
+
+class _Restored:
+    """Whether a robust channel has been restored whole: reopened *and* its queues and
+    consumers declared again.
+
+    aio-pika reports a reopened channel as open as soon as the broker opened it, and
+    only then re-declares its queues and re-registers its consumers. A request sent in
+    that gap, on the channel that consumes direct reply-to, reaches the broker before
+    the reply consumer does: the broker closes the channel (``PRECONDITION_FAILED - fast
+    reply consumer does not exist``), and the next frame written for the old channel
+    number closes the whole connection (``expected 'channel.open'``), so the restore
+    starts again. The channel's own callbacks say when the gap begins (closed) and ends
+    (reopened: aio-pika calls them after the re-declarations).
+    """
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.whole = True
+        if isinstance(channel, AbstractRobustChannel):
+            channel.close_callbacks.add(self._closed)
+            channel.reopen_callbacks.add(self._reopened)
+
+    def _closed(self, *_: object) -> None:
+        self.whole = False
+
+    def _reopened(self, *_: object) -> None:
+        self.whole = True
 
 
 class _Acks:
@@ -394,6 +428,11 @@ class AmqpTransport(Transport):
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._send_channel: AbstractChannel | None = None
+        self._publish_restored: _Restored | None = None
+        self._send_restored: _Restored | None = None
+        # The broker connection (aiormq's) that publishes went out on last, to count a
+        # new one as soon as anything is published on it (see ``_connection_seen``).
+        self._underlying: object = None
         self._consumers: list[_AmqpConsumerHandle] = []
         self._waiting: dict[str, asyncio.Future[Delivery]] = {}
         self._reply_consumer: str | None = None
@@ -449,14 +488,33 @@ class AmqpTransport(Transport):
                     publisher_confirms=True, on_return_raises=True
                 )
                 self._send_channel = await connection.channel(publisher_confirms=False)
+            self._publish_restored = _Restored(self._publish_channel)
+            self._send_restored = _Restored(self._send_channel)
+            self._underlying = _underlying(connection)
             return
         raise TransportError(f"cannot reach RabbitMQ at {'; '.join(failures)}")
 
     def _on_reconnect(self, *_: object) -> None:
-        self.reconnects += 1
+        if self._connection is not None:
+            self._connection_seen(_underlying(self._connection))
         log.info(
             "connection restored on %s (%d)", redact_url(self.address or self.url), self.reconnects
         )
+
+    def _connection_seen(self, underlying: object) -> None:
+        """Count a broker connection other than the last one seen as a reconnect.
+
+        aio-pika calls its reconnect callbacks only once every channel of a new
+        connection has been restored, and not at all for a connection whose restore
+        then failed (a queue not back yet after a broker restart: it closes that
+        connection and tries again). Channels restored before the failure are used in
+        the meantime, so a publish can go out on a connection that was never reported.
+        Counting it when its first publish leaves lets ``reconnects`` readers (the
+        relay's re-publishing after a reconnect) see every such connection.
+        """
+        if underlying is not None and underlying is not self._underlying:
+            self._underlying = underlying
+            self.reconnects += 1
 
     async def close(self) -> None:
         if self._closed:
@@ -501,12 +559,15 @@ class AmqpTransport(Transport):
                 for exchange, key in spec.bindings:
                     await queue.bind(exchange, routing_key=key)
 
-    async def _ready(self, channel: AbstractChannel | None) -> AbstractChannel:
-        """A channel that is open, waiting (bounded) while aio-pika restores it after a
-        lost connection or a channel the broker closed (a refused publish)."""
-        if self._closed or channel is None:
+    async def _ready(
+        self, channel: AbstractChannel | None, restored: _Restored | None
+    ) -> AbstractChannel:
+        """A channel that is open and restored whole (see ``_Restored``), waiting
+        (bounded) while aio-pika restores it after a lost connection or a channel the
+        broker closed (a refused publish)."""
+        if self._closed or channel is None or restored is None:
             raise TransportClosed("transport is closed")
-        if _is_open(channel):
+        if restored.whole and _is_open(channel):
             return channel
         ready = getattr(channel, "ready", None)
         if ready is None:
@@ -516,7 +577,7 @@ class AmqpTransport(Transport):
         # at once. So wait until the channel is really open again, not just for ready().
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.restore_timeout
-        while not _is_open(channel):
+        while not (restored.whole and _is_open(channel)):
             if self._closed:
                 raise TransportClosed("transport is closed")
             remaining = deadline - loop.time()
@@ -528,12 +589,12 @@ class AmqpTransport(Transport):
                 await asyncio.wait_for(ready(), remaining)
             except TimeoutError:
                 continue  # the next pass reports it
-            if not _is_open(channel):
+            if not (restored.whole and _is_open(channel)):
                 await asyncio.sleep(_RESTORE_PAUSE)
         return channel
 
     async def _sender(self) -> AbstractChannel:
-        return await self._ready(self._send_channel)
+        return await self._ready(self._send_channel, self._send_restored)
 
     async def publish(
         self, exchange: str, routing_key: str, message: OutgoingMessage, *, mandatory: bool = True
@@ -560,8 +621,9 @@ class AmqpTransport(Transport):
         past it, ``ConfirmTimeout`` (retryable) — the caller publishes again, as the
         relay does from its unmoved position; a confirm arriving later is dropped."""
         with _mapped(where):
-            channel = await self._ready(self._publish_channel)
+            channel = await self._ready(self._publish_channel, self._publish_restored)
             underlay = await beneath.underlay(channel)
+            self._connection_seen(underlay.connection)
             # One deadline for the batch, not a timer per message: a relay page is
             # hundreds of messages.
             deadline = asyncio.get_running_loop().time() + self.confirm_timeout
