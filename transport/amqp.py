@@ -20,7 +20,7 @@ import logging
 import re
 import ssl
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -301,12 +301,64 @@ class _Acks:
             single = [tag for tag, done in self._open.items() if done]
             for tag in single:
                 del self._open[tag]
-            if channel.is_closed:
+            if channel.is_closed or (last is None and not single):
                 return  # the broker requeues them; the redeliveries are deduplicated
-            if last is not None:
-                await channel.basic_ack(last, multiple=True, wait=False)
-            for tag in single:
-                await channel.basic_ack(tag, wait=False)
+            # Under the lock, so bounded by the channel's life: a flush stuck for ever
+            # would hold back every later flush, and the consumer's next channel would
+            # stop receiving once its prefetch is used up (see ``_unless_closed``).
+            await _unless_closed(channel, _send_acks(channel, last, single))
+
+
+async def _send_acks(
+    channel: aiormq.abc.AbstractChannel, last: int | None, single: list[int]
+) -> None:
+    if last is not None:
+        await channel.basic_ack(last, multiple=True, wait=False)
+    for tag in single:
+        await channel.basic_ack(tag, wait=False)
+
+
+async def _unless_closed(channel: aiormq.abc.AbstractChannel, write: Awaitable[None]) -> bool:
+    """Run ``write`` (frames put on the connection's write queue) unless the channel
+    closes first; whether it ran to the end.
+
+    aiormq's write queue holds a handful of frames, and a put waits for room. When the
+    connection is lost the writer stops taking frames and nothing wakes a put that is
+    waiting: without this it would wait for ever. That is what happened to a
+    consumer's acks when the broker was stopped while the queue was full: the flush
+    kept its lock for good, the restored consumer's acks waited behind it, and the
+    broker, the consumer's prefetch used up, delivered nothing more (the coordinator
+    answered no command after a restart, its commands consumer holding 256 unacked).
+
+    ``write`` runs in the calling task (no task of its own, so frames keep their order
+    with the caller's other writes); the channel's closing cancels it.
+    """
+    task = asyncio.current_task()
+    closing = channel.closing
+    writing = True
+    stopped = False
+
+    def on_closing(_: object) -> None:
+        nonlocal stopped
+        if writing and task is not None:
+            stopped = True
+            task.cancel()
+
+    closing.add_done_callback(on_closing)
+    try:
+        await write
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        assert task is not None
+        if task.uncancel() > 0:
+            raise  # cancelled by someone else as well
+        return False
+    finally:
+        writing = False
+        closing.remove_done_callback(on_closing)
+        closing.cancel()  # an observer of its own (or already done): nobody else is told
+    return True
 
 
 def _log_flush_failure(task: asyncio.Task[None]) -> None:
@@ -713,8 +765,12 @@ class AmqpTransport(Transport):
                 # the pseudo-queue.
                 properties = beneath.properties(message)
                 properties.reply_to = DIRECT_REPLY_TO
-                await beneath.send_now(underlay, queue, message.body, properties)
-                return await asyncio.wait_for(future, timeout)
+                # The send inside the timeout too: a send waiting for room on a
+                # connection that is then lost would otherwise wait for ever (see
+                # ``_unless_closed``); a request that times out is retried.
+                async with asyncio.timeout(timeout):
+                    await beneath.send_now(underlay, queue, message.body, properties)
+                    return await future
             finally:
                 self._waiting.pop(message.correlation_id, None)
 

@@ -24,6 +24,7 @@ class Broker:
         self.release = asyncio.Event()
         self.writes = 0
         self.is_closed = False
+        self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
         self.writes += 1

@@ -1,7 +1,8 @@
 """What the RabbitMQ transport does while aio-pika restores a lost connection
 (``transport.amqp``): nothing is sent on a channel that is open again but not yet
-restored whole, and every new broker connection a publish goes out on counts as a
-reconnect, whether or not aio-pika finished restoring it."""
+restored whole, every new broker connection a publish goes out on counts as a
+reconnect, whether or not aio-pika finished restoring it, and acks waiting for room on
+a connection that is lost do not hold back the acks of the consumer's next channel."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from unittest.mock import create_autospec
 import aio_pika
 from aio_pika.tools import CallbackCollection
 
-from transport.amqp import AmqpTransport, _Restored
+from transport.amqp import AmqpTransport, _Acks, _Restored
 
 
 class Reopening:
@@ -87,3 +88,43 @@ async def test_a_publish_on_a_connection_aio_pika_never_reported_restored_counts
     transport._connection = _connection(second)
     transport._on_reconnect()  # … and then reported restored: counted once
     assert transport.reconnects == 2
+
+
+class Channel:
+    """An aiormq channel as ``_Acks`` uses it. ``full``: its connection's write queue
+    has no room, and (once lost) never will."""
+
+    def __init__(self, *, full: bool = False) -> None:
+        self.full = full
+        self.acks: list[tuple[int, bool]] = []
+        self.closing: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closing.done()
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        if self.full:
+            await asyncio.Event().wait()  # the lost connection's writer takes nothing more
+        self.acks.append((tag, multiple))
+
+
+def delivery(channel: Channel, tag: int) -> Any:
+    return SimpleNamespace(channel=channel, delivery_tag=tag)
+
+
+async def test_acks_stuck_on_a_lost_connection_do_not_hold_back_the_next_channels() -> None:
+    acks = _Acks()
+    lost = Channel(full=True)
+    before = delivery(lost, 7)
+    acks.opened(before)
+    acks.done(before)
+    await settle()  # that flush waits for room on the write queue …
+    lost.closing.set_result(None)  # … and the connection goes
+
+    restored = Channel()  # the consumer's channel after the restore
+    after = delivery(restored, 1)
+    acks.opened(after)
+    acks.done(after)
+    await asyncio.wait_for(acks.flush(), 5)
+    assert restored.acks == [(1, True)]
