@@ -39,10 +39,12 @@ __all__ = [
     "DestroyWorkflowSession",
     "EventsPage",
     "GetCoordinatorHealth",
+    "GetIdentity",
     "GetLinkedSessions",
     "GetSessionHistory",
     "GetWorkflowSession",
     "HealthResult",
+    "IdentityResult",
     "IntegrityResult",
     "LinkModuleSession",
     "LinkedSessions",
@@ -213,6 +215,19 @@ class ListWorkflowSessions(CommandBase, frozen=True, tag="list-workflow-sessions
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0
     limit: PageSize = 500
     after: SessionsCursor | None = None
+    # Operators' filters (the console's sessions list); a coordinator that predates
+    # them ignores them. ``created_from`` <= created_at < ``created_to``;
+    # ``has_errors``: a failure is recorded (the session FAILED, or is cleaning up or
+    # destroyed after it); ``idle_since``: no activity after that time (stale);
+    # ``match_id``: the session with that id, or the one a module session with that id
+    # is linked to.
+    created_from: Timestamp | None = None
+    created_to: Timestamp | None = None
+    has_errors: bool = False
+    idle_since: Timestamp | None = None
+    match_id: uuid.UUID | None = None
+    # Newest first: ``after`` then lists the sessions ordered before the cursor.
+    newest_first: bool = False
 
 
 class GetLinkedSessions(CommandBase, frozen=True, tag="get-linked-sessions"):
@@ -227,6 +242,11 @@ class ListModules(CommandBase, frozen=True, tag="list-modules"):
 
 class GetCoordinatorHealth(CommandBase, frozen=True, tag="get-coordinator-health"):
     """Seed: getCoordinatorHealth()."""
+
+
+class GetIdentity(CommandBase, frozen=True, tag="get-identity"):
+    """Who the coordinator takes the sender for (its broker user) and what that user
+    may do: how an operator tool tells an operator from an auditor."""
 
 
 class ValidateSessionIntegrity(CommandBase, frozen=True, tag="validate-session-integrity"):
@@ -269,6 +289,7 @@ Command = (
     | GetLinkedSessions
     | ListModules
     | GetCoordinatorHealth
+    | GetIdentity
     | ValidateSessionIntegrity
     | GetSessionHistory
     | ReadEvents
@@ -292,6 +313,7 @@ COMMAND_TYPES: Final[tuple[type[CommandBase], ...]] = (
     GetLinkedSessions,
     ListModules,
     GetCoordinatorHealth,
+    GetIdentity,
     ValidateSessionIntegrity,
     GetSessionHistory,
     ReadEvents,
@@ -372,6 +394,15 @@ class HealthResult(ResultBase, frozen=True, tag="health"):
     health: CoordinatorHealth
 
 
+class IdentityResult(ResultBase, frozen=True, tag="identity"):
+    """getIdentity(): the broker user, the module ids it may act for (``None``: any
+    module, an operator), and whether it may only read (an auditor)."""
+
+    user: str
+    modules: list[ModuleId] | None = None
+    read_only: bool = False
+
+
 class IntegrityResult(ResultBase, frozen=True, tag="integrity"):
     """validateSessionIntegrity()."""
 
@@ -407,6 +438,7 @@ Result = (
     | LinkedSessions
     | ModulesResult
     | HealthResult
+    | IdentityResult
     | IntegrityResult
     | RepairResult
     | SessionHistory

@@ -139,6 +139,8 @@ class CoordinatorHealth(Model, frozen=True):
     last_health_check: Timestamp
     store_position: int = 0
     published_position: int = 0
+    # Sessions not destroyed, by status (what /metrics calls sessions by status).
+    sessions_by_status: dict[SessionStatus, int] = msgspec.field(default_factory=dict)
 
 
 class SessionIntegrityReport(Model, frozen=True):

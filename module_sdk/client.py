@@ -27,10 +27,12 @@ from contracts import (
     ErrorCode,
     EventsPage,
     GetCoordinatorHealth,
+    GetIdentity,
     GetLinkedSessions,
     GetSessionHistory,
     GetWorkflowSession,
     HealthResult,
+    IdentityResult,
     IntegrityResult,
     LinkedSessions,
     LinkModuleSession,
@@ -364,6 +366,39 @@ class CoordinatorClient:
             else:
                 return SessionsSnapshot(sessions=sessions, position=position)
 
+    async def page_workflow_sessions(
+        self,
+        *,
+        status: SessionStatus | None = None,
+        module_id: str | None = None,
+        limit: int = 50,
+        after: SessionsCursor | None = None,
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        has_errors: bool = False,
+        idle_since: datetime | None = None,
+        match_id: uuid.UUID | None = None,
+        newest_first: bool = False,
+    ) -> SessionsPage:
+        """One page of the sessions not destroyed, filtered (see ``ListWorkflowSessions``
+        for each filter); the next page is the one ``after`` this one's
+        ``next_after`` (``None`` on the last page)."""
+        return await self._expect(
+            ListWorkflowSessions(
+                status=status,
+                module_id=module_id,
+                limit=limit,
+                after=after,
+                created_from=created_from,
+                created_to=created_to,
+                has_errors=has_errors,
+                idle_since=idle_since,
+                match_id=match_id,
+                newest_first=newest_first,
+            ),
+            SessionsPage,
+        )
+
     async def register_module(
         self, module_id: str, *, required: bool = True, capabilities: Sequence[str] = ()
     ) -> Accepted:
@@ -476,6 +511,10 @@ class CoordinatorClient:
 
     async def get_coordinator_health(self) -> CoordinatorHealth:
         return (await self._expect(GetCoordinatorHealth(), HealthResult)).health
+
+    async def get_identity(self) -> IdentityResult:
+        """Who the coordinator takes this client's broker user for, and what it may do."""
+        return await self._expect(GetIdentity(), IdentityResult)
 
     async def validate_session_integrity(self, session_id: uuid.UUID) -> SessionIntegrityReport:
         return (

@@ -78,6 +78,12 @@ class Principal:
     def may_act_for(self, module_id: str) -> bool:
         return self.modules is None or module_id in self.modules
 
+    @property
+    def read_only(self) -> bool:
+        """May act for no module at all (``user=`` in the identity map: an auditor):
+        such a principal may read, and change nothing."""
+        return self.modules is not None and not self.modules
+
 
 COORDINATOR: Final = Principal("coordinator")
 OPERATOR: Final = Principal("operator")

@@ -41,8 +41,9 @@ class IdentityMap:
 
     @classmethod
     def parse(cls, text: str) -> IdentityMap:
-        """``user=module[,module…];user2=*`` — ``*`` may act for any module (operators,
-        frontends that create sessions for everyone)."""
+        """``user=module[,module…];user2=*;user3=`` — ``*`` may act for any module
+        (operators, frontends that create sessions for everyone); nothing after ``=``
+        may act for no module and only read (auditors)."""
         users: dict[str, frozenset[str] | None] = {}
         for entry in filter(None, (part.strip() for part in text.split(";"))):
             user, sep, modules = entry.partition("=")

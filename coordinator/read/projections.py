@@ -30,6 +30,7 @@ from contracts import (
     TERMINAL_STATUSES,
     Accepted,
     Heartbeat,
+    ListWorkflowSessions,
     ModuleInfo,
     ModuleRegistered,
     ModuleSessionInfo,
@@ -233,6 +234,26 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
         if isinstance(value, tuple):
             return created_key(value[1])
         return micros(value.created_at)
+
+    def find(self, wanted: uuid.UUID) -> set[uuid.UUID]:
+        """The id objects of the sessions whose id is ``wanted`` or that have a module
+        session with that id linked. A packed state holds its UUIDs as their 16 bytes,
+        so a byte search picks the candidates without unpacking every state."""
+        found: set[uuid.UUID] = set()
+        value = self._data.get(wanted.int)
+        if value is not None:
+            found.add(self._id(value))
+        needle = wanted.bytes
+        for value in self._data.values():
+            if isinstance(value, tuple):
+                if needle not in value[1]:
+                    continue
+                state = unpack(value[0], value[1])
+            else:
+                state = value
+            if any(info.session_id == wanted for info in state.modules.values()):
+                found.add(state.session_id)
+        return found
 
     def deadlines(self) -> Iterator[tuple[datetime, uuid.UUID]]:
         """``(next_deadline(state), id)`` of every session that has one."""
@@ -493,24 +514,68 @@ class Projections:
         offset: int,
         limit: int,
         after: SessionsCursor | None = None,
+        *,
+        query: ListWorkflowSessions | None = None,
     ) -> SessionsPage:
-        """Sessions not destroyed, oldest first, optionally filtered: those ordered
-        after ``after`` when it is given (keyset), else from ``offset``."""
-        ids = set(self.by_status[status]) if status is not None else set(self.sessions)
+        """Sessions not destroyed, oldest first (newest first with the query's
+        ``newest_first``), optionally filtered: those ordered after ``after`` when it
+        is given (keyset), else from ``offset``. ``query`` carries the operators'
+        filters (``ListWorkflowSessions``); those on the creation time cost nothing
+        per session, those on the state unpack only the sessions walked to fill the
+        page."""
+        q = query or ListWorkflowSessions()
+        if q.match_id is not None:
+            ids = self.sessions.find(q.match_id)
+            if status is not None:
+                ids &= self.by_status[status]
+        elif status is not None:
+            ids = set(self.by_status[status])
+        else:
+            ids = set(self.sessions)
         if module_id is not None:
             ids &= self.by_module.get(module_id, set())
         created = self.sessions.created
-        keyed = ((created(sid), sid) for sid in ids)
+        keyed: Iterable[tuple[int, uuid.UUID]] = ((created(sid), sid) for sid in ids)
+        if q.created_from is not None:
+            low = micros(q.created_from)
+            keyed = (key for key in keyed if key[0] >= low)
+        if q.created_to is not None:
+            high = micros(q.created_to)
+            keyed = (key for key in keyed if key[0] < high)
         if after is not None:
             start = (after.created_us, after.session_id)
-            keyed = (key for key in keyed if key > start)
+            if q.newest_first:
+                keyed = (key for key in keyed if key < start)
+            else:
+                keyed = (key for key in keyed if key > start)
             offset = 0
-        ordered = sorted(keyed)
-        page = ordered[offset : offset + limit]
-        more = offset + limit < len(ordered)
-        last = page[-1] if page else None
+        ordered = sorted(keyed, reverse=q.newest_first)
+        if q.has_errors or q.idle_since is not None:
+            # Walk in order, unpacking only until the page (and one more) is found.
+            picked: list[tuple[tuple[int, uuid.UUID], WorkflowSession]] = []
+            skipped = 0
+            for key in ordered:
+                state = self.sessions[key[1]]
+                if q.has_errors and state.failure is None:
+                    continue
+                if q.idle_since is not None and state.last_activity > q.idle_since:
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                picked.append((key, state))
+                if len(picked) > limit:
+                    break
+            more = len(picked) > limit
+            page_keys = [key for key, _ in picked[:limit]]
+            states = [state for _, state in picked[:limit]]
+        else:
+            page_keys = ordered[offset : offset + limit]
+            more = offset + limit < len(ordered)
+            states = [self.sessions[sid] for _, sid in page_keys]
+        last = page_keys[-1] if page_keys else None
         return SessionsPage(
-            sessions=[self.sessions[sid] for _, sid in page],
+            sessions=states,
             next_offset=offset + limit if more and after is None else None,
             next_after=SessionsCursor(created_us=last[0], session_id=last[1])
             if more and last is not None

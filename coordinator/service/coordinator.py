@@ -32,11 +32,13 @@ from contracts import (
     ErrorCode,
     EventsPage,
     GetCoordinatorHealth,
+    GetIdentity,
     GetLinkedSessions,
     GetSessionHistory,
     GetWorkflowSession,
     HealthResult,
     Heartbeat,
+    IdentityResult,
     IntegrityResult,
     Linked,
     LinkedSessions,
@@ -386,11 +388,21 @@ class SessionCoordinator:
         self._require_running()
         principal = principal or self.principal
         if type(command) in WRITE_COMMANDS:
+            if principal.read_only:
+                raise CommandRejected(
+                    ErrorCode.FORBIDDEN,
+                    f"{principal.name!r} may only read (it may act for no module)",
+                )
             accepted, actions = await self._write(command, principal, command_id, correlation_id)
             if isinstance(command, RepairSessionIntegrity):
                 report = await self.validate_session_integrity(command.session_id)
                 return RepairResult(actions=actions, report=report)
             return accepted
+        if isinstance(command, GetIdentity):
+            modules = None if principal.modules is None else sorted(principal.modules)
+            return IdentityResult(
+                user=principal.name, modules=modules, read_only=principal.read_only
+            )
         return await self._read(command)
 
     async def _write(
@@ -438,7 +450,12 @@ class SessionCoordinator:
                 )
             case ListWorkflowSessions():
                 return proj.sessions_page(
-                    command.status, command.module_id, command.offset, command.limit, command.after
+                    command.status,
+                    command.module_id,
+                    command.offset,
+                    command.limit,
+                    command.after,
+                    query=command,
                 )
             case GetLinkedSessions():
                 return LinkedSessions(links=proj.linked_sessions(command.session_id))
@@ -626,6 +643,7 @@ class SessionCoordinator:
             last_health_check=now,
             store_position=proj.position,
             published_position=self.published_position,
+            sessions_by_status={status: n for status, n in counts.items() if n},
         )
 
     async def validate_session_integrity(self, session_id: uuid.UUID) -> SessionIntegrityReport:

@@ -44,6 +44,7 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
       "GetLinkedSessions",
       "ListModules",
       "GetCoordinatorHealth",
+      "GetIdentity",
       "ValidateSessionIntegrity",
       "GetSessionHistory",
       "ReadEvents"
@@ -56,6 +57,7 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
       "LinkedSessions",
       "ModulesResult",
       "HealthResult",
+      "IdentityResult",
       "IntegrityResult",
       "RepairResult",
       "SessionHistory",
@@ -177,6 +179,9 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
                   "$ref": "#/$defs/HealthResult"
                 },
                 {
+                  "$ref": "#/$defs/IdentityResult"
+                },
+                {
                   "$ref": "#/$defs/IntegrityResult"
                 },
                 {
@@ -199,6 +204,7 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
                   "linked-sessions": "#/$defs/LinkedSessions",
                   "modules": "#/$defs/ModulesResult",
                   "health": "#/$defs/HealthResult",
+                  "identity": "#/$defs/IdentityResult",
                   "integrity": "#/$defs/IntegrityResult",
                   "repair": "#/$defs/RepairResult",
                   "history": "#/$defs/SessionHistory",
@@ -295,6 +301,9 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
               "$ref": "#/$defs/GetCoordinatorHealth"
             },
             {
+              "$ref": "#/$defs/GetIdentity"
+            },
+            {
               "$ref": "#/$defs/ValidateSessionIntegrity"
             },
             {
@@ -324,6 +333,7 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
               "get-linked-sessions": "#/$defs/GetLinkedSessions",
               "list-modules": "#/$defs/ListModules",
               "get-coordinator-health": "#/$defs/GetCoordinatorHealth",
+              "get-identity": "#/$defs/GetIdentity",
               "validate-session-integrity": "#/$defs/ValidateSessionIntegrity",
               "get-session-history": "#/$defs/GetSessionHistory",
               "read-events": "#/$defs/ReadEvents"
@@ -389,6 +399,13 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "published_position": {
           "type": "integer",
           "default": 0
+        },
+        "sessions_by_status": {
+          "type": "object",
+          "additionalProperties": {
+            "type": "integer"
+          },
+          "default": {}
         }
       },
       "required": [
@@ -745,6 +762,21 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "type"
       ]
     },
+    "GetIdentity": {
+      "title": "GetIdentity",
+      "description": "Who the coordinator takes the sender for (its broker user) and what that user\nmay do: how an operator tool tells an operator from an auditor.",
+      "type": "object",
+      "properties": {
+        "type": {
+          "enum": [
+            "get-identity"
+          ]
+        }
+      },
+      "required": [
+        "type"
+      ]
+    },
     "GetLinkedSessions": {
       "title": "GetLinkedSessions",
       "description": "Seed: getLinkedSessions(workflowSessionId).",
@@ -881,6 +913,45 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "sent_at",
         "interval_ms",
         "health"
+      ]
+    },
+    "IdentityResult": {
+      "title": "IdentityResult",
+      "description": "getIdentity(): the broker user, the module ids it may act for (``None``: any\nmodule, an operator), and whether it may only read (an auditor).",
+      "type": "object",
+      "properties": {
+        "type": {
+          "enum": [
+            "identity"
+          ]
+        },
+        "user": {
+          "type": "string"
+        },
+        "modules": {
+          "anyOf": [
+            {
+              "type": "array",
+              "items": {
+                "type": "string",
+                "maxLength": 64,
+                "pattern": "^[a-z][a-z0-9]*(-[a-z0-9]+)*$(?!\\n)"
+              }
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
+        },
+        "read_only": {
+          "type": "boolean",
+          "default": false
+        }
+      },
+      "required": [
+        "type",
+        "user"
       ]
     },
     "IntegrityResult": {
@@ -1109,6 +1180,62 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
             }
           ],
           "default": null
+        },
+        "created_from": {
+          "anyOf": [
+            {
+              "type": "string",
+              "format": "date-time"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
+        },
+        "created_to": {
+          "anyOf": [
+            {
+              "type": "string",
+              "format": "date-time"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
+        },
+        "has_errors": {
+          "type": "boolean",
+          "default": false
+        },
+        "idle_since": {
+          "anyOf": [
+            {
+              "type": "string",
+              "format": "date-time"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
+        },
+        "match_id": {
+          "anyOf": [
+            {
+              "type": "string",
+              "format": "uuid"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
+        },
+        "newest_first": {
+          "type": "boolean",
+          "default": false
         }
       },
       "required": [
@@ -2527,6 +2654,7 @@ export const MESSAGE_TYPES: Record<string, string[]> = {
     "GetLinkedSessions",
     "ListModules",
     "GetCoordinatorHealth",
+    "GetIdentity",
     "ValidateSessionIntegrity",
     "GetSessionHistory",
     "ReadEvents"
@@ -2539,6 +2667,7 @@ export const MESSAGE_TYPES: Record<string, string[]> = {
     "LinkedSessions",
     "ModulesResult",
     "HealthResult",
+    "IdentityResult",
     "IntegrityResult",
     "RepairResult",
     "SessionHistory",

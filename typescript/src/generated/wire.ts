@@ -54,11 +54,13 @@ export interface WireSchema {
   EventEnvelope?: EventEnvelope;
   EventsPage?: EventsPage;
   GetCoordinatorHealth?: GetCoordinatorHealth;
+  GetIdentity?: GetIdentity;
   GetLinkedSessions?: GetLinkedSessions;
   GetSessionHistory?: GetSessionHistory;
   GetWorkflowSession?: GetWorkflowSession;
   HealthResult?: HealthResult;
   Heartbeat?: Heartbeat;
+  IdentityResult?: IdentityResult;
   IntegrityResult?: IntegrityResult;
   LinkModuleSession?: LinkModuleSession;
   Linked?: Linked;
@@ -144,6 +146,7 @@ export interface CommandReply {
         | LinkedSessions
         | ModulesResult
         | HealthResult
+        | IdentityResult
         | IntegrityResult
         | RepairResult
         | SessionHistory
@@ -366,6 +369,22 @@ export interface CoordinatorHealth {
   last_health_check: string;
   store_position?: number;
   published_position?: number;
+  sessions_by_status?: {
+    [k: string]: number | undefined;
+  };
+}
+/**
+ * getIdentity(): the broker user, the module ids it may act for (``None``: any
+ * module, an operator), and whether it may only read (an auditor).
+ *
+ * This interface was referenced by `WireSchema`'s JSON-Schema
+ * via the `definition` "IdentityResult".
+ */
+export interface IdentityResult {
+  type: "identity";
+  user: string;
+  modules?: string[] | null;
+  read_only?: boolean;
 }
 /**
  * validateSessionIntegrity().
@@ -621,6 +640,7 @@ export interface CommandRequest {
     | GetLinkedSessions
     | ListModules
     | GetCoordinatorHealth
+    | GetIdentity
     | ValidateSessionIntegrity
     | GetSessionHistory
     | ReadEvents;
@@ -804,6 +824,12 @@ export interface ListWorkflowSessions {
   offset?: number;
   limit?: number;
   after?: SessionsCursor | null;
+  created_from?: string | null;
+  created_to?: string | null;
+  has_errors?: boolean;
+  idle_since?: string | null;
+  match_id?: string | null;
+  newest_first?: boolean;
 }
 /**
  * Seed: getLinkedSessions(workflowSessionId).
@@ -832,6 +858,16 @@ export interface ListModules {
  */
 export interface GetCoordinatorHealth {
   type: "get-coordinator-health";
+}
+/**
+ * Who the coordinator takes the sender for (its broker user) and what that user
+ * may do: how an operator tool tells an operator from an auditor.
+ *
+ * This interface was referenced by `WireSchema`'s JSON-Schema
+ * via the `definition` "GetIdentity".
+ */
+export interface GetIdentity {
+  type: "get-identity";
 }
 /**
  * Seed: validateSessionIntegrity(sessionId).
