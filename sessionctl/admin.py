@@ -17,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from contracts import HEADERS, EventEnvelope, Topology
+from contracts import HEADERS, EventEnvelope, SessionHistory, Topology, fold_history
 from contracts.topology import DLQ_HEADERS
 from coordinator.store.eventstore import EventStore
 from transport.port import Delivery, OutgoingMessage, Transport
@@ -34,8 +34,10 @@ __all__ = [
     "DeadLetter",
     "QueueInfo",
     "browse_dead_letters",
+    "dead_letter",
     "discard_dead_letters",
     "export_from_store",
+    "history_as_of",
     "list_queues",
     "move_dead_letters",
     "replay_dead_letters",
@@ -264,7 +266,8 @@ class DeadLetter:
     offset: int | None = None  # its place in the dead-letter stream: its identity
 
 
-def _dead_letter(delivery: Delivery) -> DeadLetter:
+def dead_letter(delivery: Delivery) -> DeadLetter:
+    """What a dead letter says about itself: its reasons, origin and headers."""
     headers = dict(delivery.headers)
     preview = delivery.body[:200].decode("utf-8", errors="replace")
     offset = headers.get("x-stream-offset")
@@ -403,8 +406,15 @@ async def _settle(transport: Transport, topology: Topology, offset: int, action:
     )
 
 
-def _selected(letter: DeadLetter, message_id: str | None, offset: int | None) -> bool:
+def _selected(
+    letter: DeadLetter,
+    message_id: str | None,
+    offset: int | None,
+    offsets: Collection[int] | None = None,
+) -> bool:
     if message_id is not None and letter.message_id != message_id:
+        return False
+    if offsets is not None and letter.offset not in offsets:
         return False
     return offset is None or letter.offset == offset
 
@@ -414,7 +424,7 @@ async def browse_dead_letters(
 ) -> list[DeadLetter]:
     """The first ``limit`` dead letters not yet replayed or discarded, oldest first.
     Nothing is taken, requeued or counted as a delivery: listing never changes them."""
-    return [_dead_letter(d) for d in (await unsettled_dead_letters(transport, topology))[:limit]]
+    return [dead_letter(d) for d in (await unsettled_dead_letters(transport, topology))[:limit]]
 
 
 async def replay_dead_letters(
@@ -423,19 +433,20 @@ async def replay_dead_letters(
     *,
     message_id: str | None = None,
     offset: int | None = None,
+    offsets: Collection[int] | None = None,
     limit: int = 100_000,
 ) -> tuple[int, int]:
     """Publish dead letters back where they came from (after a fix), each then marked
     settled in the dead-letter stream; only the one with ``message_id`` / ``offset``
-    when given. Letters dead-lettered again meanwhile come after the read's cut and are
-    not replayed by the same run. A crash between the publish and the mark leaves the
-    letter listed, and a second replay sends it again (the consumers dedupe). Returns
-    (replayed, left)."""
+    when given, or those at ``offsets`` (a group). Letters dead-lettered again
+    meanwhile come after the read's cut and are not replayed by the same run. A crash
+    between the publish and the mark leaves the letter listed, and a second replay
+    sends it again (the consumers dedupe). Returns (replayed, left)."""
     replayed = 0
     pending = await unsettled_dead_letters(transport, topology)
     for delivery in pending:
-        letter = _dead_letter(delivery)
-        if replayed >= limit or not _selected(letter, message_id, offset):
+        letter = dead_letter(delivery)
+        if replayed >= limit or not _selected(letter, message_id, offset, offsets):
             continue
         headers = {
             k: v
@@ -462,16 +473,31 @@ async def discard_dead_letters(
     *,
     message_id: str | None = None,
     offset: int | None = None,
+    offsets: Collection[int] | None = None,
 ) -> tuple[int, int]:
     """Mark dead letters settled without sending them anywhere (every one, or only
-    the one with ``message_id`` / ``offset``). Returns (discarded, left)."""
+    the one with ``message_id`` / ``offset``, or those at ``offsets``). Returns
+    (discarded, left)."""
     discarded = 0
-    pending = [_dead_letter(d) for d in await unsettled_dead_letters(transport, topology)]
+    pending = [dead_letter(d) for d in await unsettled_dead_letters(transport, topology)]
     for letter in pending:
-        if _selected(letter, message_id, offset) and letter.offset is not None:
+        if _selected(letter, message_id, offset, offsets) and letter.offset is not None:
             await _settle(transport, topology, letter.offset, "discarded")
             discarded += 1
     return discarded, len(pending) - discarded
+
+
+def history_as_of(
+    history: SessionHistory, *, version: int | None = None, as_of: datetime | None = None
+) -> SessionHistory:
+    """A session's events up to ``version`` and up to ``as_of`` (both when given), and
+    the state they fold to: what ``sessions history --version/--as-of`` shows."""
+    events = [
+        e
+        for e in history.events
+        if (version is None or e.version <= version) and (as_of is None or e.occurred_at <= as_of)
+    ]
+    return SessionHistory(events=events, state=fold_history(events))
 
 
 def export_from_store(

@@ -1,0 +1,156 @@
+"""The live feed: session events as they are published, for the pages' server-sent events.
+
+The console consumes the events exchange through a queue of its own,
+``<prefix>.console.<random>``: exclusive to its connection and deleted with it, so a
+console that stops leaves nothing behind, and bounded (the oldest events are dropped
+when nobody keeps up). Each event becomes a small summary (which session, what
+happened, the version and the status it led to) handed to every open page's stream;
+a page that falls behind loses summaries, not the console's memory, and is told so.
+The pages read the sessions themselves through the signed-in person's own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from contracts import (
+    DecodeError,
+    Destroyed,
+    ErrorReported,
+    EventEnvelope,
+    SessionCreated,
+    StatusChanged,
+    Topology,
+    codec_for,
+)
+from contracts.topology import QueueSpec
+from transport.port import ConsumerHandle, Delivery, Transport, TransportError
+
+__all__ = ["LiveFeed", "summary"]
+
+log = logging.getLogger("sessionbus.console.feed")
+
+# Summaries a page's stream holds before it is marked as having missed some.
+PER_PAGE = 1000
+# Events the console's queue holds while the console is slow (then the oldest go).
+QUEUE_LENGTH = 10_000
+
+
+def summary(env: EventEnvelope) -> dict[str, Any]:
+    """What a page needs to know of one event: which session, what, when, and the status
+    it set (when it set one)."""
+    event = env.event
+    out: dict[str, Any] = {
+        "session_id": str(env.session_id),
+        "type": env.type,
+        "version": env.version,
+        "at": env.occurred_at.isoformat(),
+        "actor": env.actor,
+    }
+    if isinstance(event, StatusChanged):
+        # The workflow session's status, or that of one module's session.
+        out["module_status" if event.module_id else "status"] = event.new_status.value
+        if event.error is not None:
+            out["error"] = str(event.error.code)
+    elif isinstance(event, SessionCreated):
+        out["status"] = "INITIALIZING"
+        out["created_at"] = env.occurred_at.isoformat()
+    elif isinstance(event, Destroyed):
+        out["destroyed"] = True
+    elif isinstance(event, ErrorReported):
+        out["error"] = str(event.error.code)
+    module_id = getattr(event, "module_id", None)
+    if module_id is not None:
+        out["module_id"] = module_id
+    return out
+
+
+@dataclass(eq=False)  # each one is itself (hashed by identity, kept in a set)
+class _Subscriber:
+    queue: asyncio.Queue[dict[str, Any]]
+    missed: int = 0
+
+
+class LiveFeed:
+    """One consumer of the events exchange, fanned out to every open page."""
+
+    def __init__(self, transport: Transport, topology: Topology, *, own_transport: bool) -> None:
+        self.transport = transport
+        self.topology = topology
+        self.own_transport = own_transport
+        self.queue_name = f"{topology.prefix}.console.{uuid.uuid4().hex[:12]}"
+        self.running = False
+        self.problem: str | None = None
+        self.received = 0
+        self._subscribers: set[_Subscriber] = set()
+        self._handle: ConsumerHandle | None = None
+
+    async def start(self) -> None:
+        """Declare the console's queue and consume it. A broker that refuses (this
+        user may not declare queues) leaves the console without live updates, said
+        on the pages, rather than without a console."""
+        try:
+            if self.own_transport:
+                await self.transport.connect()
+            await self.transport.declare_queue(
+                QueueSpec(
+                    self.queue_name,
+                    durable=False,
+                    exclusive=True,
+                    auto_delete=True,
+                    arguments={"x-max-length": QUEUE_LENGTH, "x-overflow": "drop-head"},
+                    bindings=[(self.topology.events_exchange, "session.#")],
+                )
+            )
+            self._handle = await self.transport.consume(
+                self.queue_name, self._on_delivery, prefetch=256
+            )
+        except (TransportError, OSError) as exc:
+            self.problem = f"live updates are off: {exc}"
+            log.warning("console: %s", self.problem)
+            return
+        self.running = True
+
+    async def close(self) -> None:
+        self.running = False
+        if self._handle is not None:
+            with contextlib.suppress(Exception):
+                await self._handle.close()
+            self._handle = None
+        if self.own_transport:
+            with contextlib.suppress(Exception):
+                await self.transport.close()
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        await delivery.ack()
+        try:
+            env = codec_for(delivery.content_type).decode_envelope(delivery.body)
+        except DecodeError:
+            return  # not ours to judge here; the modules dead-letter what they cannot read
+        self.received += 1
+        item = summary(env)
+        for subscriber in self._subscribers:
+            try:
+                subscriber.queue.put_nowait(item)
+            except asyncio.QueueFull:
+                subscriber.missed += 1
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[_Subscriber]:
+        """A stream of summaries for one page, from now until the block ends."""
+        subscriber = _Subscriber(asyncio.Queue(PER_PAGE))
+        self._subscribers.add(subscriber)
+        try:
+            yield subscriber
+        finally:
+            self._subscribers.discard(subscriber)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
