@@ -13,6 +13,7 @@ tenth of the memory) and unpacked when read.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import uuid
@@ -55,6 +56,8 @@ log = logging.getLogger("sessionbus.coordinator.projections")
 
 _S = SessionStatus
 _REGISTRY: Final = REGISTRY_ID.int
+# The low 128 bits of an order key (SessionTable.by_created): the session's UUID.int.
+_ID_BITS: Final = (1 << 128) - 1
 # A module is healthy while its last heartbeat is younger than this many intervals.
 HEALTHY_INTERVALS: Final = 3
 # How many applied command ids are remembered for idempotent retries (at least; up
@@ -110,6 +113,11 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
         # Keys in the order they were first stored, for ``popitem`` (an ``ordered``
         # table: the destroyed sessions a projection remembers).
         self._order: deque[int] | None = deque() if ordered else None
+        # The sessions in creation order (``by_created``), built on the first ask and
+        # then kept up by the changes since: ``_added`` and ``_removed`` (order keys).
+        self._index: list[int] | None = None
+        self._added: list[int] = []
+        self._removed: set[int] = set()
 
     def __getitem__(self, session_id: uuid.UUID) -> WorkflowSession:
         return self._state(self._data[session_id.int])
@@ -156,8 +164,11 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
         states push it out."""
         key = state.session_id.int
         data = self._data
-        if self._order is not None and key not in data:
-            self._order.append(key)
+        if key not in data:
+            if self._order is not None:
+                self._order.append(key)
+            if self._index is not None:
+                self._note_added((micros(state.created_at) << 128) + key)
         data[key] = state
         young = self._young
         young[key] = None
@@ -181,8 +192,14 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
         """Append an entry as ``entries`` gives it (``session_id`` becomes the entry's
         id object), not counted as recently stored: for merging tables."""
         key = session_id.int
-        if self._order is not None and key not in self._data:
-            self._order.append(key)
+        if key not in self._data:
+            if self._order is not None:
+                self._order.append(key)
+            if self._index is not None:
+                created = (
+                    created_key(value) if isinstance(value, bytes) else micros(value.created_at)
+                )
+                self._note_added((created << 128) + key)
         if isinstance(value, bytes):
             self._data[key] = (session_id, value)
         else:
@@ -193,11 +210,16 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
     def clear(self) -> None:
         self._data.clear()
         self._young, self._old = {}, {}
+        self._drop_index()
         if self._order is not None:
             self._order.clear()
 
     def pop(self, session_id: uuid.UUID) -> None:
         key = session_id.int
+        if self._index is not None and key in self._data:
+            self._removed.add((self.created(session_id) << 128) + key)
+            if len(self._removed) > len(self._data):
+                self._drop_index()
         self._data.pop(key, None)
         self._young.pop(key, None)
         self._old.pop(key, None)
@@ -210,6 +232,7 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
             if self._data.pop(key, None) is not None:
                 self._young.pop(key, None)
                 self._old.pop(key, None)
+                self._drop_index()
                 return
 
     def compact(self) -> None:
@@ -234,6 +257,50 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
         if isinstance(value, tuple):
             return created_key(value[1])
         return micros(value.created_at)
+
+    def _note_added(self, order_key: int) -> None:
+        self._added.append(order_key)
+        if len(self._added) > len(self._data):
+            self._drop_index()  # nobody asked for a long while: rebuild when asked
+
+    def _drop_index(self) -> None:
+        self._index, self._added, self._removed = None, [], set()
+
+    def by_created(self) -> list[int]:
+        """Every session's order key, ``created_us << 128 | UUID.int``, ascending: the
+        order of (creation time, id), as integers (compared in C). Built once, then
+        brought up to date with the sessions stored and popped since the last ask, so
+        a page of a large table costs the changes, not a sort of every session."""
+        index = self._index
+        if index is None:
+            index = sorted(
+                ((created_key(v[1]) if isinstance(v, tuple) else micros(v.created_at)) << 128) + k
+                for k, v in self._data.items()
+            )
+        else:
+            if self._removed:
+                removed = self._removed
+                if len(removed) < 64:
+                    for order_key in removed:
+                        at = bisect.bisect_left(index, order_key)
+                        if at < len(index) and index[at] == order_key:
+                            del index[at]
+                else:
+                    index = [k for k in index if k not in removed]
+            if self._added:
+                # Nearly always newer than every key held: appended in order, and the
+                # sort finds the list already sorted.
+                index.extend(sorted(self._added))
+                index.sort()
+        self._index, self._added, self._removed = index, [], set()
+        return index
+
+    def id_of(self, key: int) -> uuid.UUID:
+        """The id object of the session stored under ``UUID.int`` ``key``."""
+        return self._id(self._data[key])
+
+    def state_of(self, key: int) -> WorkflowSession:
+        return self._state(self._data[key])
 
     def find(self, wanted: uuid.UUID) -> set[uuid.UUID]:
         """The id objects of the sessions whose id is ``wanted`` or that have a module
@@ -520,64 +587,66 @@ class Projections:
         """Sessions not destroyed, oldest first (newest first with the query's
         ``newest_first``), optionally filtered: those ordered after ``after`` when it
         is given (keyset), else from ``offset``. ``query`` carries the operators'
-        filters (``ListWorkflowSessions``); those on the creation time cost nothing
-        per session, those on the state unpack only the sessions walked to fill the
-        page."""
+        filters (``ListWorkflowSessions``).
+
+        The walk follows the table's creation-order index from the cursor (or the
+        creation-time bounds) and stops once the page and one more session are found:
+        an unfiltered page of 100k sessions costs its own sessions, a filtered one the
+        sessions walked past."""
         q = query or ListWorkflowSessions()
+        table = self.sessions
+        wanted: set[int] | None = None
         if q.match_id is not None:
-            ids = self.sessions.find(q.match_id)
-            if status is not None:
-                ids &= self.by_status[status]
-        elif status is not None:
-            ids = set(self.by_status[status])
-        else:
-            ids = set(self.sessions)
+            wanted = {sid.int for sid in table.find(q.match_id)}
+        if status is not None:
+            in_status = {sid.int for sid in self.by_status[status]}
+            wanted = in_status if wanted is None else wanted & in_status
         if module_id is not None:
-            ids &= self.by_module.get(module_id, set())
-        created = self.sessions.created
-        keyed: Iterable[tuple[int, uuid.UUID]] = ((created(sid), sid) for sid in ids)
+            linked = {sid.int for sid in self.by_module.get(module_id, ())}
+            wanted = linked if wanted is None else wanted & linked
+        index = table.by_created()
+        low, high = 0, len(index)
         if q.created_from is not None:
-            low = micros(q.created_from)
-            keyed = (key for key in keyed if key[0] >= low)
+            low = bisect.bisect_left(index, micros(q.created_from) << 128)
         if q.created_to is not None:
-            high = micros(q.created_to)
-            keyed = (key for key in keyed if key[0] < high)
+            high = bisect.bisect_left(index, micros(q.created_to) << 128, low)
         if after is not None:
-            start = (after.created_us, after.session_id)
+            cursor = (after.created_us << 128) + after.session_id.int
             if q.newest_first:
-                keyed = (key for key in keyed if key < start)
+                high = max(low, min(high, bisect.bisect_left(index, cursor, low, high)))
             else:
-                keyed = (key for key in keyed if key > start)
+                low = min(high, max(low, bisect.bisect_right(index, cursor, low, high)))
             offset = 0
-        ordered = sorted(keyed, reverse=q.newest_first)
-        if q.has_errors or q.idle_since is not None:
-            # Walk in order, unpacking only until the page (and one more) is found.
-            picked: list[tuple[tuple[int, uuid.UUID], WorkflowSession]] = []
-            skipped = 0
-            for key in ordered:
-                state = self.sessions[key[1]]
+        positions = range(high - 1, low - 1, -1) if q.newest_first else range(low, high)
+        state_filters = q.has_errors or q.idle_since is not None
+        picked: list[tuple[int, WorkflowSession]] = []
+        skipped = 0
+        for at in positions:
+            order_key = index[at]
+            key = order_key & _ID_BITS
+            if wanted is not None and key not in wanted:
+                continue
+            state = table.state_of(key) if state_filters or skipped >= offset else None
+            if state_filters:
+                assert state is not None
                 if q.has_errors and state.failure is None:
                     continue
                 if q.idle_since is not None and state.last_activity > q.idle_since:
                     continue
-                if skipped < offset:
-                    skipped += 1
-                    continue
-                picked.append((key, state))
-                if len(picked) > limit:
-                    break
-            more = len(picked) > limit
-            page_keys = [key for key, _ in picked[:limit]]
-            states = [state for _, state in picked[:limit]]
-        else:
-            page_keys = ordered[offset : offset + limit]
-            more = offset + limit < len(ordered)
-            states = [self.sessions[sid] for _, sid in page_keys]
-        last = page_keys[-1] if page_keys else None
+            if skipped < offset:
+                skipped += 1
+                continue
+            assert state is not None
+            picked.append((order_key, state))
+            if len(picked) > limit:
+                break
+        more = len(picked) > limit
+        page = picked[:limit]
+        last = page[-1][0] if page else None
         return SessionsPage(
-            sessions=states,
+            sessions=[state for _, state in page],
             next_offset=offset + limit if more and after is None else None,
-            next_after=SessionsCursor(created_us=last[0], session_id=last[1])
+            next_after=SessionsCursor(created_us=last >> 128, session_id=page[-1][1].session_id)
             if more and last is not None
             else None,
             position=self.position,

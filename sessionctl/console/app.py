@@ -106,6 +106,9 @@ class Console:
     signer: CookieSigner
     feed: LiveFeed | None
     templates: Jinja2Templates
+    # Set when the server stops: open live streams end (a browser would keep them
+    # open, and the server would wait for them).
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _console(request: Request) -> Console:
@@ -363,18 +366,34 @@ async def sessions_feed(request: Request) -> Response:
         async with feed.subscribe() as subscriber:
             yield "retry: 3000\n\n"
             yield f"event: ready\ndata: {json.dumps({'queue': feed.queue_name})}\n\n"
-            while console.accounts.get(account.key) is account:
-                try:
-                    item = await asyncio.wait_for(subscriber.queue.get(), KEEPALIVE_SECONDS)
-                except TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
-                if subscriber.missed:
-                    yield f"event: missed\ndata: {subscriber.missed}\n\n"
-                    subscriber.missed = 0
-                if only is not None and item["session_id"] != str(only):
-                    continue
-                yield f"event: session\ndata: {json.dumps(item)}\n\n"
+            stopping = asyncio.ensure_future(console.stopping.wait())
+            getting: asyncio.Future[dict[str, Any]] | None = None
+            try:
+                # An open page does not keep its sign-in from expiring: it ends with it.
+                while console.accounts.peek(account.key) is account:
+                    getting = asyncio.ensure_future(subscriber.queue.get())
+                    await asyncio.wait(
+                        {getting, stopping},
+                        timeout=KEEPALIVE_SECONDS,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not getting.done():
+                        getting.cancel()
+                        if stopping.done():
+                            return
+                        yield ": keep-alive\n\n"
+                        continue
+                    item = getting.result()
+                    if subscriber.missed:
+                        yield f"event: missed\ndata: {subscriber.missed}\n\n"
+                        subscriber.missed = 0
+                    if only is not None and item["session_id"] != str(only):
+                        continue
+                    yield f"event: session\ndata: {json.dumps(item)}\n\n"
+            finally:
+                stopping.cancel()
+                if getting is not None:
+                    getting.cancel()
 
     return StreamingResponse(
         stream(),

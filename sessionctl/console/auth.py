@@ -23,7 +23,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from contracts import Topology
+from contracts import GetIdentity, IdentityResult, Topology
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 from sessionctl.console.errors import SignInFailed
@@ -55,8 +55,12 @@ def with_user(amqp_url: str, user: str, password: str) -> str:
 async def _role(client: CoordinatorClient) -> str:
     """What the coordinator's identity rules make of this user, in words."""
     try:
-        identity = await client.get_identity()
-    except (CommandFailed, CoordinatorUnavailable):
+        # Briefly: a sign-in with no coordinator answering still opens the console
+        # (whose pages then say that no coordinator answers).
+        identity = await client.call(GetIdentity(), timeout=min(client.timeout, 3.0))
+    except (CommandFailed, CoordinatorUnavailable, TransportError):
+        return "unknown to the coordinator"
+    if not isinstance(identity, IdentityResult):
         return "unknown to the coordinator"
     if identity.read_only:
         return "read only"
@@ -179,6 +183,10 @@ class Accounts:
             return None
         account.last_seen = now
         return account
+
+    def peek(self, key: str) -> Account | None:
+        """The account, if still signed in; not counted as activity."""
+        return self._accounts.get(key)
 
     async def sign_out(self, key: str | None) -> None:
         account = self._accounts.pop(key, None) if key else None

@@ -32,7 +32,13 @@ class ConsoleServer:
         self._socket = socket.create_server((host, port), reuse_port=False)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
-            self.app, log_level="warning", access_log=False, lifespan="on", proxy_headers=False
+            self.app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            proxy_headers=False,
+            # Whatever still runs after this long is cancelled: stopping never hangs.
+            timeout_graceful_shutdown=5,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
@@ -54,6 +60,7 @@ class ConsoleServer:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
+        self.app.state.console.stopping.set()
         self._server.should_exit = True
         if self._task is not None:
             with contextlib.suppress(Exception):
