@@ -18,7 +18,7 @@ import contracts
 from contracts import schema as schema_mod
 from module_sdk.logs import configure_logging
 from sessionctl import settings
-from sessionctl.commands import dlq, queues, run, sessions, store
+from sessionctl.commands import console, dlq, queues, run, sessions, store
 from sessionctl.commands.common import (
     EXIT_USAGE,
     emit_json,
@@ -110,6 +110,8 @@ def config_command(as_markdown: bool, as_json: bool) -> None:
             shown = "" if value is None else str(value)
             if shown and variable.endswith(("_URL", "_STORE")):
                 shown = redact_url(shown)
+            elif shown and variable.endswith("_SECRET"):
+                shown = "***"
             rows.setdefault(variable, (shown, where))
     if as_json:
         emit_json({v: {"value": value, "from": where} for v, (value, where) in rows.items()})
@@ -126,6 +128,7 @@ for command in (
     run.coordinator,
     run.demo,
     run.module_command,
+    console.console,
     sessions.sessions,
     sessions.modules,
     queues.queues,

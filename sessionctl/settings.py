@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-from coordinator.service.settings import CoordinatorSettings
+from coordinator.service.settings import CoordinatorSettings, Port
 from reference_modules.settings import ReferenceModuleSettings
 from transport.settings import Settings, SettingsError, markdown_table, setting
 
@@ -41,6 +41,24 @@ class SessionctlSettings(CoordinatorSettings):
         None,
         "the broker's `rabbitmq_prometheus` endpoint for `sessionctl queues` (figures and "
         "rates, where RabbitMQ 4 keeps them); never guessed from the AMQP URL",
+    )
+    console_port: Port | None = setting(
+        "SESSIONBUS_CONSOLE_PORT",
+        None,
+        "the web console's port (0: any free port): `sessionctl console` listens on it, "
+        "and `sessionctl coordinator` serves the console beside itself when it is set",
+        shown="`sessionctl console`: 8470; the coordinator: off",
+    )
+    console_host: str = setting(
+        "SESSIONBUS_CONSOLE_HOST",
+        "127.0.0.1",
+        "the address the web console listens on",
+    )
+    console_secret: str | None = setting(
+        "SESSIONBUS_CONSOLE_SECRET",
+        None,
+        "signs the web console's cookies (shown as `***`)",
+        shown="a random secret per process: sign-ins end with it",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import sys
@@ -74,6 +75,13 @@ def _replica(value: str | None) -> tuple[int, int] | None:
     type=click.IntRange(0, 65535),
     help="Serve Prometheus /metrics on this port (0: any free port).",
 )
+@settings.option(
+    "console_port",
+    "--console-port",
+    type=click.IntRange(0, 65535),
+    help="Serve the web console beside the coordinator on this port (0: any free port).",
+)
+@settings.option("console_host", "--console-host", help="Address the console listens on.")
 @rebuild_workers_option
 def coordinator(
     amqp_url: str,
@@ -84,6 +92,8 @@ def coordinator(
     partitions: int,
     replica: str | None,
     metrics_port: int | None,
+    console_port: int | None,
+    console_host: str,
     rebuild_workers: int | None,
 ) -> None:
     """Run the coordinator service until SIGTERM or SIGINT."""
@@ -108,6 +118,8 @@ def coordinator(
                 metrics_port,
                 replica_of,
                 rebuild_workers,
+                console=(console_host, console_port) if console_port is not None else None,
+                amqp_url=amqp_url,
             )
         )
     except TransportError as exc:
@@ -127,6 +139,9 @@ async def _serve(
     metrics_port: int | None,
     replica: tuple[int, int] | None = None,
     rebuild_workers: int | None = None,
+    *,
+    console: tuple[str, int] | None = None,
+    amqp_url: str | None = None,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,16 +157,36 @@ async def _serve(
         replica=replica,
         rebuild_workers=rebuild_workers,
     )
-    async with runtime:
+    async with runtime, contextlib.AsyncExitStack() as stack:
+        served = ""
+        if console is not None:
+            # The web stack is loaded only where a console is served.
+            from sessionctl.console import ConsoleServer, ConsoleSettings  # noqa: PLC0415
+
+            console_settings = ConsoleSettings(
+                amqp_url=amqp_url or transport.url,
+                topology=topology,
+                secret=console_secret(),
+                feed_transport=transport,
+            )
+            server = await stack.enter_async_context(ConsoleServer(console_settings, *console))
+            served = f", console on {server.url}/"
         click.echo(
             f"sessionbus coordinator: store {store}, broker {redact_url(transport.url)}, "
             f"prefix {topology.prefix!r}"
             + (f", metrics on :{runtime.metrics_port}/metrics" if metrics_port is not None else "")
+            + served
             + "; ready",
             err=True,
         )
         await runtime.serve_forever(stop)
     click.echo("sessionbus coordinator: stopped", err=True)
+
+
+def console_secret() -> bytes | None:
+    """What signs the console's cookies (a random secret per process when unset)."""
+    text = settings.current().console_secret
+    return text.encode() if text else None
 
 
 @click.command()

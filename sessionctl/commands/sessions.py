@@ -15,6 +15,7 @@ from rich.tree import Tree
 import contracts
 from coordinator.store.eventstore import EventStore
 from module_sdk.client import CoordinatorClient
+from sessionctl import admin
 from sessionctl.commands.common import (
     EXIT_NO,
     bus_options,
@@ -170,13 +171,9 @@ def sessions_history(
                 events = _readable_prefix(event_store, raw)
         if not events and not raw:
             fail(f"no history for session {sid} in {store}", EXIT_NO)
-        events = [
-            e
-            for e in events
-            if (version is None or e.version <= version)
-            and (as_of_utc is None or e.occurred_at <= as_of_utc)
-        ]
-        history = contracts.SessionHistory(events=events, state=contracts.fold_history(events))
+        history = admin.history_as_of(
+            contracts.SessionHistory(events=events, state=None), version=version, as_of=as_of_utc
+        )
     else:
 
         async def action(client: CoordinatorClient, *_: Any) -> contracts.SessionHistory:
@@ -185,13 +182,7 @@ def sessions_history(
         full = run_bus(amqp_url, prefix, timeout, action)
         if verify:
             verdict = contracts.verify_chain(full.events)
-        events = [
-            e
-            for e in full.events
-            if (version is None or e.version <= version)
-            and (as_of_utc is None or e.occurred_at <= as_of_utc)
-        ]
-        history = contracts.SessionHistory(events=events, state=contracts.fold_history(events))
+        history = admin.history_as_of(full, version=version, as_of=as_of_utc)
     if as_json:
         emit_json({"history": history, "verdict": verdict})
     else:

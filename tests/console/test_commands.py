@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cli.conftest import SESSIONCTL
 from tests.console.conftest import ConsoleSystem, csrf_of
+from tests.support.processes import SESSIONCTL
 
 pytestmark = pytest.mark.broker
 

@@ -1,0 +1,102 @@
+"""``sessionctl console``: the web console on its own (``sessionctl coordinator
+--console-port`` serves it beside a coordinator; ``sessionctl.commands.run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import click
+
+from sessionctl import settings
+from sessionctl.commands.common import (
+    AMQP_URL_HELP,
+    EXIT_USAGE,
+    fail,
+    prefix_option,
+    topology_for,
+)
+from sessionctl.commands.run import console_secret
+from transport.amqp import redact_url
+
+# Where ``sessionctl console`` listens unless told (SESSIONBUS_CONSOLE_PORT, --port).
+CONSOLE_PORT = 8470
+
+
+@click.command("console")
+@settings.option(
+    "amqp_url",
+    "--amqp-url",
+    help=AMQP_URL_HELP + ". People sign in with their own user on it; this URL's user "
+    "follows the events for the live updates.",
+)
+@prefix_option
+@settings.option("console_host", "--host", help="Address to listen on.")
+@settings.option(
+    "console_port",
+    "--port",
+    type=click.IntRange(0, 65535),
+    help=f"Port to listen on (0: any free port; unset: {CONSOLE_PORT}).",
+)
+@settings.option(
+    "management_url",
+    "--management-url",
+    help="RabbitMQ management API for the queues page (as `sessionctl queues`).",
+)
+@settings.option(
+    "prometheus_url",
+    "--prometheus-url",
+    help="rabbitmq_prometheus endpoint for the queues page (as `sessionctl queues`).",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(1),
+    default=3600,
+    show_default=True,
+    help="Seconds before an idle sign-in is closed (and its broker connection).",
+)
+@click.option("--secure-cookies", is_flag=True, help="Mark cookies Secure (behind an HTTPS proxy).")
+def console(
+    amqp_url: str,
+    prefix: str,
+    host: str,
+    port: int | None,
+    management_url: str | None,
+    prometheus_url: str | None,
+    idle_timeout: int,
+    secure_cookies: bool,
+) -> None:
+    """Serve the web console: sessions, history, modules, queues, dead letters."""
+    # The web stack is loaded only where a console is served.
+    from sessionctl.console import ConsoleServer, ConsoleSettings  # noqa: PLC0415
+
+    topology = topology_for(prefix)
+    console_settings = ConsoleSettings(
+        amqp_url=amqp_url,
+        topology=topology,
+        management_url=management_url,
+        prometheus_url=prometheus_url,
+        secret=console_secret(),
+        idle_timeout=float(idle_timeout),
+        secure_cookies=secure_cookies,
+    )
+    listen = CONSOLE_PORT if port is None else port
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with ConsoleServer(console_settings, host, listen) as server:
+            click.echo(
+                f"sessionbus console on {server.url}/ (broker {redact_url(amqp_url)}, "
+                f"prefix {topology.prefix!r}); ready",
+                err=True,
+            )
+            await stop.wait()
+        click.echo("sessionbus console: stopped", err=True)
+
+    try:
+        asyncio.run(go())
+    except OSError as exc:
+        fail(f"console on {host}:{listen}: {exc}", EXIT_USAGE)
