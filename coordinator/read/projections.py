@@ -288,10 +288,15 @@ class SessionTable(Mapping[uuid.UUID, WorkflowSession]):
                 else:
                     index = [k for k in index if k not in removed]
             if self._added:
-                # Nearly always newer than every key held: appended in order, and the
-                # sort finds the list already sorted.
-                index.extend(sorted(self._added))
-                index.sort()
+                added = sorted(self._added)
+                if not index or added[0] > index[-1]:
+                    index.extend(added)  # the usual case: newer than every key held
+                elif len(added) < 64:
+                    for order_key in added:
+                        bisect.insort(index, order_key)
+                else:
+                    index.extend(added)
+                    index.sort()
         self._index, self._added, self._removed = index, [], set()
         return index
 
