@@ -4,7 +4,9 @@ to an auditor), modules, queues and the overview."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import pytest
 
@@ -20,16 +22,19 @@ LETTER = re.compile(r'data-testid="dead-letter" data-offset="(\d+)" data-message
 
 
 async def poison(console: ConsoleSystem, message_id: str, body: bytes) -> None:
-    """A command the coordinator cannot read: it dead-letters it with its reason."""
-    rejected = console.runtime.server.rejected
+    """A command the coordinator cannot read: it dead-letters it with its reason. Returns
+    once the letter is listed (the coordinator counts the rejection before it has
+    dead-lettered the message)."""
     await console.driver.publish(
         "",
         console.topology.commands_queue(),
         OutgoingMessage(body, "application/json", message_id=message_id, user_id="guest"),
     )
-    await wait_for(
-        lambda: console.runtime.server.rejected > rejected, timeout=10, what="the rejection"
-    )
+    deadline = time.monotonic() + 15
+    while message_id not in {d.message_id for d in await letters(console)}:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"dead letter {message_id} not listed within 15 s")
+        await asyncio.sleep(0.05)
 
 
 async def letters(console: ConsoleSystem) -> list[admin.DeadLetter]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts import ErrorCode, SessionStatus, StandardError, WorkflowConfig
+from contracts import ErrorCode, SessionStatus, StandardError, StatusChanged, WorkflowConfig
 from tests.bus.support import wait_status
 from tests.console.conftest import ConsoleSystem, token
 
@@ -142,7 +142,11 @@ async def test_destroy_asks_for_confirmation_then_starts_cleanup(console: Consol
     page = (await http.get(f"/sessions/{sid}")).text
     assert f"Cleanup of {sid} started." in page
     history = await console.client.get_session_history(sid)
-    cleanup = [e for e in history.events if e.type == "session.status-changed"][-1]
+    (cleanup,) = [
+        e
+        for e in history.events
+        if isinstance(e.event, StatusChanged) and e.event.new_status is SessionStatus.CLEANUP
+    ]
     assert cleanup.actor == "guest"
 
 
