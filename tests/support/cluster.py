@@ -37,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tests.support.private_broker import RABBITMQ4_SCRIPT, _free, _ports, _Runtime
+from tests.support.private_broker import (
+    RABBITMQ4_SCRIPT,
+    _free,
+    _ports,
+    _Runtime,
+    node_environment,
+)
 
 __all__ = [
     "ERL_ARGS",
@@ -139,25 +145,8 @@ class ClusterNode:
         return self.name.split("@", 1)[0]
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-        inside = self.tools.inside
-        env.update(
-            {
-                "HOME": inside(self.root / "home"),
-                "RABBITMQ_NODENAME": self.name,
-                "RABBITMQ_NODE_PORT": str(self.port),
-                "RABBITMQ_DIST_PORT": str(self.port + 1),
-                "RABBITMQ_CTL_DIST_PORT_MIN": str(self.port + 10000),
-                "RABBITMQ_CTL_DIST_PORT_MAX": str(self.port + 10010),
-                "RABBITMQ_MNESIA_BASE": inside(self.root / "mnesia"),
-                "RABBITMQ_LOG_BASE": inside(self.root / "log"),
-                "RABBITMQ_CONFIG_FILE": inside(self.root / "rabbitmq.conf"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": inside(self.root / "enabled_plugins"),
-                "RABBITMQ_CONF_ENV_FILE": inside(self.root / "rabbitmq-env.conf"),
-                "RABBITMQ_ADVANCED_CONFIG_FILE": inside(self.root / "advanced.config"),
-                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": ERL_ARGS,
-            }
-        )
+        env = node_environment(self.tools.inside, self.root, self.name, self.port)
+        env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = ERL_ARGS
         return env
 
     def call(

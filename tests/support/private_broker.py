@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,6 +140,33 @@ def _ports(count: int) -> int:
     raise RuntimeError("no free ports for a private RabbitMQ node")
 
 
+def node_environment(
+    inside: Callable[[Path], str], root: Path, node: str, port: int
+) -> dict[str, str]:
+    """The environment of RabbitMQ's scripts for a node of our own under ``root``: its
+    name, AMQP port, distribution port (``port + 1``) and CLI distribution ports
+    (``port + 10000`` on), and every file and directory of its own, as seen from inside
+    the root the node runs in (``inside``); none of the caller's RABBITMQ_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+    env.update(
+        {
+            "HOME": inside(root / "home"),
+            "RABBITMQ_NODENAME": node,
+            "RABBITMQ_NODE_PORT": str(port),
+            "RABBITMQ_DIST_PORT": str(port + 1),
+            "RABBITMQ_CTL_DIST_PORT_MIN": str(port + 10000),
+            "RABBITMQ_CTL_DIST_PORT_MAX": str(port + 10010),
+            "RABBITMQ_MNESIA_BASE": inside(root / "mnesia"),
+            "RABBITMQ_LOG_BASE": inside(root / "log"),
+            "RABBITMQ_CONFIG_FILE": inside(root / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": inside(root / "enabled_plugins"),
+            "RABBITMQ_CONF_ENV_FILE": inside(root / "rabbitmq-env.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": inside(root / "advanced.config"),
+        }
+    )
+    return env
+
+
 @dataclass
 class PrivateBroker:
     """A running private node. ``url`` is its plain AMQP listener, ``tls_url`` its
@@ -161,25 +188,7 @@ class PrivateBroker:
         return f"amqps://{user}:{password}@localhost:{self.tls_port}/?cafile={self.ca_file}"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-        inside = self.runtime.inside
-        env.update(
-            {
-                "HOME": inside(self.root / "home"),
-                "RABBITMQ_NODENAME": self.node,
-                "RABBITMQ_NODE_PORT": str(self.port),
-                "RABBITMQ_DIST_PORT": str(self.port + 1),
-                "RABBITMQ_CTL_DIST_PORT_MIN": str(self.port + 10000),
-                "RABBITMQ_CTL_DIST_PORT_MAX": str(self.port + 10010),
-                "RABBITMQ_MNESIA_BASE": inside(self.root / "mnesia"),
-                "RABBITMQ_LOG_BASE": inside(self.root / "log"),
-                "RABBITMQ_CONFIG_FILE": inside(self.root / "rabbitmq.conf"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": inside(self.root / "enabled_plugins"),
-                "RABBITMQ_CONF_ENV_FILE": inside(self.root / "rabbitmq-env.conf"),
-                "RABBITMQ_ADVANCED_CONFIG_FILE": inside(self.root / "advanced.config"),
-            }
-        )
-        return env
+        return node_environment(self.runtime.inside, self.root, self.node, self.port)
 
     def ctl(self, *args: str, timeout: float = 60.0, check: bool = True) -> str:
         """``rabbitmqctl -n NODE ARGS``; its output."""
