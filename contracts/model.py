@@ -127,6 +127,9 @@ class ModuleInfo(Model, frozen=True):
     healthy: bool = False
     last_heartbeat: Timestamp | None = None
     active_sessions: int = 0
+    # Instances whose heartbeats are fresh, and the newest error a heartbeat reported.
+    instances: int = 0
+    last_error: StandardError | None = None
 
 
 class CoordinatorHealth(Model, frozen=True):
@@ -141,6 +144,8 @@ class CoordinatorHealth(Model, frozen=True):
     published_position: int = 0
     # Sessions not destroyed, by status (what /metrics calls sessions by status).
     sessions_by_status: dict[SessionStatus, int] = msgspec.field(default_factory=dict)
+    # Commands this coordinator has answered since it started (a rate from two looks).
+    commands_handled: int = 0
 
 
 class SessionIntegrityReport(Model, frozen=True):

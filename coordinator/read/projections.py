@@ -43,6 +43,7 @@ from contracts import (
     SessionsCursor,
     SessionsPage,
     SessionStatus,
+    StandardError,
     WorkflowSession,
     fold_session,
 )
@@ -356,6 +357,8 @@ class Projections:
         self.recently_destroyed = SessionTable(hot=DESTROYED_HOT, ordered=True)
         self.modules: dict[str, ModuleRegistered] = {}
         self.heartbeats: dict[str, tuple[Heartbeat, datetime]] = {}
+        # Each module's instances by id: the last heartbeat of each and when it came.
+        self.instances: dict[str, dict[uuid.UUID, tuple[Heartbeat, datetime]]] = {}
         self.orphans: dict[uuid.UUID, dict[str, uuid.UUID]] = {}
         # By ``UUID.int`` (hashed in C; see SessionTable), oldest first (a plain dict: an
         # OrderedDict costs twice the memory per entry). ``applied_commands`` has the ids.
@@ -547,6 +550,12 @@ class Projections:
 
     def record_heartbeat(self, heartbeat: Heartbeat, received_at: datetime) -> None:
         self.heartbeats[heartbeat.module_id] = (heartbeat, received_at)
+        instances = self.instances.setdefault(heartbeat.module_id, {})
+        instances[heartbeat.instance_id] = (heartbeat, received_at)
+        # Instances silent for long are forgotten (a restart is a new instance id).
+        for instance_id, (seen, at) in list(instances.items()):
+            if received_at - at > timedelta(milliseconds=seen.interval_ms * 100):
+                del instances[instance_id]
 
     def is_healthy(self, module_id: str, now: datetime) -> bool:
         seen = self.heartbeats.get(module_id)
@@ -675,9 +684,27 @@ class Projections:
                     healthy=self.is_healthy(module_id, now),
                     last_heartbeat=seen[1] if seen else None,
                     active_sessions=len(self.by_module.get(module_id, ())),
+                    instances=self._fresh_instances(module_id, now),
+                    last_error=self._last_error(module_id),
                 )
             )
         return out
+
+    def _fresh_instances(self, module_id: str, now: datetime) -> int:
+        return sum(
+            1
+            for heartbeat, at in self.instances.get(module_id, {}).values()
+            if now - at <= timedelta(milliseconds=heartbeat.interval_ms * HEALTHY_INTERVALS)
+        )
+
+    def _last_error(self, module_id: str) -> StandardError | None:
+        """The newest error any instance's heartbeat reported (its health's last)."""
+        reported = [
+            (at, heartbeat.health.errors[-1])
+            for heartbeat, at in self.instances.get(module_id, {}).values()
+            if heartbeat.health.errors
+        ]
+        return max(reported, key=lambda item: item[0])[1] if reported else None
 
     def status_counts(self) -> dict[SessionStatus, int]:
         return {status: len(ids) for status, ids in self.by_status.items()}

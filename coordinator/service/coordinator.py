@@ -150,6 +150,8 @@ class SessionCoordinator:
         self.store: EventStore | None = store if isinstance(store, EventStore) else None
         self._owns_store = not isinstance(store, EventStore)
         self.projections = Projections()
+        # Commands answered through ``execute`` (the bus), for the health's figures.
+        self.commands_handled = 0
         self._writer: Writer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -358,6 +360,7 @@ class SessionCoordinator:
         self, request: CommandRequest, principal: Principal | None = None
     ) -> CommandReply:
         """Run one command and answer it; never raises for a bad command."""
+        self.commands_handled += 1
         try:
             result = await self.handle(
                 request.command,
@@ -644,6 +647,7 @@ class SessionCoordinator:
             store_position=proj.position,
             published_position=self.published_position,
             sessions_by_status={status: n for status, n in counts.items() if n},
+            commands_handled=self.commands_handled,
         )
 
     async def validate_session_integrity(self, session_id: uuid.UUID) -> SessionIntegrityReport:

@@ -623,6 +623,7 @@ def _figures(health: contracts.CoordinatorHealth) -> dict[str, Any]:
         "store_position": health.store_position,
         "published_position": health.published_position,
         "relay_lag": max(0, health.store_position - health.published_position),
+        "commands_handled": health.commands_handled,
         "sessions_total": health.total_workflow_sessions,
         "sessions_active": health.active_workflow_sessions,
         "sessions_by_status": {str(k): v for k, v in health.sessions_by_status.items()},

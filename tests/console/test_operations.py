@@ -185,6 +185,8 @@ async def test_modules_page_lists_registered_modules_with_health(console: Consol
         assert (
             f'data-testid="module-row" data-module-id="{module_id}" data-healthy="yes"' in page.text
         )
+    instances = re.findall(r'data-testid="module-instances">(\d+)<', page.text)
+    assert instances == ["1", "1"]
     assert (await http.get("/modules?x=1")).status_code == 400
 
 
@@ -210,6 +212,10 @@ async def test_overview_shows_the_coordinator_figures(console: ConsoleSystem) ->
     assert figures["sessions_by_status"] == {"ACTIVE": 1}
     assert figures["store_position"] >= 1
     assert set(figures["modules"]) == {"executor", "task-loop"}
+    # The commands answered so far: the create, the links, these reads, and counting.
+    assert figures["commands_handled"] >= 3
+    later = (await http.get("/overview/figures")).json()
+    assert later["commands_handled"] > figures["commands_handled"]
 
 
 async def test_every_page_sends_security_headers_and_assets_come_from_the_package(

@@ -117,10 +117,15 @@
           if (!figures) { return; }
           var at = Date.parse(figures.at);
           var last = samples[samples.length - 1];
-          var rate = last ? Math.max(0, (figures.store_position - last.position) / Math.max((at - last.at) / 1000, 0.001)) : 0;
-          samples.push({ at: at, position: figures.store_position, rate: rate, lag: figures.relay_lag });
+          var seconds = last ? Math.max((at - last.at) / 1000, 0.001) : 1;
+          var rate = last ? Math.max(0, (figures.store_position - last.position) / seconds) : 0;
+          var commands = last ? Math.max(0, (figures.commands_handled - last.commands) / seconds) : 0;
+          samples.push({ at: at, position: figures.store_position, commands: figures.commands_handled,
+                         rate: rate, commandRate: commands, lag: figures.relay_lag });
           if (samples.length > keep) { samples.shift(); }
           draw(events, samples.slice(1).map(function (s) { return s.rate; }));
+          draw(document.getElementById("chart-commands"), samples.slice(1).map(function (s) { return s.commandRate; }));
+          text(document.getElementById("now-commands"), commands.toFixed(1) + " commands/s now");
           draw(document.getElementById("chart-lag"), samples.map(function (s) { return s.lag; }));
           text(document.getElementById("now-events"), rate.toFixed(1) + " events/s now");
           text(document.getElementById("now-lag"), figures.relay_lag + " now");

@@ -406,6 +406,10 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
             "type": "integer"
           },
           "default": {}
+        },
+        "commands_handled": {
+          "type": "integer",
+          "default": 0
         }
       },
       "required": [
@@ -1281,6 +1285,21 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "active_sessions": {
           "type": "integer",
           "default": 0
+        },
+        "instances": {
+          "type": "integer",
+          "default": 0
+        },
+        "last_error": {
+          "anyOf": [
+            {
+              "$ref": "#/$defs/StandardError"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null
         }
       },
       "required": [

@@ -342,6 +342,8 @@ export interface ModuleInfo {
   healthy?: boolean;
   last_heartbeat?: string | null;
   active_sessions?: number;
+  instances?: number;
+  last_error?: StandardError | null;
 }
 /**
  * getCoordinatorHealth().
@@ -372,6 +374,7 @@ export interface CoordinatorHealth {
   sessions_by_status?: {
     [k: string]: number | undefined;
   };
+  commands_handled?: number;
 }
 /**
  * getIdentity(): the broker user, the module ids it may act for (``None``: any
