@@ -209,6 +209,11 @@ class Topology:
         """A coordinator instance's own heartbeat queue (each replica sees them all)."""
         return f"{self.prefix}.heartbeats.{instance}"
 
+    def console_queue_for(self, instance: str) -> str:
+        """A web console's own queue of session events for its live pages (exclusive
+        to its connection, gone with it)."""
+        return f"{self.prefix}.console.{instance}"
+
     # -- declarations -----------------------------------------------------------------
 
     def exchange_specs(self) -> list[ExchangeSpec]:

@@ -78,10 +78,11 @@ def coordinator_permissions(topology: Topology) -> dict[str, str]:
 
 def operator_permissions(topology: Topology) -> dict[str, str]:
     """``sessionctl``: commands, reading queues and the audit stream, replaying dead
-    letters to where they came from; declares nothing."""
+    letters to where they came from; declares only the web console's own queues of
+    events for its live pages."""
     prefix = _q(topology.prefix)
     return {
-        "configure": "^$",
+        "configure": f"^{_q(topology.console_queue_for(''))}.*$",
         "write": f"^({prefix}\\..*|amq\\.default)$",
         "read": f"^({prefix}\\..*|amq\\.rabbitmq\\.reply-to.*)$",
     }

@@ -84,7 +84,7 @@ class LiveFeed:
         self.transport = transport
         self.topology = topology
         self.own_transport = own_transport
-        self.queue_name = f"{topology.prefix}.console.{uuid.uuid4().hex[:12]}"
+        self.queue_name = topology.console_queue_for(uuid.uuid4().hex[:12])
         self.running = False
         self.problem: str | None = None
         self.received = 0

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from contracts import Topology
 from sessionctl.console import ConsoleServer, ConsoleSettings
+from sessionctl.definitions import operator_permissions
 from tests.bus.conftest import BrokerUsers
 from tests.console.conftest import ConsoleSystem, csrf_of
-from tests.support.broker_admin import user_connections
+from tests.support.broker_admin import delete_user, management, user_connections, user_url
 
 pytestmark = pytest.mark.broker
 
@@ -122,3 +124,48 @@ async def test_pages_say_so_when_no_coordinator_answers(console: ConsoleSystem) 
         assert "No coordinator answered" in page.text
         assert 'data-role="unknown to the coordinator"' in page.text
         assert "Traceback" not in page.text
+
+
+def _user_with(name: str, permissions: dict[str, str]) -> None:
+    quoted = urllib.parse.quote(name, safe="")
+    management("PUT", f"/api/users/{quoted}", {"password": PASSWORD, "tags": ""})
+    management("PUT", f"/api/permissions/%2F/{quoted}", permissions)
+
+
+PASSWORD = "sessionbus-console-feed"
+
+
+async def test_the_operator_user_of_the_definitions_may_run_the_live_feed(
+    console: ConsoleSystem,
+) -> None:
+    """With what ``sessionctl definitions`` gives the operator, the console declares its
+    own queue of events; a user who may declare nothing gets pages that say live
+    updates are off, and every page still works."""
+    topology = console.topology
+    operator, nobody = f"{console.prefix}-feedop", f"{console.prefix}-feednone"
+    _user_with(operator, operator_permissions(topology))
+    _user_with(nobody, {**operator_permissions(topology), "configure": "^$"})
+    try:
+        for user, live in ((operator, "on"), (nobody, "off")):
+            settings = ConsoleSettings(
+                amqp_url=console.url,
+                topology=topology,
+                feed_url=user_url(console.url, user, PASSWORD),
+            )
+            async with ConsoleServer(settings) as server:
+                http = console.http()
+                http.base_url = server.url  # type: ignore[assignment]
+                token = csrf_of((await http.get("/login")).text)
+                answer = await http.post(
+                    "/login", data={"user": "guest", "password": "guest", "csrf": token}
+                )
+                assert answer.status_code == 303
+                page = await http.get("/sessions")
+                assert page.status_code == 200
+                assert f'data-live="{live}"' in page.text
+                if live == "off":
+                    assert "live updates are off" in page.text
+                    assert (await http.get("/sessions/feed")).status_code == 204
+    finally:
+        delete_user(operator)
+        delete_user(nobody)
