@@ -8,9 +8,11 @@ own prefix and broker users.
 - ``people``: broker users of the test, an operator and an auditor, with the broker
   permissions a deployment gives ``sessionctl``'s user; the coordinator's identity map
   tells them apart (``operator=*`` may act for every module, ``auditor=`` for none).
-- ``served``: serves any ASGI application with uvicorn on a free 127.0.0.1 port, in the
-  test's own event loop, so the coordinator, the modules, the console and the browser
-  all answer while a test awaits any one of them.
+- ``system``: a coordinator (SQLite store) and the executor and task-loop reference
+  modules on the test's prefix; ``console``: the console (``sessionctl console``'s
+  server) for it on a free 127.0.0.1 port, in the test's own event loop, so the
+  coordinator, the modules, the console and the browser all answer while a test awaits
+  any one of them; pages signed in through its sign-in form.
 
 Playwright's objects belong to the event loop that made them, and the browser is made
 once: every test of this folder and every fixture here runs in the session's loop
@@ -26,27 +28,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
+import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_asyncio
-import uvicorn
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from contracts import Topology
+from contracts import SessionStatus, StandardError, Topology
 from coordinator.domain.identity import IdentityMap
 from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
+from module_sdk.testing import wait_for
 from reference_modules import Executor, ReferenceModule, TaskLoop
+from sessionctl import admin
 from sessionctl.definitions import operator_permissions
 from tests.cli.conftest import System
+from tests.support import services
 from tests.support.broker_admin import delete_user, management
 from transport.amqp import AmqpTransport
+from transport.port import OutgoingMessage
 
 ROOT = Path(__file__).resolve().parents[3]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -146,49 +151,6 @@ async def new_context(
     assert not errors, "the page had errors:\n" + "\n".join(errors)
 
 
-# --- serving an application ----------------------------------------------------------------
-
-
-class _Server(uvicorn.Server):
-    # The test process's signals stay pytest's.
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-@dataclass
-class Served:
-    url: str
-    port: int
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def served() -> AsyncIterator[Callable[[Any], Awaitable[Served]]]:
-    """``await served(app)``: the ASGI app served by uvicorn on a free 127.0.0.1 port
-    (lifespan on) until the end of the test."""
-    servers: list[tuple[_Server, Any, socket.socket]] = []
-
-    async def serve(app: Any) -> Served:
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-        task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-        servers.append((server, task, sock))
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("the server stopped while starting")
-            await asyncio.sleep(0.01)
-        return Served(f"http://127.0.0.1:{port}", port)
-
-    yield serve
-    for server, task, sock in reversed(servers):
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await task
-        sock.close()
-
-
 # --- who signs in ------------------------------------------------------------------------
 
 
@@ -273,9 +235,178 @@ async def system(
             modules.append(module)
             await module.start()
         await driver.connect()
-        yield System(prefix, amqp_url, store, runtime, CoordinatorClient(driver, topology), modules)
+        # As `sessionctl coordinator` runs it: its loop keeps the health figures fresh
+        # (the relay's published position: the overview's relay lag).
+        stop = asyncio.Event()
+        serving = asyncio.get_running_loop().create_task(runtime.serve_forever(stop))
+        try:
+            yield System(
+                prefix, amqp_url, store, runtime, CoordinatorClient(driver, topology), modules
+            )
+        finally:
+            stop.set()
+            await serving
     finally:
         for module in modules:
             await module.close()
         await driver.close()
         await runtime.close()
+
+
+# --- the console ---------------------------------------------------------------------------
+
+# Counts the live feeds a page opens and marks each once the console says it is
+# subscribed (its ``ready`` event): a test then changes something only once the page
+# is listening, instead of hoping the stream is open by then. Injected by the browser
+# before the page's own script runs.
+FEED_PROBE = """
+(() => {
+  const Original = window.EventSource;
+  if (!Original) { return; }
+  window.__feeds = [];
+  function Probed(url, options) {
+    const source = new Original(url, options);
+    const entry = { url: String(url), ready: false, events: 0 };
+    window.__feeds.push(entry);
+    source.addEventListener("ready", () => { entry.ready = true; });
+    source.addEventListener("session", () => { entry.events += 1; });
+    return source;
+  }
+  Probed.prototype = Original.prototype;
+  window.EventSource = Probed;
+})();
+"""
+
+
+@dataclass
+class Console:
+    """The console of the test, in front of ``system``; pages signed in through its
+    own sign-in form."""
+
+    url: str
+    system: System
+    people: People
+    new_context: Callable[[], Awaitable[tuple[BrowserContext, PageProblems]]]
+    contexts: list[BrowserContext] = field(default_factory=list)
+
+    async def page(self) -> Page:
+        """A page of a new browser context (its own cookies), signed in as nobody."""
+        context, _ = await self.new_context()
+        self.contexts.append(context)
+        await context.add_init_script(FEED_PROBE)
+        return await context.new_page()
+
+    async def close_pages(self) -> None:
+        """Close the pages first: the server then waits for no open live stream."""
+        for context in self.contexts:
+            with contextlib.suppress(Exception):
+                await context.close()
+
+    async def signed_in(self, person: Person) -> Page:
+        """A page signed in as ``person`` through the sign-in form, on the sessions list."""
+        page = await self.page()
+        await page.goto(f"{self.url}/login")
+        await page.fill("#login-user", person.user)
+        await page.fill("#login-password", person.password)
+        await page.click("#login-submit")
+        await expect(page.locator("#signed-in-user")).to_contain_text(person.user)
+        return page
+
+    async def operator(self) -> Page:
+        return await self.signed_in(self.people.operator)
+
+    async def auditor(self) -> Page:
+        return await self.signed_in(self.people.auditor)
+
+
+async def wait_listening(page: Page) -> None:
+    """Until the page's live feed is subscribed at the console."""
+    await page.wait_for_function(
+        "() => (window.__feeds || []).some((feed) => feed.ready)", timeout=WAIT_MS
+    )
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def console(
+    system: System,
+    people: People,
+    new_context: Callable[[], Awaitable[tuple[BrowserContext, PageProblems]]],
+) -> AsyncIterator[Console]:
+    """The console (``sessionctl console``'s server, in this loop) on a free port of
+    127.0.0.1, for the test's coordinator, with the management API for its queues."""
+    from sessionctl.console import ConsoleServer, ConsoleSettings  # noqa: PLC0415
+
+    settings = ConsoleSettings(
+        amqp_url=system.url,
+        topology=Topology(system.prefix),
+        management_url=services.management_target(),
+        command_timeout=15.0,
+    )
+    async with ConsoleServer(settings, "127.0.0.1", 0) as server:
+        made = Console(server.url, system, people, new_context)
+        try:
+            yield made
+        finally:
+            await made.close_pages()
+
+
+# --- what the tests put on the bus ---------------------------------------------------------
+
+
+async def active_session(system: System) -> uuid.UUID:
+    """A workflow session both reference modules have linked (ACTIVE)."""
+    sid = (await system.client.create_workflow_session()).session_id
+    projections = system.runtime.coordinator.projections
+    await wait_for(
+        lambda: (s := projections.get(sid)) is not None and s.status is SessionStatus.ACTIVE,
+        timeout=20,
+        what="an ACTIVE session",
+    )
+    return sid
+
+
+async def eventful_session(system: System) -> uuid.UUID:
+    """An ACTIVE session with a pause, a resume, an activity and a (non-fatal) error
+    after its creation and links."""
+    sid = await active_session(system)
+    client = system.client
+    await client.update_session_status(sid, SessionStatus.PAUSED, reason="paused for a look")
+    await client.update_session_status(sid, SessionStatus.ACTIVE, reason="resumed")
+    await client.record_activity(sid, module_id="executor")
+    await client.report_error(
+        sid,
+        StandardError(code="MODULE_ERROR", message="a page did not load"),
+        module_id="executor",
+        fatal=False,
+    )
+    return sid
+
+
+async def poison(system: System, message_id: str) -> int:
+    """A malformed command on the commands queue: the coordinator dead-letters it.
+    Returns its offset once it is listed as a dead letter."""
+    await system.client.transport.publish(
+        "",
+        system.runtime.topology.commands_queue(),
+        OutgoingMessage(b"{not json", "application/json", message_id=message_id, user_id="guest"),
+    )
+    return await dead_letter_listed(system, message_id)
+
+
+async def dead_letter_listed(system: System, message_id: str, after: int = -1) -> int:
+    """The offset of the dead letter ``message_id`` once one is listed at an offset
+    later than ``after`` (the coordinator counts a rejection before it has dead-lettered
+    the message, so the count says nothing about the listing)."""
+    deadline = time.monotonic() + 15
+    while True:
+        letters = await admin.browse_dead_letters(system.client.transport, system.runtime.topology)
+        offsets = [
+            letter.offset
+            for letter in letters
+            if letter.message_id == message_id and letter.offset is not None
+        ]
+        if offsets and max(offsets) > after:
+            return max(offsets)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"dead letter {message_id} not listed within 15 s")
+        await asyncio.sleep(0.05)

@@ -1,76 +1,48 @@
-"""The browser layer itself: Debian's Chromium, driven by Playwright, loads a page
-served by uvicorn in the test's event loop, runs its script, submits its form and
-takes a picture of it."""
+"""The browser layer itself: Debian's Chromium, driven by Playwright, signs in to the
+console served in the test's event loop, as each of the test's people, beside a
+coordinator whose identity map tells them apart."""
 
 from __future__ import annotations
 
-import urllib.parse
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
-
 import pytest
-from playwright.async_api import BrowserContext, expect
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse
-from starlette.routing import Route
+from playwright.async_api import expect
 
-from tests.cli.conftest import System
-from tests.console.browser.conftest import PageProblems, People, Served
+from tests.console.browser.conftest import Console
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>smoke</title></head>
-<body><h1 id="title">{title}</h1>
-<form method="post" action="/"><label for="name">Name</label><input id="name" name="name">
-<button id="send" type="submit">Send</button></form>
-<p id="script"></p><script>document.getElementById("script").textContent = "ran";</script>
-</body></html>"""
 
-
-async def _page(request: Request) -> HTMLResponse:
-    if request.method == "POST":
-        # Parsed by hand: starlette's form parser needs python-multipart.
-        form = urllib.parse.parse_qs((await request.body()).decode())
-        return HTMLResponse(PAGE.format(title=f"hello {form['name'][0]}"))
-    return HTMLResponse(PAGE.format(title="smoke"))
-
-
-async def test_chromium_loads_a_served_page_runs_its_script_and_posts_its_form(
-    served: Callable[[Any], Awaitable[Served]],
-    new_context: Callable[[], Awaitable[tuple[BrowserContext, PageProblems]]],
-    tmp_path: Path,
+async def test_the_operator_and_the_auditor_sign_in_through_the_consoles_form(
+    console: Console,
 ) -> None:
-    """The fixtures work end to end: a page served in this loop, read, scripted and
-    posted by a real browser, and photographed."""
-    site = await served(Starlette(routes=[Route("/", _page, methods=["GET", "POST"])]))
-    context, _ = await new_context()
-    page = await context.new_page()
-    await page.goto(site.url)
-    await expect(page.locator("#script")).to_have_text("ran")
-    await page.fill("#name", "chromium")
-    await page.click("#send")
-    await expect(page.locator("#title")).to_have_text("hello chromium")
-    picture = tmp_path / "smoke.png"
-    await page.screenshot(path=str(picture))
-    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-async def test_the_system_runs_on_the_tests_prefix_with_an_operator_and_an_auditor(
-    system: System, people: People
-) -> None:
-    """The coordinator under the console answers over the bus, knows both people (the
-    operator acts for every module, the auditor for none) and the sessionctl of the
-    test reads the same prefix."""
-    created = await system.client.create_workflow_session()
-    identity = system.runtime.identity
-    operator = identity.principal_for(people.operator.user)
-    auditor = identity.principal_for(people.auditor.user)
-    assert operator is not None
-    assert operator.modules is None
-    assert auditor is not None
-    assert auditor.modules == frozenset()
-    listed = await system.ctl("sessions", "list", "--json")
+    """Each person signs in through the sign-in form in a context of their own (their
+    own cookies); the coordinator takes the operator for an operator and the auditor
+    for read only, and sessionctl of the test reads the same prefix."""
+    created = await console.system.client.create_workflow_session()
+    operator = await console.operator()
+    auditor = await console.auditor()
+    for page, person, role in [
+        (operator, console.people.operator, "operator"),
+        (auditor, console.people.auditor, "read only"),
+    ]:
+        await page.goto(f"{console.url}/sessions")
+        who = page.locator("#signed-in-user")
+        await expect(who).to_contain_text(person.user)
+        await expect(who).to_have_attribute("data-role", role)
+        await expect(page.locator(f"#session-{created.session_id}")).to_be_visible()
+    listed = await console.system.ctl("sessions", "list", "--json")
     assert listed.code == 0, listed.err
     assert str(created.session_id) in listed.out
+
+
+async def test_a_page_not_signed_in_is_sent_to_the_sign_in_form(console: Console) -> None:
+    """Without a sign-in, a page of the console leads to the sign-in form (and back to
+    that page once signed in)."""
+    page = await console.page()
+    await page.goto(f"{console.url}/modules")
+    await expect(page.locator("#login-form")).to_be_visible()
+    await page.fill("#login-user", console.people.auditor.user)
+    await page.fill("#login-password", console.people.auditor.password)
+    await page.click("#login-submit")
+    await expect(page.locator("[data-testid=module-row]")).to_have_count(2)
+    assert page.url.endswith("/modules")
