@@ -25,7 +25,15 @@ from typing import Any
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from contracts import HEADERS, EventEnvelope, SessionHistory, Topology, fold_history
+from contracts import (
+    HEADERS,
+    DecodeError,
+    EventEnvelope,
+    SessionHistory,
+    Topology,
+    codec_for,
+    fold_history,
+)
 from contracts.topology import DLQ_HEADERS
 from coordinator.store.eventstore import EventStore
 from transport.port import Delivery, OutgoingMessage, Transport
@@ -33,6 +41,8 @@ from transport.port import Delivery, OutgoingMessage, Transport
 __all__ = [
     "DeadLetter",
     "QueueInfo",
+    "StreamSpan",
+    "audit_stream_span",
     "browse_dead_letters",
     "dead_letter",
     "discard_dead_letters",
@@ -237,6 +247,78 @@ async def list_queues(
             info.consumers = stats.consumers
             info.source = "passive declare" if info.kind is None else "management + declare"
     return sorted(found.values(), key=lambda q: q.name)
+
+
+@dataclass
+class StreamSpan:
+    """What a stream holds: its first and last entries' offsets and times (``None``
+    when it is empty)."""
+
+    first_offset: int | None = None
+    first_time: datetime | None = None
+    last_offset: int | None = None
+    last_time: datetime | None = None
+
+    @property
+    def entries(self) -> int | None:
+        """Entries from the first to the last (a stream's offsets are consecutive)."""
+        if self.first_offset is None or self.last_offset is None:
+            return None
+        return self.last_offset - self.first_offset + 1
+
+
+async def _stream_edge(
+    transport: Transport, queue: str, where: str, idle_seconds: float
+) -> tuple[int, datetime | None] | None:
+    """The offset and event time of the first entry of a stream (``where="first"``),
+    or of its last one (``"last"``: the last chunk is read until it stays quiet for
+    ``idle_seconds``, as the audit export reads to the end, and for 20 times that at
+    most: under steady traffic the newest entry seen by then is the last)."""
+    inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def on_delivery(delivery: Delivery) -> None:
+        await inbox.put(delivery)
+
+    handle = await transport.consume(
+        queue, on_delivery, prefetch=500, arguments={"x-stream-offset": where}
+    )
+    found: Delivery | None = None
+    deadline = time.monotonic() + 20 * idle_seconds
+    try:
+        while time.monotonic() < deadline:
+            try:
+                delivery = await asyncio.wait_for(inbox.get(), idle_seconds)
+            except TimeoutError:
+                break
+            await delivery.ack()  # a stream's ack only grants credit
+            found = delivery
+            if where == "first":
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await handle.close()
+    if found is None or "x-stream-offset" not in found.headers:
+        return None
+    try:
+        at: datetime | None = codec_for(found.content_type).decode_envelope(found.body).occurred_at
+    except DecodeError:
+        at = None
+    return int(found.headers["x-stream-offset"]), at
+
+
+async def audit_stream_span(
+    transport: Transport, topology: Topology, *, idle_seconds: float = 0.5
+) -> StreamSpan:
+    """The audit stream's first and last entries (offsets and event times), read from
+    the broker without changing anything."""
+    first = await _stream_edge(transport, topology.audit_stream, "first", idle_seconds)
+    if first is None:
+        return StreamSpan()
+    last = await _stream_edge(transport, topology.audit_stream, "last", idle_seconds)
+    span = StreamSpan(first_offset=first[0], first_time=first[1])
+    if last is not None:
+        span.last_offset, span.last_time = last
+    return span
 
 
 def _maybe_int(value: Any) -> int | None:

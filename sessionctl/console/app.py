@@ -604,11 +604,14 @@ async def queues_page(request: Request) -> Response:
         module_ids,
         prometheus_url=console.settings.prometheus_url,
     )
+    audit = await admin.audit_stream_span(account.transport, console.settings.topology)
     return render(
         request,
         "queues.html",
         {
             "queues": queues,
+            "audit": audit,
+            "audit_stream": console.settings.topology.audit_stream,
             "management": console.settings.management_url is not None,
             "prometheus": console.settings.prometheus_url is not None,
             "passive_only": bool(queues) and all(q.source == "passive declare" for q in queues),

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from contracts import SessionStatus
 from module_sdk.testing import wait_for
 from sessionctl import admin
 from tests.bus.support import wait_status
@@ -190,17 +191,28 @@ async def test_modules_page_lists_registered_modules_with_health(console: Consol
     assert (await http.get("/modules?x=1")).status_code == 400
 
 
-async def test_queues_page_lists_the_prefix_queues(console: ConsoleSystem) -> None:
+async def test_queues_page_lists_the_prefix_queues_and_the_audit_stream(
+    console: ConsoleSystem,
+) -> None:
+    session = await console.client.create_workflow_session(["q"])
+    await wait_status(console.runtime, session.session_id, SessionStatus.ACTIVE)
+    await console.runtime.wait_published()
+    published = console.runtime.coordinator.projections.position
     http = await console.signed_in()
     page = await http.get("/queues")
     assert page.status_code == 200
     for name in ("commands", "dlq", "module.executor", "module.task-loop"):
         assert f'data-queue="{console.prefix}.{name}"' in page.text
+    # Every event published is in the audit stream, from offset 0 on.
+    span = re.search(r'data-first-offset="(\d+)"\s+data-last-offset="(\d+)"', page.text)
+    assert span is not None
+    assert int(span.group(1)) == 0
+    assert int(span.group(2)) == published - 1
 
 
 async def test_overview_shows_the_coordinator_figures(console: ConsoleSystem) -> None:
     session = await console.client.create_workflow_session(["o"])
-    await wait_status(console.runtime, session.session_id, session.status.__class__.ACTIVE)
+    await wait_status(console.runtime, session.session_id, SessionStatus.ACTIVE)
     http = await console.signed_in()
     page = await http.get("/overview")
     assert page.status_code == 200
