@@ -237,6 +237,12 @@ def _local_path(value: str | None) -> str:
     return "/sessions"
 
 
+def _no_parameters(request: Request, *allowed: str) -> None:
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        raise BadInput(f"unknown parameter(s): {', '.join(unknown)}")
+
+
 # --- sign-in ---------------------------------------------------------------------------
 
 
@@ -356,6 +362,7 @@ async def sessions_feed(request: Request) -> Response:
     """Server-sent events: one ``session`` event per session event published (of one
     session with ``?session=ID``). 204 when the console has no live feed."""
     account = require(request)
+    _no_parameters(request, "session")
     only = parse_uuid(request.query_params.get("session"), "session")
     console = _console(request)
     feed = console.feed
@@ -493,9 +500,7 @@ async def session_page(request: Request) -> Response:
     account = require(request)
     sid = _session_id(request)
     query = request.query_params
-    unknown = sorted(set(query) - {"version", "as_of"})
-    if unknown:
-        raise BadInput(f"unknown parameter(s): {', '.join(unknown)}")
+    _no_parameters(request, "version", "as_of")
     version = parse_int(query.get("version"), "version", 1, 2**31)
     as_of = parse_time(query.get("as_of"), "as_of")
     client = account.client
@@ -581,16 +586,14 @@ async def session_repair(request: Request) -> Response:
 
 async def modules_page(request: Request) -> Response:
     account = require(request)
-    if request.query_params:
-        raise BadInput(f"unknown parameter(s): {', '.join(sorted(request.query_params))}")
+    _no_parameters(request)
     modules = await account.client.list_modules()
     return render(request, "modules.html", {"modules": modules}, account=account)
 
 
 async def queues_page(request: Request) -> Response:
     account = require(request)
-    if request.query_params:
-        raise BadInput(f"unknown parameter(s): {', '.join(sorted(request.query_params))}")
+    _no_parameters(request)
     console = _console(request)
     try:
         module_ids = [m.module_id for m in await account.client.list_modules()]
@@ -636,8 +639,7 @@ def _figures(health: contracts.CoordinatorHealth) -> dict[str, Any]:
 
 async def overview_page(request: Request) -> Response:
     account = require(request)
-    if request.query_params:
-        raise BadInput(f"unknown parameter(s): {', '.join(sorted(request.query_params))}")
+    _no_parameters(request)
     health = await account.client.get_coordinator_health()
     figures = _figures(health)
     by_status = [(s.value, health.sessions_by_status.get(s, 0)) for s in SessionStatus]
@@ -656,6 +658,7 @@ async def overview_page(request: Request) -> Response:
 
 async def overview_figures(request: Request) -> Response:
     account = require(request)
+    _no_parameters(request)
     health = await account.client.get_coordinator_health()
     return JSONResponse(_figures(health), headers={"Cache-Control": "no-store"})
 
@@ -713,8 +716,7 @@ def _letter_view(delivery: Delivery) -> LetterView:
 
 async def dead_letters_page(request: Request) -> Response:
     account = require(request)
-    if request.query_params:
-        raise BadInput(f"unknown parameter(s): {', '.join(sorted(request.query_params))}")
+    _no_parameters(request)
     topology = _console(request).settings.topology
     deliveries = await admin.unsettled_dead_letters(account.transport, topology)
     views = [_letter_view(d) for d in deliveries[:DEAD_LETTERS_SHOWN]]

@@ -227,3 +227,23 @@ async def test_sessions_created_after_the_page_opened_arrive_by_server_sent_even
 async def test_the_live_feed_needs_a_sign_in(console: ConsoleSystem) -> None:
     answer = await console.http().get("/sessions/feed")
     assert answer.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("path", "says"),
+    [
+        ("/sessions/feed?session=nope", "session: 'nope' is not an id"),
+        ("/sessions/feed?since=1", "unknown parameter(s): since"),
+        ("/overview/figures?window=5", "unknown parameter(s): window"),
+        ("/overview?x=1", "unknown parameter(s): x"),
+        ("/queues?x=1", "unknown parameter(s): x"),
+        ("/dead-letters?x=1", "unknown parameter(s): x"),
+    ],
+)
+async def test_bad_query_strings_of_the_other_pages_get_a_400(
+    console: ConsoleSystem, path: str, says: str
+) -> None:
+    http = await console.signed_in()
+    answer = await http.get(path)
+    assert answer.status_code == 400
+    assert says in answer.text.replace("&#39;", "'")
