@@ -432,3 +432,59 @@ async def test_bad_input_in_every_form_and_query_string_gets_a_clear_message(
     assert session is not None
     assert session.status is SessionStatus.ACTIVE
     assert not problems, "\n".join(problems)
+
+
+# --- every view ----------------------------------------------------------------------------
+
+# What a page must not have: text or markup outside its header and main part (a
+# template's block left open spills into the title or the body's attributes), the same
+# id twice (labels, links and these tests find elements by id).
+PAGE_SHAPE = """() => {
+    const ids = [...document.querySelectorAll("[id]")].map((e) => e.id);
+    const twice = ids.filter((id, i) => ids.indexOf(id) !== i);
+    const stray = [...document.body.childNodes]
+        .filter((n) => n.nodeType === Node.TEXT_NODE && n.textContent.trim() !== "")
+        .map((n) => n.textContent.trim().slice(0, 40));
+    const children = [...document.body.children].map((e) => e.tagName.toLowerCase());
+    return {twice, stray, children, page: document.body.dataset.page, title: document.title};
+}"""
+
+
+async def test_every_view_is_a_well_formed_page(console: Console) -> None:
+    """Each view (sign-in, sessions, a session, dead letters, modules, queues,
+    overview) is one page as the layout has it: its name and title, the skip link, the
+    header and the main part and nothing else in the body, no id used twice."""
+    system = console.system
+    sid = await eventful_session(system)
+    await poison(system, "poison-shape")
+    prefix = system.prefix
+    signin = await console.page()
+    await signin.goto(f"{console.url}/login")
+    page = await console.operator()
+    views = [
+        (signin, "/login", "login", "Sign in"),
+        (page, "/sessions", "sessions", "Sessions"),
+        (page, f"/sessions/{sid}", "session", f"Session {sid}"),
+        (page, "/dead-letters", "dead-letters", "Dead letters"),
+        (page, "/modules", "modules", "Modules"),
+        (page, "/queues", "queues", "Queues"),
+        (page, "/overview", "overview", "Overview"),
+    ]
+    problems: list[str] = []
+    for view, path, name, title in views:
+        response = await view.goto(f"{console.url}{path}")
+        assert response is not None
+        assert response.status == 200, path
+        await expect(view.locator("#main h1")).to_be_visible()
+        shape = await view.evaluate(PAGE_SHAPE)
+        expected = {
+            "twice": [],
+            "stray": [],
+            "children": ["a", "header", "main"],
+            "page": name,
+            "title": f"{title} · {prefix}",
+        }
+        wrong = {k: v for k, v in shape.items() if v != expected[k]}
+        if wrong:
+            problems.append(f"{path}: {wrong}")
+    assert not problems, "\n".join(problems)
