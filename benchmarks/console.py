@@ -1,0 +1,475 @@
+"""The web console over the real broker: its pages with many live sessions, and its live
+feed at a fixed event rate.
+
+Both run a ``sessionctl coordinator`` process and a ``sessionctl console`` process on a
+prefix of their own (``benchmarks.bus.Harness``: deleted afterwards, on error too); this
+process is the browser, an ``httpx`` client on 127.0.0.1 signed in as ``guest``, whom
+the coordinator's identity rules make an operator (``--identity guest=*``).
+
+- ``console.pages``: the store holds N live sessions (``benchmarks.workload.generate``,
+  as ``memory.sessions`` writes them; 100k, quick 10k), the coordinator starts on it
+  (every session in its read models); then the sessions page (first page, a filtered
+  page, a later keyset page) and one session's page, requested in turn, one request at
+  a time. The time is the client's round trip on loopback, first byte sent to last
+  byte read: the server's wall time plus the loopback hops (the console reads through
+  the coordinator over the broker, so that round trip is in it too).
+- ``console.live_feed``: ``record_activity`` paced at 1,000 events/s through the
+  coordinator, once with no console running and once with the console open and an SSE
+  client reading the sessions list's live stream (``/sessions/feed``), the order
+  alternating from one trial to the next; the SSE client counts the events it gets and
+  how late (event time → read here). The coordinator's slowdown is the ratio of the
+  command latencies and rates with and without the console, within each trial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import json
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from benchmarks.bus import AMQP, SESSIONCTL, Child, Harness, _harness, _spawn
+from benchmarks.cpu import CpuMeter, cpu_figures
+from benchmarks.pacing import open_loop
+from benchmarks.registry import (
+    Context,
+    Deadline,
+    Figure,
+    Trial,
+    measurement,
+    percentile,
+    target,
+)
+from benchmarks.workload import OPTIONAL, generate
+from contracts import SessionStatus
+from coordinator.store.eventstore import EventStore
+
+CSRF = re.compile(r'name="csrf" value="([^"]+)"')
+NEXT_PAGE = re.compile(r'id="next-page" href="([^"]+)"')
+ROW = re.compile(r'data-session-id="([0-9a-f-]{36})"')
+SERVED = re.compile(r"console on (http://127\.0\.0\.1:\d+)/")
+# Starting a coordinator on 100k sessions rebuilds its read models first.
+BIG_START_TIMEOUT_S = 600.0
+
+
+async def _console(h: Harness) -> tuple[Child, str]:
+    """A ``sessionctl console`` process on the harness's prefix; its URL."""
+    child = await _spawn(
+        "console",
+        [
+            SESSIONCTL,
+            "console",
+            "--amqp-url",
+            AMQP,
+            "--prefix",
+            h.prefix,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ],
+        "sessionbus console on",
+    )
+    h.children.append(child)
+    h.started.append(child)
+    await child.wait_ready()
+    for line in child.lines:
+        if found := SERVED.search(line):
+            return child, found.group(1)
+    raise RuntimeError(f"the console said no URL:\n{child.tail()}")
+
+
+def _sign_in_token(form: httpx.Response) -> str:
+    token = CSRF.search(form.text)
+    if form.status_code != 200 or token is None:
+        raise RuntimeError(f"no sign-in form ({form.status_code})")
+    return html.unescape(token.group(1))
+
+
+async def _signed_in(url: str) -> httpx.AsyncClient:
+    """A client of the console signed in as ``guest`` (an operator here)."""
+    http = httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0))
+    try:
+        token = _sign_in_token(await http.get("/login"))
+        answer = await http.post(
+            "/login", data={"user": "guest", "password": "guest", "csrf": token}
+        )
+    except BaseException:
+        await http.aclose()
+        raise
+    if answer.status_code != 303:
+        await http.aclose()
+        raise RuntimeError(f"sign-in refused ({answer.status_code}): {answer.text[:500]}")
+    return http
+
+
+async def _get(http: httpx.AsyncClient, path: str) -> tuple[float, str]:
+    """Seconds from sending the request to the last byte of the answer; the page."""
+    started = time.perf_counter()
+    answer = await http.get(path)
+    elapsed = time.perf_counter() - started
+    if answer.status_code != 200:
+        raise RuntimeError(f"GET {path}: {answer.status_code}: {answer.text[:500]}")
+    return elapsed, answer.text
+
+
+# --- console.pages --------------------------------------------------------------------
+
+
+@measurement(
+    "console.pages",
+    "console pages with N live sessions (sessions list: first, filtered, later keyset "
+    "page; a session's page): loopback round trip, one request at a time",
+    repeats=(2, 3),
+    budget_s=(60.0, 240.0),
+    needs=("rabbitmq",),
+)
+@contextlib.contextmanager
+def console_pages(ctx: Context) -> Iterator[Trial]:
+    count = ctx.size(10_000, 100_000)
+    per_kind = ctx.size(30, 100)
+    trial_seconds = 25.0 if ctx.quick else 70.0
+    with _harness(ctx, "console-pages") as (loop, h):
+        store = h.dir / "live.sqlite"
+        ctx.log(f"writing {count:,} live sessions into {store}")
+        with EventStore(f"sqlite:///{store}") as events:
+            made = generate(events, sessions=count, may_end=False, activity=(1, 3), max_seconds=600)
+        ctx.log(f"wrote {made.events:,} events in {made.seconds:.1f}s")
+        module = OPTIONAL[0]
+        paths: dict[str, str] = {
+            "first_page": "/sessions",
+            "filtered_page": f"/sessions?status={SessionStatus.ACTIVE.value}&module={module}",
+        }
+
+        async def setup() -> tuple[httpx.AsyncClient, list[str], float]:
+            coordinator = await h.coordinator(store)
+            started = time.perf_counter()
+            await coordinator.wait_ready(BIG_START_TIMEOUT_S)
+            start_seconds = time.perf_counter() - started
+            _, url = await _console(h)
+            http = await _signed_in(url)
+            # The fifth page by the keyset cursor of "Next page", and the sessions shown
+            # on the way (whose own pages are then requested in turn).
+            ids: list[str] = []
+            path = paths["first_page"]
+            for _ in range(5):
+                _, page = await _get(http, path)
+                ids.extend(ROW.findall(page))
+                following = NEXT_PAGE.search(page)
+                if following is None:
+                    raise RuntimeError(f"no next page after {path} with {count} sessions")
+                path = html.unescape(following.group(1))
+            paths["later_page"] = path
+            if not ids:
+                raise RuntimeError("no session rows on the sessions page")
+            return http, list(dict.fromkeys(ids)), start_seconds
+
+        http, ids, start_seconds = loop.run_until_complete(setup())
+        ctx.params.update(
+            sessions=made.sessions,
+            live_sessions=made.live_sessions,
+            events=made.events,
+            generation_seconds=round(made.seconds, 2),
+            coordinator_start_seconds=round(start_seconds, 2),
+            requests_per_page_kind=per_kind,
+            paths={
+                k: v.split("after=")[0] + ("after=…" if "after=" in v else "")
+                for k, v in paths.items()
+            },
+            session_pages=f"/sessions/<id> of {len(ids)} sessions of the first five pages, in turn",
+            timing="client round trip on 127.0.0.1 (httpx, keep-alive), request sent → last "
+            "byte read; one request at a time; the kinds interleaved",
+            coordinator_query="for reference: the first page's query alone "
+            "(CoordinatorClient.page_workflow_sessions from this process), no console",
+            signed_in_as="guest (operator: --identity guest=*)",
+            quick_note="quick: 10k live sessions, not the issue's 100k" if ctx.quick else "",
+        )
+
+        async def trial() -> dict[str, Figure]:
+            kinds = (*paths, "session_page", "coordinator_query")
+            times: dict[str, list[float]] = {k: [] for k in kinds}
+            deadline = Deadline(trial_seconds)
+            for i in range(per_kind):
+                if deadline.passed():
+                    ctx.note(f"pages: stopped after {i} rounds at the {trial_seconds:.0f} s bound")
+                    break
+                for kind, path in paths.items():
+                    times[kind].append((await _get(http, path))[0])
+                times["session_page"].append(
+                    (await _get(http, f"/sessions/{ids[i % len(ids)]}"))[0]
+                )
+                started = time.perf_counter()
+                await h.client.page_workflow_sessions(newest_first=True)
+                times["coordinator_query"].append(time.perf_counter() - started)
+            figures: dict[str, Figure] = {}
+            for kind, got in times.items():
+                got.sort()
+                figures[f"{kind}.p50_ms"] = Figure(percentile(got, 0.5) * 1000, "ms", "lower")
+                figures[f"{kind}.p99_ms"] = Figure(percentile(got, 0.99) * 1000, "ms", "lower")
+            pages = sum(len(t) for k, t in times.items() if k != "coordinator_query")
+            figures["requests"] = Figure(pages, "requests", None)
+            return figures
+
+        try:
+            yield lambda: loop.run_until_complete(trial())
+        finally:
+            loop.run_until_complete(http.aclose())
+
+
+for _kind, _label in (
+    ("first_page", "sessions page"),
+    ("filtered_page", "filtered sessions page"),
+    ("later_page", "later keyset page"),
+    ("session_page", "a session's page"),
+):
+    target(
+        f"console {_label} p99 with 100k live sessions",
+        "console.pages",
+        f"{_kind}.p99_ms",
+        "<=",
+        100,
+        "ms",
+        at_size=("live_sessions", 100_000),
+    )
+
+
+# --- console.live_feed ----------------------------------------------------------------
+
+
+@dataclass
+class Feed:
+    """What the SSE client read."""
+
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    received: int = 0  # session events of the paced commands
+    missed: int = 0  # events the console said it dropped for this client
+    lags: list[float] = field(default_factory=list)
+    since: float = 0.0  # time.time(): events before this are not counted
+    goal: int | None = None  # events published; ``caught_up`` is set once all arrived
+    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def expect(self, published: int) -> None:
+        self.goal = published
+        if self.received >= published:
+            self.caught_up.set()
+
+
+async def _read_feed(http: httpx.AsyncClient, feed: Feed, max_seconds: float) -> None:
+    deadline = Deadline(max_seconds)
+    async with http.stream("GET", "/sessions/feed") as answer:
+        if answer.status_code != 200:
+            raise RuntimeError(f"live feed: {answer.status_code}")
+        event = ""
+        async for line in answer.aiter_lines():
+            if deadline.passed():
+                return
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                if event == "ready":
+                    feed.ready.set()
+                elif event == "missed":
+                    feed.missed += int(line[6:])
+                elif event == "session":
+                    item: dict[str, Any] = json.loads(line[6:])
+                    at = datetime.fromisoformat(item["at"]).timestamp()
+                    if at >= feed.since and item.get("type") != "WorkflowSessionCreated":
+                        feed.received += 1
+                        feed.lags.append(time.time() - at)
+                        if feed.goal is not None and feed.received >= feed.goal:
+                            feed.caught_up.set()
+
+
+@dataclass
+class Run:
+    commands: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    behind_s: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+
+async def _paced(h: Harness, sessions: list[uuid.UUID], rate: float, seconds: float) -> Run:
+    """``record_activity`` (one event each) round-robin on an open-loop schedule."""
+    got = Run()
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        try:
+            await h.client.record_activity(sessions[i % len(sessions)])
+        except Exception:  # noqa: BLE001 - counted and reported
+            got.failed += 1
+            return
+        got.latencies.append(time.perf_counter() - started)
+
+    schedule = await open_loop(int(rate * seconds), rate, seconds, one)
+    got.seconds = time.perf_counter() - schedule.started
+    got.commands = len(got.latencies)
+    got.failed += schedule.late
+    got.behind_s = schedule.behind_s
+    got.latencies.sort()
+    return got
+
+
+@measurement(
+    "console.live_feed",
+    "commands paced at 1,000 events/s with no console, then with the console and an SSE "
+    "client on the sessions list's live stream (order alternating): feed kept up? "
+    "coordinator slowed?",
+    repeats=(2, 4),
+    budget_s=(60.0, 240.0),
+    needs=("rabbitmq",),
+)
+@contextlib.contextmanager
+def console_live_feed(ctx: Context) -> Iterator[Trial]:
+    rate = 1000.0
+    seconds = 3.0 if ctx.quick else 8.0
+    lanes = 32
+    ctx.params.update(
+        target_events_per_s=rate,
+        seconds=seconds,
+        sessions=lanes,
+        command="record_activity round-robin over pre-created ACTIVE sessions, 1 event each",
+        store="SQLite file (fresh directory), only the benchmark's sessions",
+        console="a sessionctl console process, started for the half with the console and "
+        "stopped after it; the SSE client (httpx, this process) reads /sessions/feed",
+        slowdown="per trial: command p50/p99 latency and commands/s with ÷ without "
+        "(the two halves alternate which goes first)",
+        saturated="when the host does not carry the rate (reached_fraction < 1), both "
+        "halves queue behind the schedule: the latencies then include that wait, and "
+        "rate_slowdown_pct (commands/s lost with the console) is the telling figure",
+        lag="event's occurred_at (coordinator) → the SSE line read here, time.time()",
+    )
+    with _harness(ctx, "console-feed") as (loop, h):
+
+        async def setup() -> tuple[Child, list[uuid.UUID]]:
+            coordinator = await h.coordinator(h.dir / "feed.sqlite")
+            await coordinator.wait_ready()
+            made = await asyncio.gather(
+                *(h.client.create_workflow_session(["bench"]) for _ in range(lanes))
+            )
+            ids = [s.session_id for s in made]
+            await _paced(h, ids, rate, 0.5)  # warm-up
+            return coordinator, ids
+
+        coordinator, ids = loop.run_until_complete(setup())
+        trials = 0
+
+        async def without() -> tuple[Run, Any]:
+            meter = CpuMeter({"coordinator": [coordinator.pid]})
+            run = await _paced(h, ids, rate, seconds)
+            return run, meter.stop()
+
+        async def with_console() -> tuple[Run, Any, Feed]:
+            console, url = await _console(h)
+            http = await _signed_in(url)
+            feed = Feed()
+            reader = asyncio.create_task(_read_feed(http, feed, seconds * 2 + 60))
+            try:
+                waiting = asyncio.create_task(feed.ready.wait())
+                await asyncio.wait({waiting, reader}, timeout=30, return_when="FIRST_COMPLETED")
+                if not feed.ready.is_set():
+                    waiting.cancel()
+                    if reader.done():
+                        reader.result()  # raises what ended it
+                    raise RuntimeError("the live feed did not say ready within 30 s")
+                feed.since = time.time()
+                meter = CpuMeter({"coordinator": [coordinator.pid], "console": [console.pid]})
+                run = await _paced(h, ids, rate, seconds)
+                use = meter.stop()
+                feed.expect(run.commands)
+                caught_up = asyncio.create_task(feed.caught_up.wait())
+                await asyncio.wait({caught_up, reader}, timeout=10, return_when="FIRST_COMPLETED")
+                caught_up.cancel()
+            finally:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+                await http.aclose()
+                await h.stop(console)
+            return run, use, feed
+
+        async def trial() -> dict[str, Figure]:
+            nonlocal trials
+            trials += 1
+            if trials % 2:
+                base, base_cpu = await without()
+                run, cpu, feed = await with_console()
+            else:
+                run, cpu, feed = await with_console()
+                base, base_cpu = await without()
+            figures: dict[str, Figure] = {}
+            for label, r in (("without", base), ("with", run)):
+                per_s = r.commands / r.seconds if r.seconds > 0 else 0.0
+                if r.failed:
+                    ctx.note(f"trial {trials} ({label} console): {r.failed} commands failed")
+                if per_s < 0.95 * rate:
+                    ctx.note(
+                        f"trial {trials} ({label} console): {rate:.0f} events/s not reached: "
+                        f"{per_s:.0f} events/s, sends up to {r.behind_s:.2f} s behind schedule"
+                    )
+                figures[f"{label}.commands_per_s"] = Figure(per_s, "cmd/s")
+                figures[f"{label}.reached_fraction"] = Figure(per_s / rate, "fraction")
+                figures[f"{label}.p50_ms"] = Figure(
+                    percentile(r.latencies, 0.5) * 1000, "ms", "lower"
+                )
+                figures[f"{label}.p99_ms"] = Figure(
+                    percentile(r.latencies, 0.99) * 1000, "ms", "lower"
+                )
+            figures |= cpu_figures("without.", base_cpu, base.commands, "command")
+            figures |= cpu_figures("with.", cpu, run.commands, "command")
+
+            def ratio(a: float, b: float) -> float:
+                return a / b if b > 0 else float("nan")
+
+            p99 = ratio(percentile(run.latencies, 0.99), percentile(base.latencies, 0.99))
+            p50 = ratio(percentile(run.latencies, 0.5), percentile(base.latencies, 0.5))
+            rate_ratio = ratio(run.commands / run.seconds, base.commands / base.seconds)
+            feed.lags.sort()
+            delivered = feed.received / run.commands if run.commands else 0.0
+            if delivered < 1.0:
+                ctx.note(
+                    f"trial {trials}: the live feed delivered {feed.received} of {run.commands} "
+                    f"events within 10 s of the last command ({feed.missed} reported missed)"
+                )
+            return figures | {
+                "p99_latency_ratio": Figure(p99, "x", "lower"),
+                "p50_latency_ratio": Figure(p50, "x", "lower"),
+                "commands_per_s_ratio": Figure(rate_ratio, "x"),
+                "coordinator_slowdown_pct": Figure((p99 - 1) * 100, "%", "lower"),
+                "rate_slowdown_pct": Figure((1 - rate_ratio) * 100, "%", "lower"),
+                "feed.delivered_fraction": Figure(delivered, "fraction"),
+                "feed.received": Figure(feed.received, "events", None),
+                "feed.missed": Figure(feed.missed, "events", "lower"),
+                "feed.lag_p50_ms": Figure(percentile(feed.lags, 0.5) * 1000, "ms", "lower"),
+                "feed.lag_p99_ms": Figure(percentile(feed.lags, 0.99) * 1000, "ms", "lower"),
+            }
+
+        yield lambda: loop.run_until_complete(trial())
+
+
+target(
+    "console's live feed slows the coordinator's p99 by at most 5% at 1k events/s",
+    "console.live_feed",
+    "coordinator_slowdown_pct",
+    "<=",
+    5,
+    "%",
+)
+target(
+    "console's live feed keeps up at 1k events/s",
+    "console.live_feed",
+    "feed.delivered_fraction",
+    ">=",
+    1.0,
+    "fraction",
+)
