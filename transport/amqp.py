@@ -20,7 +20,7 @@ import logging
 import re
 import ssl
 import urllib.parse
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -46,6 +46,7 @@ from transport.port import (
     Handler,
     OutgoingMessage,
     QueueStats,
+    ReconnectCallback,
     Transport,
     TransportClosed,
     TransportError,
@@ -491,6 +492,11 @@ class AmqpTransport(Transport):
         self._reply_lock = asyncio.Lock()
         self._closed = False
         self.reconnects = 0
+        # Exclusive queues declared here, by name: consumed, they are declared again
+        # on a restored connection (see ``consume``).
+        self._exclusive: dict[str, QueueSpec] = {}
+        self._reconnect_callbacks: list[ReconnectCallback] = []
+        self._callback_tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"AmqpTransport({redact_url(self.url)!r}, user={self.user!r})"
@@ -552,6 +558,30 @@ class AmqpTransport(Transport):
         log.info(
             "connection restored on %s (%d)", redact_url(self.address or self.url), self.reconnects
         )
+        if self._closed:
+            return
+        # aio-pika calls this once every channel is restored (consumers included);
+        # the callbacks run as tasks of their own so that a slow one does not hold up
+        # aio-pika's restore of the next connection should this one go too.
+        for callback in list(self._reconnect_callbacks):
+            task = asyncio.get_running_loop().create_task(self._reconnected(callback))
+            self._callback_tasks.add(task)
+            task.add_done_callback(self._callback_tasks.discard)
+
+    async def _reconnected(self, callback: ReconnectCallback) -> None:
+        try:
+            await callback()
+        except Exception:
+            log.exception("reconnect callback %r failed", callback)
+
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        self._reconnect_callbacks.append(callback)
+
+        def remove() -> None:
+            with contextlib.suppress(ValueError):
+                self._reconnect_callbacks.remove(callback)
+
+        return remove
 
     def _connection_seen(self, underlying: object) -> None:
         """Count a broker connection other than the last one seen as a reconnect.
@@ -572,6 +602,9 @@ class AmqpTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        for task in list(self._callback_tasks):
+            task.cancel()
+        await asyncio.gather(*self._callback_tasks, return_exceptions=True)
         for handle in self._consumers:
             await handle.cancel()
         for waiter in self._waiting.values():
@@ -610,6 +643,8 @@ class AmqpTransport(Transport):
                 )
                 for exchange, key in spec.bindings:
                     await queue.bind(exchange, routing_key=key)
+        if spec.exclusive:
+            self._exclusive[spec.name] = spec
 
     async def _ready(
         self, channel: AbstractChannel | None, restored: _Restored | None
@@ -723,9 +758,25 @@ class AmqpTransport(Transport):
         with _mapped(f"consume {queue}"):
             channel = await self.connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch)
-            # A passive declare (not get_queue) registers the queue with the robust
-            # channel, which re-consumes after a reconnect.
-            target = await channel.declare_queue(queue, passive=True)
+            spec = self._exclusive.get(queue)
+            if spec is None:
+                # A passive declare (not get_queue) registers the queue with the robust
+                # channel, which re-consumes after a reconnect.
+                target = await channel.declare_queue(queue, passive=True)
+            else:
+                # An exclusive queue went with the lost connection: a passive declare
+                # would fail aio-pika's restore of the whole connection, again and
+                # again. Declared in full and bound here, the robust channel declares
+                # and binds it again before it consumes.
+                target = await channel.declare_queue(
+                    queue,
+                    durable=spec.durable,
+                    exclusive=True,
+                    auto_delete=spec.auto_delete,
+                    arguments=dict(spec.arguments) or None,
+                )
+                for exchange, key in spec.bindings:
+                    await target.bind(exchange, routing_key=key)
 
             acks = _Acks()
 
@@ -803,6 +854,7 @@ class AmqpTransport(Transport):
             channel = await self._admin_channel()
             async with channel:
                 await channel.queue_delete(queue)
+        self._exclusive.pop(queue, None)
 
 
 class _ChannelDelivery(AmqpDelivery):

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,7 @@ from transport.port import (
     Handler,
     OutgoingMessage,
     QueueStats,
+    ReconnectCallback,
     Transport,
     TransportClosed,
     TransportError,
@@ -299,6 +300,7 @@ class MemoryTransport(Transport):
         self._waiting: dict[str, asyncio.Future[Delivery]] = {}
         self._reply_name = ""
         self._consumers: list[_MemoryConsumerHandle] = []
+        self._reconnect_callbacks: list[ReconnectCallback] = []
 
     async def connect(self) -> None:
         if self.broker.users is not None and self.user not in self.broker.users:
@@ -319,6 +321,24 @@ class MemoryTransport(Transport):
                 waiter.set_exception(TransportClosed("transport closed"))
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        self._reconnect_callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self._reconnect_callbacks:
+                self._reconnect_callbacks.remove(callback)
+
+        return remove
+
+    async def reconnected(self) -> None:
+        """Simulate a lost and restored connection: count it in ``reconnects`` and run
+        the ``on_reconnect`` callbacks (there is no connection to lose in-process:
+        queues, bindings and consumers all stay as they were)."""
+        self._check()
+        self.reconnects += 1
+        for callback in list(self._reconnect_callbacks):
+            await callback()
 
     def _check(self) -> None:
         if not self._open:

@@ -26,6 +26,7 @@ __all__ = [
     "Handler",
     "OutgoingMessage",
     "QueueStats",
+    "ReconnectCallback",
     "Transport",
     "TransportClosed",
     "TransportError",
@@ -128,6 +129,9 @@ class Delivery(abc.ABC):
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
+#: Called after the connection was lost and restored (see ``Transport.on_reconnect``).
+ReconnectCallback = Callable[[], Awaitable[None]]
+
 
 class ConsumerHandle(abc.ABC):
     """A running consumer."""
@@ -177,7 +181,23 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def declare_queue(self, spec: QueueSpec) -> None:
-        """Declare a queue and its bindings (idempotent for identical arguments)."""
+        """Declare a queue and its bindings (idempotent for identical arguments).
+
+        An exclusive queue goes with the connection that declared it: one consumed
+        through this transport is declared again, with its bindings, when the
+        connection is restored (what was routed in between is lost: see
+        ``on_reconnect``)."""
+
+    @abc.abstractmethod
+    def on_reconnect(self, callback: ReconnectCallback) -> Callable[[], None]:
+        """Have ``callback`` awaited each time the connection was lost and restored,
+        once its consumers consume again; returns what removes it.
+
+        Durable queues kept what was routed to them meanwhile; a consumer of an
+        exclusive queue (declared again, empty) learns here that it may have missed
+        messages. ``reconnects`` is already counted when it runs. A callback is
+        not retried: the AMQP transport logs what one raises (the in-process one,
+        whose ``reconnected`` simulates a restore, lets it through)."""
 
     @abc.abstractmethod
     async def publish(

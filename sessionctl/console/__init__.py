@@ -30,7 +30,9 @@ path                               method  what
                                            [data-session-id]``, ``#session-<id>``
 ``/sessions/feed``                 GET     server-sent events: ``session`` (one per session
                                            event: session_id, type, version, at, actor,
-                                           status …), ``ready``, ``missed``;
+                                           status …), ``ready``, ``missed``,
+                                           ``resync`` (the broker connection was lost and
+                                           restored: read the view again);
                                            ``?session=ID`` for one session; 204 without a
                                            live feed
 ``/sessions/<id>``                 GET     session page: ``#session-tree``, ``#timeline``

@@ -360,7 +360,9 @@ async def sessions_list(request: Request) -> Response:
 
 async def sessions_feed(request: Request) -> Response:
     """Server-sent events: one ``session`` event per session event published (of one
-    session with ``?session=ID``). 204 when the console has no live feed."""
+    session with ``?session=ID``), ``resync`` when the feed's broker connection was
+    lost and restored (events may be missing: the page reads its view again). 204 when
+    the console has no live feed."""
     account = require(request)
     _no_parameters(request, "session")
     only = parse_uuid(request.query_params.get("session"), "session")
@@ -374,7 +376,7 @@ async def sessions_feed(request: Request) -> Response:
             yield "retry: 3000\n\n"
             yield f"event: ready\ndata: {json.dumps({'queue': feed.queue_name})}\n\n"
             stopping = asyncio.ensure_future(console.stopping.wait())
-            getting: asyncio.Future[dict[str, Any]] | None = None
+            getting: asyncio.Future[tuple[str, dict[str, Any]]] | None = None
             try:
                 # An open page does not keep its sign-in from expiring: it ends with it.
                 while console.accounts.peek(account.key) is account:
@@ -390,10 +392,16 @@ async def sessions_feed(request: Request) -> Response:
                             return
                         yield ": keep-alive\n\n"
                         continue
-                    item = getting.result()
+                    kind, item = getting.result()
+                    if subscriber.resync is not None:
+                        yield f"event: resync\ndata: {json.dumps(subscriber.resync)}\n\n"
+                        subscriber.resync = None
                     if subscriber.missed:
                         yield f"event: missed\ndata: {subscriber.missed}\n\n"
                         subscriber.missed = 0
+                    if kind == "resync":
+                        yield f"event: resync\ndata: {json.dumps(item)}\n\n"
+                        continue
                     if only is not None and item["session_id"] != str(only):
                         continue
                     yield f"event: session\ndata: {json.dumps(item)}\n\n"

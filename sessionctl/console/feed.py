@@ -7,6 +7,11 @@ when nobody keeps up). Each event becomes a small summary (which session, what
 happened, the version and the status it led to) handed to every open page's stream;
 a page that falls behind loses summaries, not the console's memory, and is told so.
 The pages read the sessions themselves through the signed-in person's own client.
+
+The queue goes with a lost broker connection, and what is published until the
+transport has restored it (declared, bound and consumed again: ``Transport.
+declare_queue``) never reaches it: each open page is then told to read its view again
+(``resync``), rather than go on with a silent gap.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +78,12 @@ def summary(env: EventEnvelope) -> dict[str, Any]:
 
 @dataclass(eq=False)  # each one is itself (hashed by identity, kept in a set)
 class _Subscriber:
-    queue: asyncio.Queue[dict[str, Any]]
+    """One page's stream: ``(event, data)`` items (``session`` summaries, ``resync``)."""
+
+    queue: asyncio.Queue[tuple[str, dict[str, Any]]]
     missed: int = 0
+    # A resync that found the queue full: sent before the next item.
+    resync: dict[str, Any] | None = None
 
 
 class LiveFeed:
@@ -88,8 +97,10 @@ class LiveFeed:
         self.running = False
         self.problem: str | None = None
         self.received = 0
+        self.resyncs = 0
         self._subscribers: set[_Subscriber] = set()
         self._handle: ConsumerHandle | None = None
+        self._unhook: Callable[[], None] | None = None
 
     async def start(self) -> None:
         """Declare the console's queue and consume it. A broker that refuses (this
@@ -111,6 +122,7 @@ class LiveFeed:
             self._handle = await self.transport.consume(
                 self.queue_name, self._on_delivery, prefetch=256
             )
+            self._unhook = self.transport.on_reconnect(self._on_reconnect)
         except (TransportError, OSError) as exc:
             self.problem = f"live updates are off: {exc}"
             log.warning("console: %s", self.problem)
@@ -119,6 +131,9 @@ class LiveFeed:
 
     async def close(self) -> None:
         self.running = False
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
         if self._handle is not None:
             with contextlib.suppress(Exception):
                 await self._handle.close()
@@ -137,9 +152,25 @@ class LiveFeed:
         item = summary(env)
         for subscriber in self._subscribers:
             try:
-                subscriber.queue.put_nowait(item)
+                subscriber.queue.put_nowait(("session", item))
             except asyncio.QueueFull:
                 subscriber.missed += 1
+
+    async def _on_reconnect(self) -> None:
+        """The connection was lost and restored, the queue consumed again: every open
+        page may have missed events and reads its view again."""
+        self.resyncs += 1
+        log.warning(
+            "console: broker connection restored (%d), live updates go on; open pages "
+            "are told to read their view again",
+            self.transport.reconnects,
+        )
+        data = {"queue": self.queue_name, "reconnects": self.transport.reconnects}
+        for subscriber in self._subscribers:
+            try:
+                subscriber.queue.put_nowait(("resync", data))
+            except asyncio.QueueFull:
+                subscriber.resync = data
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[_Subscriber]:

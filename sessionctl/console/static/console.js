@@ -42,6 +42,9 @@
         }
       }
     });
+    // The console's broker connection was lost and restored: events may be missing
+    // from this stream, so the view is read again from the coordinator.
+    source.addEventListener("resync", function () { source.close(); window.location.reload(); });
     window.addEventListener("pagehide", function () { source.close(); });
   }
 
@@ -87,6 +90,9 @@
       var note = document.getElementById("live-new");
       if (note) { note.hidden = false; }
     });
+    // The console's broker connection was lost and restored: events may be missing
+    // from this stream, so the view is read again from the coordinator.
+    source.addEventListener("resync", function () { source.close(); window.location.reload(); });
     window.addEventListener("pagehide", function () { source.close(); });
   }
 
