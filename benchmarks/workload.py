@@ -79,7 +79,7 @@ def register_modules(store: EventStore) -> tuple[ModuleRegistry, int]:
     ctx = CommandContext(OPERATOR, datetime.now(UTC) - timedelta(hours=2), uuid.uuid4())
     for module_id in MODULES:
         registry.register(ctx, module_id, module_id in REQUIRED, ["sessions"])
-    saved = store.save([registry]) if registry.pending_events else []
+    saved = store.save([registry]) if registry.unsaved else []
     return registry, len(saved)
 
 

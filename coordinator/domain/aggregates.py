@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, Final
 
 import msgspec
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, CanMutateAggregate
+from eventsourcing.utils import get_topic
 
 from contracts import (
     ACTIVE_STATUSES,
@@ -54,6 +55,7 @@ __all__ = [
     "COORDINATOR",
     "OPERATOR",
     "CommandContext",
+    "EnvelopeSnapshot",
     "Mark",
     "ModuleRegistry",
     "Principal",
@@ -114,7 +116,11 @@ def require_module(ctx: CommandContext, module_id: str) -> None:
 
 
 class EnvelopeAggregate(Aggregate):
-    """An aggregate whose events each carry a sealed ``EventEnvelope``, chained by hash."""
+    """An aggregate whose events each carry a sealed ``EventEnvelope``, chained by hash.
+
+    Unsaved events are handed out by ``collect_events`` only, the library's way: a
+    command that fails half way is undone by ``mark`` and ``rollback`` (see there)
+    without editing the library's list of pending events."""
 
     class Event(Aggregate.Event):
         envelope: EventEnvelope
@@ -127,6 +133,10 @@ class EnvelopeAggregate(Aggregate):
 
     def __init__(self) -> None:
         self.last_hash = GENESIS_HASH
+        # Unsaved events of the commands before the last ``mark``, collected from the
+        # library's pending list so that a rollback collects (and drops) only the
+        # events triggered since. A tuple: empty, it is the shared empty tuple.
+        self._held: tuple[CanMutateAggregate[uuid.UUID], ...] = ()
 
     def on_envelope(self, env: EventEnvelope) -> None:
         """Evolve state by one event (subclasses fold their state, then chain)."""
@@ -161,18 +171,33 @@ class EnvelopeAggregate(Aggregate):
         env = cls._envelope(stream_id, 1, GENESIS_HASH, payload, ctx)
         return cls._create(cls.Created, id=stream_id, envelope=env, timestamp=ctx.now)
 
+    @property
+    def unsaved(self) -> int:
+        """How many events were triggered and not yet collected for saving."""
+        return len(self._held) + len(self.pending_events)
+
     def pending_envelopes(self) -> list[EventEnvelope]:
         """Envelopes triggered but not yet saved."""
-        return [e.envelope for e in self.pending_events]  # type: ignore[attr-defined]
+        return [e.envelope for e in (*self._held, *self.pending_events)]  # type: ignore[attr-defined]
+
+    def collect_events(self) -> list[CanMutateAggregate[uuid.UUID]]:
+        """Every unsaved event, in order, handed over for saving (what the library's
+        ``Application.save`` asks an aggregate for)."""
+        held, self._held = self._held, ()
+        return [*held, *super().collect_events()]
 
     def mark(self) -> Mark:
-        """Remember the current state, to undo a command that fails half way."""
+        """Remember the current state, to undo a command that fails half way. The
+        events triggered so far are held apart from the library's pending list, which
+        then holds only what the command triggers."""
+        if self.pending_events:  # mostly empty: the command is the first in its pass
+            self._held = (*self._held, *super().collect_events())
         return Mark(
             self.version,
             self.modified_on,
             self.last_hash,
             getattr(self, "state", None),
-            len(self.pending_events),
+            len(self._held),
         )
 
     def rollback(self, mark: Mark) -> None:
@@ -183,11 +208,14 @@ class EnvelopeAggregate(Aggregate):
         self.last_hash = mark.last_hash
         if mark.state is not None:
             self.state = mark.state
-        del self.pending_events[mark.pending :]
+        if self.pending_events:
+            super().collect_events()  # what the command triggered: dropped
+        if len(self._held) > mark.pending:
+            self._held = self._held[: mark.pending]
 
     def discard_pending(self) -> None:
         """Forget unsaved events (after a failed save the aggregate is reloaded)."""
-        self.pending_events.clear()
+        self.collect_events()
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,8 +351,8 @@ def _ms(value: int) -> timedelta:
 class WorkflowSessionAggregate(EnvelopeAggregate):
     """The seed's WorkflowSession: its status, its linked module sessions, its rules.
 
-    ``state`` is kept in the instance ``__dict__`` (where eventsourcing's snapshots read
-    and restore it); ``compact`` replaces it there by its packed form
+    ``state`` is kept in the instance ``__dict__``, behind the property of that name;
+    ``compact`` replaces it there by its packed form
     (``coordinator.domain.compact``), which the next read of ``state`` unpacks: an aggregate
     the writer keeps cached between commands holds ~0.5 KB instead of ~6 KB."""
 
@@ -689,6 +717,60 @@ class WorkflowSessionAggregate(EnvelopeAggregate):
                 if self._is_required(module_id) and self.state.status in _LIVE:
                     self.fail(ctx, ErrorCode.INACTIVITY_TIMEOUT, reason, module_id=module_id)
                     return
+
+
+class EnvelopeSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A session's or the registry's state at one version, for the application's
+    snapshot store (``EventStore`` takes one every ``snapshot_interval`` events).
+
+    Taken from the aggregate's public attributes and turned back into an aggregate by
+    the library's documented initialisers (``__base_init__``, then ``__init__``), so it
+    relies on no attribute layout of eventsourcing's ``Aggregate``. The repository
+    reads it as a domain event: an ``originator_id``, an ``originator_version`` and a
+    ``mutate`` that builds the aggregate."""
+
+    originator_id: uuid.UUID
+    originator_version: int
+    timestamp: datetime
+    topic: str  # the aggregate class's, as eventsourcing names it (kept in the row)
+    created_on: datetime
+    modified_on: datetime
+    last_hash: str
+    state: WorkflowSession | RegistryState
+
+    @classmethod
+    def take(
+        cls, aggregate: WorkflowSessionAggregate | ModuleRegistry, now: datetime
+    ) -> EnvelopeSnapshot:
+        return cls(
+            originator_id=aggregate.id,
+            originator_version=aggregate.version,
+            timestamp=now,
+            topic=get_topic(type(aggregate)),
+            created_on=aggregate.created_on,
+            modified_on=aggregate.modified_on,
+            last_hash=aggregate.last_hash,
+            state=aggregate.state,  # a packed session state is unpacked here
+        )
+
+    def mutate(self, _: object) -> WorkflowSessionAggregate | ModuleRegistry:
+        """The aggregate at this version. Its class follows from the kind of state
+        (not from ``topic``, which names a module path that may have moved since)."""
+        aggregate: WorkflowSessionAggregate | ModuleRegistry
+        if isinstance(self.state, RegistryState):
+            aggregate = ModuleRegistry.__new__(ModuleRegistry)
+        else:
+            aggregate = WorkflowSessionAggregate.__new__(WorkflowSessionAggregate)
+        aggregate.__base_init__(
+            originator_id=self.originator_id,
+            originator_version=self.originator_version,
+            timestamp=self.created_on,
+        )
+        aggregate.__init__()  # type: ignore[misc]
+        aggregate.modified_on = self.modified_on
+        aggregate.last_hash = self.last_hash
+        aggregate.state = self.state
+        return aggregate
 
 
 class UnpackedStates:

@@ -125,7 +125,7 @@ class _JobScope:
         self.marks[aggregate.id] = (aggregate, None)
 
     def events(self) -> int:
-        return sum(len(a.pending_events) - (m.pending if m else 0) for a, m in self.marks.values())
+        return sum(a.unsaved - (m.pending if m else 0) for a, m in self.marks.values())
 
     def rollback(self) -> list[uuid.UUID]:
         """Undo the command; returns the ids of aggregates it had created."""
@@ -402,7 +402,7 @@ class Writer:
         # idle wake-ups fire them too.
         if bool(batch) or getattr(self.clock, "autonomous", True):
             self._fire_timeouts(touched, fired)
-        pending = [a for a in touched.values() if a.pending_events]
+        pending = [a for a in touched.values() if a.unsaved]
         if not pending:
             return outcomes, []
         try:
@@ -573,7 +573,7 @@ class Writer:
         self._unpacked.used(aggregate)
         while len(self._cache) > self.cache_size:
             victim_id, victim = next(iter(self._cache.items()))
-            if victim.pending_events:
+            if victim.unsaved:
                 break  # unsaved work stays until the commit
             del self._cache[victim_id]
 
@@ -634,7 +634,7 @@ class Writer:
                 continue
             if scope.events():
                 touched[aggregate.id] = aggregate
-                if registry.pending_events:
+                if registry.unsaved:
                     touched[registry.id] = registry
             later = aggregate.next_deadline()
             if later is not None and not aggregate.state.destroyed:
@@ -709,7 +709,7 @@ class Writer:
             self._rollback(scope)
             return CommandRejected(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
         for aggregate, _mark in scope.marks.values():
-            if aggregate.pending_events:
+            if aggregate.unsaved:
                 touched[aggregate.id] = aggregate
         # A registry write names no workflow session: the same reply the projections
         # rebuild from the events (so a retry after a restart is answered identically).

@@ -23,29 +23,30 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import psycopg
 import psycopg_pool
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.domain import Snapshot
+from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import (
     IntegrityError,
-    InterfaceError,
     Mapper,
     Notification,
-    OperationalError,
     PersistenceError,
     StoredEvent,
     Transcoder,
 )
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresFactory
-from eventsourcing.sqlite import SQLiteApplicationRecorder
-from eventsourcing.utils import get_topic, resolve_topic, retry
-from psycopg.rows import tuple_row
-from psycopg.sql import SQL, Identifier
+from eventsourcing.utils import get_topic, resolve_topic
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_fixed,
+    wait_random,
+)
 
 from contracts import (
     SCHEMA_VERSION,
@@ -55,7 +56,13 @@ from contracts import (
     ReplayedEvent,
     WorkflowSession,
 )
-from coordinator.domain.aggregates import EnvelopeAggregate, ModuleRegistry, RegistryState
+from coordinator.domain.aggregates import (
+    EnvelopeAggregate,
+    EnvelopeSnapshot,
+    ModuleRegistry,
+    RegistryState,
+    WorkflowSessionAggregate,
+)
 from coordinator.errors import (
     ConfigurationError,
     StoreFull,
@@ -63,6 +70,13 @@ from coordinator.errors import (
     StoreLocked,
     StoreReadOnly,
     StoreUnavailable,
+)
+from coordinator.store.eventsourcing_internals import (
+    POOL_ENV,
+    PoolSettings,
+    PostgresFactory,
+    record,
+    select_states,
 )
 
 __all__ = [
@@ -80,7 +94,10 @@ __all__ = [
 log = logging.getLogger("sessionbus.coordinator.store")
 
 DEFAULT_STORE_URL: Final = "sqlite:///sessionbus.sqlite"
-_SNAPSHOT_TOPIC: Final = get_topic(Snapshot)
+# The topic of every stored snapshot row: eventsourcing's own ``Snapshot`` class wrote
+# them before ``EnvelopeSnapshot``, and the rows are kept as they were, so stores
+# written by either read alike. Only this mapper reads it, as a name.
+_SNAPSHOT_TOPIC: Final = "eventsourcing.domain:Snapshot"
 _E = TypeVar("_E", bound=msgspec.Struct)
 _F = TypeVar("_F", bound=Callable[..., Any])
 # Envelopes decoded at a time by ``EventStore.iter_all`` (see there).
@@ -153,8 +170,6 @@ def store_error(exc: BaseException, context: str | None = None) -> StoreUnavaila
 
 # --- PostgreSQL connections ------------------------------------------------------
 
-_TIMEOUTS_ENV: Final = "SESSIONBUS_POSTGRES_TIMEOUTS"
-
 
 @dataclass(frozen=True)
 class PostgresTimeouts:
@@ -195,12 +210,9 @@ class PostgresTimeouts:
         except ValueError as exc:
             raise ConfigurationError(f"invalid PostgreSQL timeout in the store URL: {exc}") from exc
 
-    def encode(self) -> str:
-        return msgspec.json.encode(self).decode()
-
-    @classmethod
-    def decode(cls, text: str | None) -> PostgresTimeouts:
-        return cls() if not text else msgspec.json.decode(text, type=cls)
+    def pool_settings(self) -> PoolSettings:
+        """What the library's pool gets (see ``coordinator.store.eventsourcing_internals``)."""
+        return PoolSettings(kwargs=self.connection_kwargs(), reconnect_timeout=self.reconnect)
 
     def connection_kwargs(self) -> dict[str, Any]:
         """libpq parameters for a connection (psycopg's ``connect`` keywords)."""
@@ -213,21 +225,6 @@ class PostgresTimeouts:
             "tcp_user_timeout": int(self.user_timeout * 1000),
             "options": f"-c statement_timeout={int(self.statement * 1000)}",
         }
-
-
-class _PostgresFactory(PostgresFactory):
-    """eventsourcing's PostgreSQL factory with the connection settings of
-    ``PostgresTimeouts`` added to its pool's (the library takes no libpq parameters
-    beyond the address and the credentials). Named by ``PERSISTENCE_MODULE``."""
-
-    def __init__(self, env: Any) -> None:
-        super().__init__(env)
-        timeouts = PostgresTimeouts.decode(self.env.get(_TIMEOUTS_ENV))
-        # Read when the pool opens, which the recorder does on first use.
-        pool = self.datastore.pool
-        assert isinstance(pool.kwargs, dict)
-        pool.kwargs.update(timeouts.connection_kwargs())
-        pool.reconnect_timeout = timeouts.reconnect
 
 
 # --- settings ------------------------------------------------------------------------
@@ -284,7 +281,7 @@ class StoreSettings:
                 )
             timeouts = PostgresTimeouts.from_query(query)
             env = {
-                "PERSISTENCE_MODULE": get_topic(_PostgresFactory),
+                "PERSISTENCE_MODULE": get_topic(PostgresFactory),
                 "POSTGRES_DBNAME": urllib.parse.unquote(parts.path.strip("/")),
                 "POSTGRES_HOST": parts.hostname,
                 "POSTGRES_PORT": str(parts.port or 5432),
@@ -299,7 +296,7 @@ class StoreSettings:
                 # 0.2 s apart) on a fresh one, so a restart costs a retry per pooled
                 # connection, not a second each.
                 "POSTGRES_PRE_PING": "n",
-                _TIMEOUTS_ENV: timeouts.encode(),
+                POOL_ENV: timeouts.pool_settings().encode(),
             }
             if schema:
                 env["POSTGRES_SCHEMA"] = schema
@@ -429,6 +426,8 @@ class _NoTranscoder(Transcoder):
 
 
 class _SnapshotRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A stored snapshot row's state, msgpack (its id and version are columns)."""
+
     topic: str
     timestamp: datetime
     created_on: datetime
@@ -501,19 +500,20 @@ class EnvelopeMapper(Mapper[uuid.UUID]):
         return value
 
     # eventsourcing's Mapper interface -------------------------------------------
+    # Overridden as the library documents for another serialisation (its msgspec
+    # examples do the same): events are built back through their constructors.
 
     def to_stored_event(self, domain_event: Any) -> StoredEvent:
-        if isinstance(domain_event, Snapshot):
-            state = dict(domain_event.state)
-            agg_state = state["state"]
+        if isinstance(domain_event, EnvelopeSnapshot):
+            state = domain_event.state
             record = _SnapshotRecord(
                 topic=domain_event.topic,
                 timestamp=domain_event.timestamp,
-                created_on=state["_created_on"],
-                modified_on=state["_modified_on"],
-                last_hash=state["last_hash"],
-                session=agg_state if isinstance(agg_state, WorkflowSession) else None,
-                registry=agg_state if isinstance(agg_state, RegistryState) else None,
+                created_on=domain_event.created_on,
+                modified_on=domain_event.modified_on,
+                last_hash=domain_event.last_hash,
+                session=state if isinstance(state, WorkflowSession) else None,
+                registry=state if isinstance(state, RegistryState) else None,
             )
             return StoredEvent(
                 originator_id=domain_event.originator_id,
@@ -534,38 +534,36 @@ class EnvelopeMapper(Mapper[uuid.UUID]):
             originator_id = uuid.UUID(str(originator_id))
         if stored_event.topic == _SNAPSHOT_TOPIC:
             record = self._snapshot_decoder.decode(stored_event.state)
-            snapshot = object.__new__(Snapshot)
-            object.__setattr__(
-                snapshot,
-                "__dict__",
-                {
-                    "originator_id": originator_id,
-                    "originator_version": stored_event.originator_version,
-                    "timestamp": record.timestamp,
-                    "topic": record.topic,
-                    "state": {
-                        "_created_on": record.created_on,
-                        "_modified_on": record.modified_on,
-                        "last_hash": record.last_hash,
-                        "state": record.session if record.session is not None else record.registry,
-                    },
-                },
+            state = record.session if record.session is not None else record.registry
+            if state is None:
+                raise msgspec.DecodeError(f"snapshot of {originator_id} holds no state")
+            return EnvelopeSnapshot(
+                originator_id=originator_id,
+                originator_version=stored_event.originator_version,
+                timestamp=record.timestamp,
+                topic=record.topic,
+                created_on=record.created_on,
+                modified_on=record.modified_on,
+                last_hash=record.last_hash,
+                state=state,
             )
-            return snapshot
         cls = _resolve(stored_event.topic)
         env = self.decode_envelope(stored_event.state)
-        attrs: dict[str, Any] = {
-            "originator_id": originator_id,
-            "originator_version": stored_event.originator_version,
-            "timestamp": env.occurred_at,
-            "envelope": env,
-        }
-        if "originator_topic" in cls.__dataclass_fields__:
+        if issubclass(cls, Aggregate.Created):
             # "module:Aggregate.Created" was triggered by "module:Aggregate".
-            attrs["originator_topic"] = stored_event.topic.rsplit(".", 1)[0]
-        event = object.__new__(cls)
-        object.__setattr__(event, "__dict__", attrs)
-        return event
+            return cls(
+                originator_id=originator_id,
+                originator_version=stored_event.originator_version,
+                timestamp=env.occurred_at,
+                originator_topic=stored_event.topic.rsplit(".", 1)[0],
+                envelope=env,
+            )
+        return cls(
+            originator_id=originator_id,
+            originator_version=stored_event.originator_version,
+            timestamp=env.occurred_at,
+            envelope=env,
+        )
 
 
 # --- checkpoints (projection snapshots, relay positions) -----------------------------
@@ -728,7 +726,12 @@ class _PostgresCheckpoints:
             self._pool.close()
             raise
 
-    @retry(psycopg.OperationalError, max_attempts=_CHECKPOINT_ATTEMPTS, wait=0.2)
+    @retry(
+        retry=retry_if_exception_type(psycopg.OperationalError),
+        stop=stop_after_attempt(_CHECKPOINT_ATTEMPTS),
+        wait=wait_fixed(0.2) + wait_random(0, 0.02),
+        reraise=True,
+    )
     def _attempt(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         # A connection that fails here is dropped by the pool when it comes back; the
         # retry takes another (every statement here is an idempotent upsert or read).
@@ -738,7 +741,7 @@ class _PostgresCheckpoints:
 
     def _execute(self, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         try:
-            return self._attempt(sql, args)  # type: ignore[no-any-return]
+            return self._attempt(sql, args)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"checkpoints: {exc}") from exc
 
@@ -789,66 +792,36 @@ def _store_errors(method: _F) -> _F:
 
 
 class _App(Application[uuid.UUID]):
-    """Only ``EventStore`` saves through this application, with ``events.put``: keep
-    ``save``'s other steps (the aggregate cache, automatic snapshotting intervals,
-    ``notify``) unused here, or bring them back into ``EventStore.save``."""
+    """The library's application, with the msgspec mapper. ``EventStore`` loads
+    through its ``repository``, keeps snapshots in its snapshot store and records
+    events as its ``save`` would (``coordinator.store.eventsourcing_internals.record``, which
+    holds only while this application keeps no aggregate cache, sets no snapshotting
+    intervals and does nothing on ``notify``): it takes snapshots itself, see
+    ``EventStore._snapshot``."""
 
     name = "sessionbus"
     is_snapshotting_enabled = True
 
     def __init__(self, env: dict[str, str], mapper: EnvelopeMapper) -> None:
-        self._mapper = mapper
+        self._envelope_mapper = mapper
         super().__init__(env)
 
     def construct_mapper(self) -> Mapper[uuid.UUID]:
-        return self._mapper
+        return self._envelope_mapper
 
 
-def _project_registry(
-    aggregate: ModuleRegistry | None, events: Iterable[Any]
-) -> ModuleRegistry | None:
-    """Replay the registry stream. The registry starts empty at version 0 and its first
-    stored event is a plain ``Event``, not a ``Created``, so eventsourcing's default
-    projector (which applies the first event to ``None``) cannot rebuild it."""
+def _project(
+    aggregate: EnvelopeAggregate | None, events: Iterable[Any]
+) -> EnvelopeAggregate | None:
+    """Replay a stream onto ``aggregate`` (``None``: from its start). The registry
+    starts empty at version 0 and its first stored event is a plain ``Event``, not a
+    ``Created``, so the library's default projector, which applies the first event to
+    ``None``, cannot rebuild it."""
     for event in events:
-        if aggregate is None and not isinstance(event, Snapshot):
+        if aggregate is None and isinstance(event, ModuleRegistry.Event):
             aggregate = ModuleRegistry.empty()
         aggregate = event.mutate(aggregate)
     return aggregate
-
-
-@retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
-def _select_postgres_states(
-    recorder: PostgresApplicationRecorder,
-    after: int,
-    limit: int | None,
-    until: int = _NO_BOUND,
-    part: Partition | None = None,
-) -> list[tuple[int, bytes]]:
-    """``EventStore._states`` on PostgreSQL (retried as the library retries its reads).
-    Binary results: bytea as text is hex, twice the bytes to send and parse."""
-    where = "notification_id > %s AND notification_id <= %s"
-    args: tuple[int, ...] = (after, until)
-    if part is not None:
-        # The text form's last hex digit is the UUID's low four bits, as on SQLite.
-        where += (
-            " AND (position(right(originator_id::text, 1) in '0123456789abcdef') - 1) %% %s = %s"
-        )
-        args += (part.count, part.index)
-    statement = SQL(
-        "SELECT notification_id, state FROM {schema}.{table} "
-        "WHERE {where} ORDER BY notification_id LIMIT %s"
-    ).format(
-        schema=Identifier(recorder.datastore.schema),
-        table=Identifier(recorder.events_table_name),
-        where=SQL(where),  # one of two literals above
-    )
-    with (
-        recorder.datastore.get_connection() as conn,
-        conn.cursor(row_factory=tuple_row, binary=True) as cursor,
-    ):
-        cursor.execute(statement, (*args, limit), prepare=True)
-        return [(position, bytes(state)) for position, state in cursor.fetchall()]
 
 
 class EventStore:
@@ -919,10 +892,8 @@ class EventStore:
     def load(self, aggregate_id: uuid.UUID) -> EnvelopeAggregate | None:
         """The aggregate from its latest snapshot plus later events, or ``None``."""
         try:
-            aggregate: EnvelopeAggregate = (
-                self._app.repository.get(aggregate_id, projector_func=_project_registry)
-                if aggregate_id == ModuleRegistry.ID
-                else self._app.repository.get(aggregate_id)
+            aggregate: EnvelopeAggregate = self._app.repository.get(
+                aggregate_id, projector_func=_project
             )
         except AggregateNotFoundError:
             return None
@@ -941,12 +912,8 @@ class EventStore:
         """Append every pending event of ``aggregates`` in one transaction. Returns the
         envelopes with the positions the store gave them. A version conflict raises
         ``VersionConflict``; the aggregates' pending events are then discarded."""
-        # What ``Application.save`` does for this application (no aggregate cache, no
-        # library snapshotting, no notify hooks), minus its two runtime-checkable
-        # Protocol ``isinstance`` checks per aggregate: ~10% of a group commit.
-        events = [event for aggregate in aggregates for event in aggregate.collect_events()]
         try:
-            recordings = self._app.events.put(events)
+            recordings = record(self._app, aggregates)
         except IntegrityError as exc:
             raise VersionConflict(str(exc)) from exc
         except _DB_ERRORS as exc:
@@ -969,12 +936,12 @@ class EventStore:
         crossed = {env.session_id for env in saved if env.version % interval == 0}
         if not crossed:
             return
-        chosen = [a for a in aggregates if a.id in crossed]
-        for aggregate in chosen:
-            # A compacted session aggregate unpacks its state into the attributes a
-            # snapshot copies when it is read.
-            getattr(aggregate, "state", None)
-        snapshots = [Snapshot.take(a) for a in chosen]
+        now = datetime.now(UTC)
+        snapshots = [
+            EnvelopeSnapshot.take(a, now)
+            for a in aggregates
+            if a.id in crossed and isinstance(a, WorkflowSessionAggregate | ModuleRegistry)
+        ]
         if snapshots:
             try:
                 self._app.snapshots.put(snapshots)
@@ -1008,30 +975,15 @@ class EventStore:
         part: Partition | None = None,
     ) -> Sequence[tuple[int, bytes]]:
         """(position, stored state) of the events after ``after``: all ``read`` needs.
-        eventsourcing's ``select_notifications`` also builds a ``Notification`` per row
-        and parses every originator id into a UUID, over a third of a replay's time; this
-        selects the two columns through the recorder's own connections instead.
         ``until`` bounds the positions; ``part`` keeps only one partition's sessions
-        (SQLite and PostgreSQL only: see ``partitionable``)."""
-        recorder = self.recorder
+        (SQLite and PostgreSQL only: see ``partitionable``). Selected from the
+        recorder's table directly (see ``coordinator.store.eventsourcing_internals``), but
+        for the in-memory store, which is read through ``select_notifications``."""
         bound = _NO_BOUND if until is None else until
-        if isinstance(recorder, SQLiteApplicationRecorder):
-            table = recorder.events_table_name  # the library's own name, not input
-            where = "rowid > ? AND rowid <= ?"
-            args: tuple[int, ...] = (after, bound)
-            if part is not None:
-                # The stored id is hex: its last digit is the low four bits of the UUID.
-                where += " AND (instr('0123456789abcdef', substr(originator_id, -1)) - 1) % ? = ?"
-                args += (part.count, part.index)
-            statement = f"SELECT rowid, state FROM {table} WHERE {where} ORDER BY rowid LIMIT ?"  # noqa: S608
-            with recorder.datastore.transaction(commit=False) as cursor:
-                cursor.execute(statement, (*args, -1 if limit is None else limit))
-                rows: Sequence[tuple[int, bytes]] = cursor.fetchall()  # sqlite3.Row
-                return rows
-        if isinstance(recorder, PostgresApplicationRecorder):
-            selected: list[tuple[int, bytes]] = _select_postgres_states(
-                recorder, after, limit, bound, part
-            )
+        selected = select_states(
+            self.recorder, after, limit, bound, None if part is None else (part.index, part.count)
+        )
+        if selected is not None:
             return selected
         if part is not None:
             raise ConfigurationError(

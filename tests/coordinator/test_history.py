@@ -27,7 +27,7 @@ from contracts import (
     verify_chain,
     verify_chain_raw,
 )
-from coordinator.domain.aggregates import WorkflowSessionAggregate
+from coordinator.domain.aggregates import OPERATOR, CommandContext, WorkflowSessionAggregate
 from coordinator.domain.clock import ManualClock
 from coordinator.errors import ConfigurationError
 from coordinator.service.coordinator import SessionCoordinator
@@ -225,6 +225,70 @@ async def test_a_snapshotted_module_registry_reloads_after_a_restart(
         assert (await restarted.register_module("ai-integration")).events == 1
         created = await restarted.create_workflow_session()
         assert created.required_modules == ["ai-integration", "executor"]
+
+
+# A snapshot row of the registry (version 2: "executor" required with capability "run",
+# "task-loop" optional) as stores hold them, written by eventsourcing's own ``Snapshot``
+# class through the store's mapper before the store had a snapshot type of its own.
+_EARLIER_REGISTRY_SNAPSHOT = bytes.fromhex(
+    "86a5746f706963d921636f6f7264696e61746f722e646f6d61696e3a4d6f64756c65526567697374"
+    "7279a974696d657374616d70d6ff70dd5526aa637265617465645f6f6ed6ff00000000ab6d6f6469"
+    "666965645f6f6ed6ff70dd5525a96c6173745f68617368d940333239646231663738396663656666"
+    "38616561663239653934323037333836366165636635356435326631303634376136363737356133"
+    "303737626536353766a8726567697374727982a76d6f64756c657382a86578656375746f7284a474"
+    "797065b16d6f64756c652e72656769737465726564a96d6f64756c655f6964a86578656375746f72"
+    "a87265717569726564c3ac6361706162696c697469657391a372756ea97461736b2d6c6f6f7083a4"
+    "74797065b16d6f64756c652e72656769737465726564a96d6f64756c655f6964a97461736b2d6c6f"
+    "6f70a87265717569726564c2a76f727068616e7380"
+)
+_EARLIER_REGISTRY_HASH = "329db1f789fceff8aeaf29e942073866aecf55d52f10647a66775a3077be657f"
+
+
+async def test_a_registry_snapshot_row_as_earlier_stores_hold_it_loads(
+    backend: Backend, clock: ManualClock
+) -> None:
+    """A snapshot row in the form stores already hold (topic, msgpack layout) loads
+    as the registry it was taken of, and the chain goes on from its last hash: the
+    store's own snapshot type reads and writes rows exactly as before."""
+    store = EventStore(backend.url, snapshot_interval=3)
+    try:
+        backend.sql(
+            f"INSERT INTO {backend.snapshots_table} "
+            "(originator_id, originator_version, topic, state) VALUES (?, ?, ?, ?)",
+            (
+                backend._stream_key(REGISTRY_ID),
+                2,
+                "eventsourcing.domain:Snapshot",
+                _EARLIER_REGISTRY_SNAPSHOT,
+            ),
+        )
+        registry = store.load_registry()
+        assert registry.version == 2
+        assert registry.last_hash == _EARLIER_REGISTRY_HASH
+        assert registry.required_modules() == ["executor"]
+        assert registry.state.modules["executor"].capabilities == ["run"]
+        assert registry.is_registered("task-loop")
+        ctx = CommandContext(OPERATOR, clock.now())
+        registry.register(ctx, "ai-integration", required=True, capabilities=[])
+        (saved,) = await asyncio.to_thread(store.save, [registry])
+        assert (saved.version, saved.prev_hash) == (3, _EARLIER_REGISTRY_HASH)
+        snapshots = backend.sql(
+            f"SELECT originator_version, topic FROM {backend.snapshots_table} "
+            "ORDER BY originator_version"
+        )
+        assert [tuple(row) for row in snapshots] == [
+            (2, "eventsourcing.domain:Snapshot"),
+            (3, "eventsourcing.domain:Snapshot"),
+        ]
+    finally:
+        store.close()
+    fresh = EventStore(backend.url)
+    try:
+        reloaded = fresh.load_registry()
+        assert reloaded.version == 3
+        assert reloaded.required_modules() == ["ai-integration", "executor"]
+    finally:
+        fresh.close()
 
 
 # --- upcasting ----------------------------------------------------------------------
