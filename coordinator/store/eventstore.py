@@ -39,7 +39,7 @@ from eventsourcing.persistence import (
     StoredEvent,
     Transcoder,
 )
-from eventsourcing.utils import get_topic, resolve_topic
+from eventsourcing.utils import get_topic, register_topic, resolve_topic
 from tenacity import (
     retry,
     retry_if_exception_type,
@@ -98,6 +98,12 @@ DEFAULT_STORE_URL: Final = "sqlite:///sessionbus.sqlite"
 # them before ``EnvelopeSnapshot``, and the rows are kept as they were, so stores
 # written by either read alike. Only this mapper reads it, as a name.
 _SNAPSHOT_TOPIC: Final = "eventsourcing.domain:Snapshot"
+# Events name their class by topic, module path included. The aggregates lived in the
+# module ``coordinator.domain`` before it became a package: events stored then say
+# "coordinator.domain:WorkflowSessionAggregate.Created" and so on, and resolve through
+# these registrations (the library's way for moved classes).
+for _moved in (WorkflowSessionAggregate, ModuleRegistry):
+    register_topic(f"coordinator.domain:{_moved.__qualname__}", _moved)
 _E = TypeVar("_E", bound=msgspec.Struct)
 _F = TypeVar("_F", bound=Callable[..., Any])
 # Envelopes decoded at a time by ``EventStore.iter_all`` (see there).

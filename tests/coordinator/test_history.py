@@ -291,6 +291,42 @@ async def test_a_registry_snapshot_row_as_earlier_stores_hold_it_loads(
         fresh.close()
 
 
+async def test_events_stored_before_the_domain_became_a_package_load(
+    backend: Backend, clock: ManualClock
+) -> None:
+    """Stored events name their class with its module path, and events stored before
+    the aggregates moved name ``coordinator.domain``: a store holding only such events
+    (no snapshots) loads its sessions and its registry as before, and takes commands on
+    them after a restart."""
+    async with SessionCoordinator(backend.url, clock=clock) as coordinator:
+        await coordinator.register_module("executor", required=True)
+        sid = (await coordinator.create_workflow_session(["a"])).session_id
+        await coordinator.link_module_session(sid, "executor", uuid.uuid4())
+        live = await coordinator.get_workflow_session(sid)
+    new_prefix = WorkflowSessionAggregate.__module__ + ":"
+    assert new_prefix != "coordinator.domain:"
+    backend.sql(
+        f"UPDATE {backend.events_table} SET topic = replace(topic, ?, 'coordinator.domain:')",
+        (new_prefix,),
+    )
+    topics = {row[0] for row in backend.sql(f"SELECT DISTINCT topic FROM {backend.events_table}")}
+    assert topics == {
+        "coordinator.domain:ModuleRegistry.Event",
+        "coordinator.domain:WorkflowSessionAggregate.Created",
+        "coordinator.domain:WorkflowSessionAggregate.Event",
+    }
+    backend.sql(f"DELETE FROM {backend.snapshots_table}")
+    store = EventStore(backend.url)
+    try:
+        loaded = await _load(store, sid)
+        assert loaded.state == live
+        assert store.load_registry().required_modules() == ["executor"]
+    finally:
+        store.close()
+    async with SessionCoordinator(backend.url, clock=clock) as restarted:
+        assert (await restarted.record_activity(sid, "executor")).events == 1
+
+
 # --- upcasting ----------------------------------------------------------------------
 
 
