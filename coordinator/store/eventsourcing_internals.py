@@ -3,7 +3,7 @@
 Everything else in ``coordinator.store.eventstore`` uses the library as documented (an
 ``Application`` with its ``repository`` and snapshot store, a ``Mapper`` subclass,
 events built by their constructors, aggregates handing out events by
-``collect_events``, the recorders' abstract methods). These three do not, for the
+``collect_events``, the recorders' abstract methods). These four do not, for the
 reasons given with each; ``tests/coordinator/test_eventsourcing_internals.py`` pins the
 library behaviour they rely on, so a release that changes it fails a test rather than
 the store. Written against eventsourcing 9.5 (``pyproject.toml`` pins ``>=9.5,<9.6``)
@@ -25,7 +25,12 @@ and psycopg_pool 3.3.
    select-and-decode. It also selects one partition of the streams in SQL, which the
    public selection (by topic only) cannot.
 
-3. ``PostgresFactory``: eventsourcing's PostgreSQL datastore takes no libpq
+3. ``notification_channel``: eventsourcing's PostgreSQL recorder sends ``NOTIFY`` on a
+   channel of its own in every transaction that inserts events, and keeps the channel's
+   name in an attribute; ``coordinator.store.watch`` LISTENs on it to follow other
+   coordinators' commits. Neither is documented.
+
+4. ``PostgresFactory``: eventsourcing's PostgreSQL datastore takes no libpq
    parameters beyond the address and the credentials, and no pool reconnect timeout,
    so the store's (``coordinator.store.eventstore.PostgresTimeouts``: keepalives, TCP
    user timeout, connect and statement timeouts) are added to the pool the library
@@ -63,7 +68,14 @@ from tenacity import (
 
 from coordinator.errors import ConfigurationError
 
-__all__ = ["POOL_ENV", "PoolSettings", "PostgresFactory", "record", "select_states"]
+__all__ = [
+    "POOL_ENV",
+    "PoolSettings",
+    "PostgresFactory",
+    "notification_channel",
+    "record",
+    "select_states",
+]
 
 # The key of the encoded ``PoolSettings`` in the application's environment (the one
 # eventsourcing's factories read; not a process setting, so not a SESSIONBUS_ name).
@@ -166,6 +178,15 @@ def _select_postgres(
     ):
         cursor.execute(statement, (*args, limit), prepare=True)
         return [(position, bytes(state)) for position, state in cursor.fetchall()]
+
+
+def notification_channel(recorder: ApplicationRecorder) -> str | None:
+    """The channel the recorder NOTIFYs in every transaction that inserts events;
+    ``None`` but for PostgreSQL."""
+    if isinstance(recorder, PostgresApplicationRecorder):
+        channel: str = recorder.channel_name
+        return channel
+    return None
 
 
 class PoolSettings(msgspec.Struct, frozen=True):

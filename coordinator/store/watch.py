@@ -3,7 +3,8 @@
 Several coordinators may share one PostgreSQL store; each follows what the others
 append. eventsourcing's PostgreSQL recorder issues ``NOTIFY <channel>`` in every
 transaction that inserts events (the channel is ``recorder.channel_name``), which
-PostgreSQL delivers to every listening session when that transaction commits. A
+PostgreSQL delivers to every listening session when that transaction commits (an
+undocumented behaviour: see ``coordinator.store.eventsourcing_internals``). A
 follower that LISTENs on its own connection is woken within milliseconds of another
 coordinator's commit, instead of at its next poll.
 
@@ -31,9 +32,9 @@ from types import TracebackType
 from typing import Final, Self
 
 import psycopg
-from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg import sql
 
+from coordinator.store.eventsourcing_internals import notification_channel
 from coordinator.store.eventstore import EventStore, PostgresTimeouts
 
 __all__ = ["LogWatch"]
@@ -51,11 +52,9 @@ class LogWatch:
     def __init__(self, store: EventStore) -> None:
         settings = store.settings
         recorder = store.recorder
-        self._channel: str | None = None
         self._dsn = settings.postgres_dsn
         self._timeouts = settings.postgres_timeouts or PostgresTimeouts()
-        if isinstance(recorder, PostgresApplicationRecorder) and self._dsn:
-            self._channel = recorder.channel_name
+        self._channel = notification_channel(recorder) if self._dsn else None
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self._failing = False
         self.wakeups = 0  # waits ended by a NOTIFY (or a new listening connection)

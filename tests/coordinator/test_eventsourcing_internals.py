@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 from eventsourcing.application import Application
 from eventsourcing.persistence import Recording
@@ -20,7 +21,11 @@ from coordinator.domain.aggregates import (
     ModuleRegistry,
     WorkflowSessionAggregate,
 )
-from coordinator.store.eventsourcing_internals import record, select_states
+from coordinator.store.eventsourcing_internals import (
+    notification_channel,
+    record,
+    select_states,
+)
 from coordinator.store.eventstore import EventStore, Partition
 from tests.coordinator.conftest import Backend
 
@@ -125,6 +130,27 @@ def test_the_in_memory_store_is_left_to_the_public_selection() -> None:
         store.save(_new_sessions(2))
         assert select_states(store.recorder, 0, None, _ALL) is None
         assert [e.version for e in store.read(0)] == [1, 2, 1, 2]
+    finally:
+        store.close()
+
+
+def test_a_save_notifies_the_recorders_channel(backend: Backend) -> None:
+    """On PostgreSQL the recorder names a channel and every transaction that inserts
+    events sends a notification on it when it commits (what ``LogWatch`` listens
+    for); the other stores name none."""
+    store = EventStore(backend.url)
+    try:
+        channel = notification_channel(store.recorder)
+        if backend.name != "postgres":
+            assert channel is None
+            return
+        assert channel
+        assert backend.pg_dsn is not None
+        with psycopg.connect(backend.pg_dsn, autocommit=True) as listener:
+            listener.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+            store.save(_new_sessions(2))
+            heard = list(listener.notifies(timeout=30, stop_after=1))
+        assert [n.channel for n in heard] == [channel]
     finally:
         store.close()
 
