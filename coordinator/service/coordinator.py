@@ -190,8 +190,8 @@ class SessionCoordinator:
         if self.tune_gc:
             # The process holds a large, long-lived heap (read models, caches) and
             # allocates a few dozen short-lived containers per command; at CPython's
-            # default thresholds collections took a third of the CPU of a busy
-            # coordinator (measured: 101-158 vs 76-84 µs per event under group commit).
+            # default thresholds collections took a third of a busy coordinator's CPU
+            # (benchmarks/README.md, "Figures behind design choices").
             gc.set_threshold(*GC_THRESHOLDS)
         self.projections.listeners.append(self._on_session_event)
         proj = self.projections
