@@ -169,6 +169,9 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
                     raise RuntimeError(f"no next page after {path} with {count} sessions")
                 path = html.unescape(following.group(1))
             paths["later_page"] = path
+            # What the filtered page shows: a filter matching nothing would be cheap.
+            _, filtered = await _get(http, paths["filtered_page"])
+            ctx.params["filtered_page_rows"] = len(ROW.findall(filtered))
             if not ids:
                 raise RuntimeError("no session rows on the sessions page")
             return http, list(dict.fromkeys(ids)), start_seconds
