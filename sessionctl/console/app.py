@@ -615,13 +615,22 @@ async def queues_page(request: Request) -> Response:
         module_ids,
         prometheus_url=console.settings.prometheus_url,
     )
-    audit = await admin.audit_stream_span(account.transport, console.settings.topology)
+    audit_error: str | None = None
+    try:
+        audit = await admin.audit_stream_span(account.transport, console.settings.topology)
+    except AccessRefused:
+        raise
+    except TransportError as exc:
+        # The queue figures are still worth the page: it says the stream was not read.
+        log.warning("audit stream not read for the queues page: %s", exc)
+        audit, audit_error = admin.StreamSpan(), str(exc)
     return render(
         request,
         "queues.html",
         {
             "queues": queues,
             "audit": audit,
+            "audit_error": audit_error,
             "audit_stream": console.settings.topology.audit_stream,
             "management": console.settings.management_url is not None,
             "prometheus": console.settings.prometheus_url is not None,

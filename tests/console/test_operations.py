@@ -15,7 +15,7 @@ from module_sdk.testing import wait_for
 from sessionctl import admin
 from tests.bus.support import wait_status
 from tests.console.conftest import ConsoleSystem, token
-from transport.port import OutgoingMessage
+from transport.port import OutgoingMessage, TransportError
 
 pytestmark = pytest.mark.broker
 
@@ -208,6 +208,23 @@ async def test_queues_page_lists_the_prefix_queues_and_the_audit_stream(
     assert span is not None
     assert int(span.group(1)) == 0
     assert int(span.group(2)) == published - 1
+
+
+async def test_queues_page_says_when_the_audit_stream_could_not_be_read(
+    console: ConsoleSystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed read of the audit stream's ends does not take the queue figures down
+    with it: the page is served and says what was not read, and why."""
+
+    async def unreadable(*args: object, **kwargs: object) -> admin.StreamSpan:
+        raise TransportError("the stream's leader is not available")
+
+    monkeypatch.setattr(admin, "audit_stream_span", unreadable)
+    http = await console.signed_in()
+    page = await http.get("/queues")
+    assert page.status_code == 200
+    assert f'data-queue="{console.prefix}.commands"' in page.text
+    assert "not read: the stream&#39;s leader is not available" in page.text
 
 
 async def test_overview_shows_the_coordinator_figures(console: ConsoleSystem) -> None:

@@ -474,7 +474,7 @@ async def test_every_view_is_a_well_formed_page(console: Console) -> None:
     for view, path, name, title in views:
         response = await view.goto(f"{console.url}{path}")
         assert response is not None
-        assert response.status == 200, path
+        assert response.status == 200, (path, await view.locator("#main").inner_text())
         await expect(view.locator("#main h1")).to_be_visible()
         shape = await view.evaluate(PAGE_SHAPE)
         expected = {
