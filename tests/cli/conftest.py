@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from contracts import Topology
-from coordinator.domain.identity import IdentityMap
 from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
-from reference_modules import Executor, ReferenceModule, TaskLoop
+from reference_modules import ReferenceModule
+from tests.support.module_system import module_system
 from tests.support.processes import CtlResult, run_sessionctl
-from transport.amqp import AmqpTransport
 
 Result = CtlResult
 
@@ -55,31 +54,6 @@ async def system(
     name = request.node.nodeid[-150:]
     topology = Topology(prefix)
     store = f"sqlite:///{tmp_path / 'events.sqlite'}"
-    runtime = CoordinatorRuntime(
-        AmqpTransport(amqp_url, connection_name=f"{name} coordinator"),
-        store=store,
-        topology=topology,
-        identity=IdentityMap.parse("guest=*"),
-        health_interval=0.5,
-    )
-    await runtime.start()
-    modules: list[ReferenceModule] = [
-        cls(
-            AmqpTransport(amqp_url, connection_name=f"{name} {cls.module_id}"),
-            topology=topology,
-            own_transport=True,
-            heartbeat_interval=0.5,
-        )
-        for cls in (Executor, TaskLoop)
-    ]
-    for module in modules:
-        await module.start()
-    driver = AmqpTransport(amqp_url, connection_name=f"{name} driver")
-    await driver.connect()
-    try:
-        yield System(prefix, amqp_url, store, runtime, CoordinatorClient(driver, topology), modules)
-    finally:
-        for module in modules:
-            await module.close()
-        await driver.close()
-        await runtime.close()
+    async with module_system(amqp_url, topology, store, name, "guest=*") as parts:
+        client = CoordinatorClient(parts.driver, topology)
+        yield System(prefix, amqp_url, store, parts.runtime, client, parts.modules)

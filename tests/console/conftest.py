@@ -18,13 +18,13 @@ import httpx
 import pytest
 
 from contracts import Topology
-from coordinator.domain.identity import IdentityMap
 from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
-from reference_modules import Executor, ReferenceModule, TaskLoop
+from reference_modules import ReferenceModule
 from sessionctl.console import ConsoleServer, ConsoleSettings
 from tests.bus.conftest import BrokerUsers
 from tests.cli.conftest import Result, sessionctl
+from tests.support.module_system import module_system
 from transport.amqp import AmqpTransport
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -107,48 +107,25 @@ async def console(
     topology = Topology(prefix)
     store = f"sqlite:///{tmp_path / 'events.sqlite'}"
     auditor = users("auditor")
-    runtime = CoordinatorRuntime(
-        AmqpTransport(amqp_url, connection_name=f"{name} coordinator"),
-        store=store,
-        topology=topology,
-        identity=IdentityMap.parse(f"guest=*;{auditor['user']}="),
-        health_interval=0.5,
-    )
-    await runtime.start()
-    modules: list[ReferenceModule] = [
-        cls(
-            AmqpTransport(amqp_url, connection_name=f"{name} {cls.module_id}"),
-            topology=topology,
-            own_transport=True,
-            heartbeat_interval=0.5,
+    identity = f"guest=*;{auditor['user']}="
+    async with module_system(amqp_url, topology, store, name, identity) as parts:
+        settings = ConsoleSettings(amqp_url=amqp_url, topology=topology, command_timeout=10.0)
+        server = ConsoleServer(settings, "127.0.0.1", 0)
+        await server.start()
+        system = ConsoleSystem(
+            prefix,
+            amqp_url,
+            store,
+            parts.runtime,
+            CoordinatorClient(parts.driver, topology),
+            parts.driver,
+            parts.modules,
+            server,
+            auditor,
         )
-        for cls in (Executor, TaskLoop)
-    ]
-    for module in modules:
-        await module.start()
-    driver = AmqpTransport(amqp_url, connection_name=f"{name} driver")
-    await driver.connect()
-    settings = ConsoleSettings(amqp_url=amqp_url, topology=topology, command_timeout=10.0)
-    server = ConsoleServer(settings, "127.0.0.1", 0)
-    await server.start()
-    system = ConsoleSystem(
-        prefix,
-        amqp_url,
-        store,
-        runtime,
-        CoordinatorClient(driver, topology),
-        driver,
-        modules,
-        server,
-        auditor,
-    )
-    try:
-        yield system
-    finally:
-        for http in system.clients:
-            await http.aclose()
-        await server.close()
-        for module in modules:
-            await module.close()
-        await driver.close()
-        await runtime.close()
+        try:
+            yield system
+        finally:
+            for http in system.clients:
+                await http.aclose()
+            await server.close()
