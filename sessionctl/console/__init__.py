@@ -17,7 +17,11 @@ path                               method  what
 ``/``                              GET     redirect to ``/sessions``
 ``/login``                         GET     sign-in form (``#login-form``: ``#login-user``,
                                            ``#login-password``, ``#login-submit``)
-``/login``                         POST    sign in (form: user, password, csrf, next)
+``/login``                         POST    sign in (form: user, password, csrf, next);
+                                           429 with ``Retry-After`` and
+                                           ``#login-error`` after too many failed
+                                           sign-ins for the user or from the address
+                                           (``ConsoleSettings.sign_in_limits``)
 ``/logout``                        POST    sign out (``#sign-out``; form: csrf)
 ``/sessions``                      GET     sessions list; query: ``q`` (any id: workflow or
                                            module session), ``status``, ``module``,

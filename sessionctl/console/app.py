@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import urllib.parse
 import uuid
@@ -48,8 +49,10 @@ from sessionctl.console.errors import (
     Forbidden,
     NotFound,
     SignInFailed,
+    TooManySignIns,
 )
 from sessionctl.console.feed import LiveFeed
+from sessionctl.console.limits import SignInLimits, address_key
 from sessionctl.console.params import (
     SessionFilters,
     parse_flag,
@@ -84,7 +87,9 @@ class ConsoleSettings:
     the connection of the console's own live feed (default: ``amqp_url`` as given);
     ``feed_transport`` instead shares a running transport (the coordinator's console).
     ``secret`` signs cookies (a random one per process unless given: sign-ins then end
-    with the process). ``idle_timeout``: seconds before an idle sign-in is closed."""
+    with the process). ``idle_timeout``: seconds before an idle sign-in is closed.
+    ``sign_in_limits``: how many failed sign-ins per user and per client address before
+    further ones are refused (429) without asking the broker, and for how long."""
 
     amqp_url: str
     topology: Topology = field(default_factory=Topology)
@@ -97,6 +102,7 @@ class ConsoleSettings:
     feed_transport: Transport | None = None
     live: bool = True
     command_timeout: float = 10.0
+    sign_in_limits: SignInLimits = field(default_factory=SignInLimits)
 
 
 @dataclass
@@ -267,16 +273,23 @@ async def login(request: Request) -> Response:
         raise BadInput("user and password are both required")
     if len(user) > 255 or len(password) > 1024:
         raise BadInput("user or password too long")
+    # The peer of the connection: the console trusts no forwarded-for header (uvicorn
+    # runs with proxy_headers off), which anyone could set to a fresh address each try.
+    address = address_key(request.client.host if request.client else None)
     try:
-        account = await console.accounts.sign_in(user, password)
+        account = await console.accounts.sign_in(user, password, address)
     except SignInFailed as exc:
         token = secrets.token_urlsafe(24)
+        message = str(exc)
+        message = message[0].upper() + message[1:] + "."
         response = render(
             request,
             "login.html",
-            {"login_token": token, "next": next_path, "error": str(exc), "user": user},
+            {"login_token": token, "next": next_path, "error": message, "user": user},
             status=exc.status,
         )
+        if isinstance(exc, TooManySignIns):
+            response.headers["retry-after"] = str(max(1, math.ceil(exc.retry_after)))
         _set_cookie(response, console, LOGIN_COOKIE, console.signer.sign(token), max_age=3600)
         return response
     response = RedirectResponse(next_path, status_code=303)
@@ -939,6 +952,7 @@ def create_app(settings: ConsoleSettings) -> Starlette:
         settings.topology,
         idle_timeout=settings.idle_timeout,
         command_timeout=settings.command_timeout,
+        limits=settings.sign_in_limits,
     )
     feed: LiveFeed | None = None
     if settings.live:

@@ -27,6 +27,7 @@ from contracts import GetIdentity, IdentityResult, Topology
 from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable
 from sessionctl.console.errors import SignInFailed
+from sessionctl.console.limits import SignInLimiter, SignInLimits
 from transport.amqp import AmqpTransport, broker_addresses
 from transport.port import AccessRefused, TransportError
 
@@ -129,6 +130,7 @@ class Accounts:
         idle_timeout: float = 3600.0,
         connect_timeout: float = 10.0,
         command_timeout: float = 10.0,
+        limits: SignInLimits | None = None,
     ) -> None:
         self.amqp_url = amqp_url
         self.topology = topology
@@ -137,25 +139,28 @@ class Accounts:
         self.command_timeout = command_timeout
         self._accounts: dict[str, Account] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.limiter = SignInLimiter(limits)
 
     def __len__(self) -> int:
         return len(self._accounts)
 
-    async def sign_in(self, user: str, password: str) -> Account:
-        """Open a broker connection as ``user``; ``SignInFailed`` says why not."""
-        url = with_user(self.amqp_url, user, password)
-        transport = AmqpTransport(
-            url, connection_name=f"sessionbus-console {user}", connect_timeout=self.connect_timeout
-        )
+    async def sign_in(self, user: str, password: str, address: str = "unknown") -> Account:
+        """Open a broker connection as ``user``; ``SignInFailed`` says why not
+        (``TooManySignIns`` without asking the broker, when ``user`` or the client
+        ``address`` has failed too often)."""
+        self.limiter.begin(user, address)
         try:
-            await transport.connect()
-        except AccessRefused as exc:
-            raise SignInFailed("the broker refused this user and password") from exc
-        except (TransportError, OSError) as exc:
-            log.warning("console sign-in of %r: broker not reachable: %s", user, exc)
-            raise SignInFailed(
-                "the broker could not be reached, or refused this user and password"
-            ) from exc
+            transport = await self._connect(user, password)
+        except SignInFailed:
+            # Counted even when the broker seemed unreachable: a broker that drops the
+            # connection on a wrong password must not make guessing free.
+            self.limiter.failed(user, address)
+            raise
+        except BaseException:
+            self.limiter.abandoned(user, address)
+            raise
+        self.limiter.succeeded(user, address)
+        url = with_user(self.amqp_url, user, password)
         client = CoordinatorClient(
             transport, self.topology, timeout=self.command_timeout, attempts=1
         )
@@ -167,6 +172,23 @@ class Accounts:
         log.info("console: %r signed in (%s)", user, account.role)
         self._start_reaper()
         return account
+
+    async def _connect(self, user: str, password: str) -> AmqpTransport:
+        transport = AmqpTransport(
+            with_user(self.amqp_url, user, password),
+            connection_name=f"sessionbus-console {user}",
+            connect_timeout=self.connect_timeout,
+        )
+        try:
+            await transport.connect()
+        except AccessRefused as exc:
+            raise SignInFailed("the broker refused this user and password") from exc
+        except (TransportError, OSError) as exc:
+            log.warning("console sign-in of %r: broker not reachable: %s", user, exc)
+            raise SignInFailed(
+                "the broker could not be reached, or refused this user and password"
+            ) from exc
+        return transport
 
     def get(self, key: str | None) -> Account | None:
         """The account for a cookie's key, if signed in and not idle too long; each

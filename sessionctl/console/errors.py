@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["BadInput", "ConsoleError", "CsrfRefused", "Forbidden", "NotFound", "SignInFailed"]
+__all__ = [
+    "BadInput",
+    "ConsoleError",
+    "CsrfRefused",
+    "Forbidden",
+    "NotFound",
+    "SignInFailed",
+    "TooManySignIns",
+]
 
 
 class ConsoleError(Exception):
@@ -45,3 +53,15 @@ class SignInFailed(ConsoleError):
 
     status = 401
     title = "Sign-in failed"
+
+
+class TooManySignIns(SignInFailed):
+    """Too many failed sign-ins for this user or from this address (429): the broker
+    was not asked; ``retry_after`` says in how many seconds to try again."""
+
+    status = 429
+    title = "Too many sign-ins"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
