@@ -59,6 +59,9 @@ _S = SessionStatus
 _REGISTRY: Final = REGISTRY_ID.int
 # The low 128 bits of an order key (SessionTable.by_created): the session's UUID.int.
 _ID_BITS: Final = (1 << 128) - 1
+# A filter matching fewer than one session in this many of those in range is read from
+# its own set rather than by walking the creation-order index (see ``sessions_page``).
+SPARSE_FILTER: Final = 16
 # A module is healthy while its last heartbeat is younger than this many intervals.
 HEALTHY_INTERVALS: Final = 3
 # How many applied command ids are remembered for idempotent retries (at least; up
@@ -606,40 +609,30 @@ class Projections:
         The walk follows the table's creation-order index from the cursor (or the
         creation-time bounds) and stops once the page and one more session are found:
         an unfiltered page of 100k sessions costs its own sessions, a filtered one the
-        sessions walked past."""
+        sessions walked past; a filter few sessions match is read from its own set
+        instead (sorted by creation order), so no page costs a pass over every session."""
         q = query or ListWorkflowSessions()
         table = self.sessions
-        wanted: set[int] | None = None
+        # The id filters: sets of id objects, tested per session walked past.
+        filters: list[set[uuid.UUID]] = []
         if q.match_id is not None:
-            wanted = {sid.int for sid in table.find(q.match_id)}
+            filters.append(table.find(q.match_id))
         if status is not None:
-            in_status = {sid.int for sid in self.by_status[status]}
-            wanted = in_status if wanted is None else wanted & in_status
+            filters.append(self.by_status[status])
         if module_id is not None:
-            linked = {sid.int for sid in self.by_module.get(module_id, ())}
-            wanted = linked if wanted is None else wanted & linked
-        index = table.by_created()
-        low, high = 0, len(index)
-        if q.created_from is not None:
-            low = bisect.bisect_left(index, micros(q.created_from) << 128)
-        if q.created_to is not None:
-            high = bisect.bisect_left(index, micros(q.created_to) << 128, low)
+            filters.append(self.by_module.get(module_id, set()))
         if after is not None:
-            cursor = (after.created_us << 128) + after.session_id.int
-            if q.newest_first:
-                high = max(low, min(high, bisect.bisect_left(index, cursor, low, high)))
-            else:
-                low = min(high, max(low, bisect.bisect_right(index, cursor, low, high)))
             offset = 0
-        positions = range(high - 1, low - 1, -1) if q.newest_first else range(low, high)
+        order_keys = self._order_keys(q, after, filters)
         state_filters = q.has_errors or q.idle_since is not None
         picked: list[tuple[int, WorkflowSession]] = []
         skipped = 0
-        for at in positions:
-            order_key = index[at]
+        for order_key in order_keys:
             key = order_key & _ID_BITS
-            if wanted is not None and key not in wanted:
-                continue
+            if filters:
+                sid = table.id_of(key)
+                if not all(sid in ids for ids in filters):
+                    continue
             state = table.state_of(key) if state_filters or skipped >= offset else None
             if state_filters:
                 assert state is not None
@@ -665,6 +658,42 @@ class Projections:
             else None,
             position=self.position,
         )
+
+    def _order_keys(
+        self,
+        q: ListWorkflowSessions,
+        after: SessionsCursor | None,
+        filters: list[set[uuid.UUID]],
+    ) -> Iterable[int]:
+        """The order keys a page walks, in its order: the creation-order index between
+        the query's time bounds and after its cursor, or, when ``filters`` match few
+        sessions (a rare status, a module few sessions use, one id), their own order
+        keys, sorted: cheaper than walking the index past all the rest."""
+        table = self.sessions
+        index = table.by_created()
+        low, high = 0, len(index)
+        if q.created_from is not None:
+            low = bisect.bisect_left(index, micros(q.created_from) << 128)
+        if q.created_to is not None:
+            high = bisect.bisect_left(index, micros(q.created_to) << 128, low)
+        if after is not None:
+            cursor = (after.created_us << 128) + after.session_id.int
+            if q.newest_first:
+                high = max(low, min(high, bisect.bisect_left(index, cursor, low, high)))
+            else:
+                low = min(high, max(low, bisect.bisect_right(index, cursor, low, high)))
+        fewest = min(filters, key=len) if filters else None
+        if fewest is not None and len(fewest) * SPARSE_FILTER < high - low:
+            first = index[low] if low < high else 0
+            last = index[high - 1] if low < high else -1
+            keys = sorted(
+                k
+                for k in ((table.created(sid) << 128) + sid.int for sid in fewest if sid in table)
+                if first <= k <= last
+            )
+            return reversed(keys) if q.newest_first else keys
+        positions = range(high - 1, low - 1, -1) if q.newest_first else range(low, high)
+        return map(index.__getitem__, positions)
 
     def linked_sessions(self, session_id: uuid.UUID) -> dict[str, uuid.UUID]:
         session = self.sessions.get(session_id)

@@ -42,6 +42,16 @@ def make(rng: random.Random, n: int) -> WorkflowSession:
             created_at=created,
             last_activity=created,
         )
+    if rng.random() < 0.03:
+        # A module few sessions use: its filter is read from its own set, not walked.
+        modules["streamer"] = ModuleSessionInfo(
+            module_id="streamer",
+            session_id=uuid.UUID(int=rng.getrandbits(128)),
+            linked_workflow_session_id=sid,
+            status=SessionStatus.ACTIVE,
+            created_at=created,
+            last_activity=created,
+        )
     failure = (
         StandardError(code=ErrorCode.MODULE_ERROR, message="x") if rng.random() < 0.2 else None
     )
@@ -134,6 +144,18 @@ def test_filtered_keyset_pages_match_a_brute_force_listing(seed: int) -> None:
             newest_first=True,
         ),
         ListWorkflowSessions(limit=2, match_id=linked[0].modules["executor"].session_id),
+        ListWorkflowSessions(limit=2, module_id="streamer"),
+        ListWorkflowSessions(limit=3, module_id="streamer", newest_first=True),
+        ListWorkflowSessions(
+            limit=1, module_id="streamer", status=SessionStatus.ACTIVE, has_errors=False
+        ),
+        ListWorkflowSessions(
+            limit=2,
+            module_id="streamer",
+            created_from=T0 + timedelta(milliseconds=50),
+            created_to=T0 + timedelta(milliseconds=300),
+            newest_first=True,
+        ),
         ListWorkflowSessions(limit=2, match_id=linked[1].session_id),
     ]
     for round_ in range(3):
