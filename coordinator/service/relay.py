@@ -35,7 +35,7 @@ from coordinator.errors import StoreUnavailable
 from coordinator.store.eventstore import EventStore, positioned
 from transport.port import OutgoingMessage, Transport, TransportError
 
-__all__ = ["OutboxRelay", "event_message", "traceparent"]
+__all__ = ["OutboxRelay", "event_message", "relay_checkpoint", "traceparent"]
 
 log = logging.getLogger("sessionbus.coordinator.relay")
 
@@ -48,6 +48,12 @@ MAX_BACKOFF: Final = 5.0
 RESEND_AFTER_RECONNECT: Final = 5.0
 # Committed events kept for publishing from memory at most; beyond, the log is read.
 HANDED_LIMIT: Final = 5_000
+
+
+def relay_checkpoint(topology: Topology) -> str:
+    """The name under which a prefix's relay keeps its position in the store's
+    checkpoints: one relay position per prefix, shared by every coordinator on it."""
+    return f"relay:{topology.prefix}"
 
 
 def traceparent(env: EventEnvelope) -> str | None:
@@ -106,7 +112,7 @@ class OutboxRelay:
         self.topology = topology
         self.codec = codec or Codec("json")
         self.page = page
-        self.checkpoint = name or f"relay:{topology.prefix}"
+        self.checkpoint = name or relay_checkpoint(topology)
         self.position = 0
         self.fence = fence
         self._loaded = asyncio.Event()  # the tracked position was read from the store

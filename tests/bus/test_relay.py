@@ -29,6 +29,7 @@ from contracts import (
 from contracts.topology import QueueSpec
 from coordinator.domain.identity import IdentityMap
 from coordinator.service.coordinator import SessionCoordinator
+from coordinator.service.relay import relay_checkpoint
 from coordinator.service.runtime import CoordinatorRuntime
 from module_sdk import CoordinatorClient
 from module_sdk.testing import wait_for
@@ -116,7 +117,7 @@ async def test_every_stored_event_is_published_once_in_store_order_as_documented
         stored = await stored_events(rt)
         assert rt.coordinator.store is not None
         checkpoint = await asyncio.to_thread(
-            rt.coordinator.store.checkpoints.get, f"relay:{amqp_bus.prefix}"
+            rt.coordinator.store.checkpoints.get, relay_checkpoint(topo)
         )
 
     assert len(stored) > 20
@@ -158,7 +159,7 @@ async def test_restarted_relay_publishes_only_what_it_had_not_confirmed(
         after_restart = await observer.drain()
         assert rt2.coordinator.store is not None
         checkpoint = await asyncio.to_thread(
-            rt2.coordinator.store.checkpoints.get, f"relay:{amqp_bus.prefix}"
+            rt2.coordinator.store.checkpoints.get, relay_checkpoint(topo)
         )
 
     ids = [str(e.event_id) for e in everything]

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from contracts import HEADERS, Command
+from contracts import HEADERS, Command, Topology
 from contracts.topology import QueueSpec
+from coordinator.service.relay import relay_checkpoint
 from coordinator.store.eventstore import EventStore
 from tests.faults.harness import end_load_after, process_system, wait_until
 from tests.faults.report import Row, record, seconds
@@ -41,7 +42,7 @@ KILLS = 5
 def relay_state(store_url: str, prefix: str) -> tuple[int, int]:
     """(saved relay position, highest stored position), read with nobody running."""
     with EventStore(store_url) as store:
-        saved = store.checkpoints.get(f"relay:{prefix}")
+        saved = store.checkpoints.get(relay_checkpoint(Topology(prefix=prefix)))
         return (saved[0] if saved else 0), store.max_position()
 
 
