@@ -37,7 +37,7 @@ from contracts import (
 from contracts.topology import QueueSpec
 from transport.port import ConsumerHandle, Delivery, Transport, TransportError
 
-__all__ = ["LiveFeed", "summary"]
+__all__ = ["LiveFeed", "Subscriber", "summary"]
 
 log = logging.getLogger("sessionbus.console.feed")
 
@@ -77,7 +77,7 @@ def summary(env: EventEnvelope) -> dict[str, Any]:
 
 
 @dataclass(eq=False)  # each one is itself (hashed by identity, kept in a set)
-class _Subscriber:
+class Subscriber:
     """One page's stream: ``(event, data)`` items (``session`` summaries, ``resync``)."""
 
     queue: asyncio.Queue[tuple[str, dict[str, Any]]]
@@ -98,7 +98,7 @@ class LiveFeed:
         self.problem: str | None = None
         self.received = 0
         self.resyncs = 0
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: set[Subscriber] = set()
         self._handle: ConsumerHandle | None = None
         self._unhook: Callable[[], None] | None = None
 
@@ -173,9 +173,9 @@ class LiveFeed:
                 subscriber.resync = data
 
     @contextlib.asynccontextmanager
-    async def subscribe(self) -> AsyncIterator[_Subscriber]:
+    async def subscribe(self) -> AsyncIterator[Subscriber]:
         """A stream of summaries for one page, from now until the block ends."""
-        subscriber = _Subscriber(asyncio.Queue(PER_PAGE))
+        subscriber = Subscriber(asyncio.Queue(PER_PAGE))
         self._subscribers.add(subscriber)
         try:
             yield subscriber

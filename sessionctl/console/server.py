@@ -30,6 +30,11 @@ class ConsoleServer:
         self.app = create_app(settings)
         self.host = host
         self._socket = socket.create_server((host, port), reuse_port=False)
+        # asyncio turns Nagle off only on sockets whose proto is IPPROTO_TCP, and this
+        # one's is 0: with Nagle on, a response's body waited for the client's delayed
+        # ACK of its head, 40 ms on every request but a connection's first. Accepted
+        # connections inherit the option.
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port: int = self._socket.getsockname()[1]
         config = uvicorn.Config(
             self.app,
@@ -42,6 +47,16 @@ class ConsoleServer:
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
+
+    def connections(self) -> list[socket.socket]:
+        """The sockets of the connections open now (to check how they are set up)."""
+        found = []
+        for protocol in self._server.server_state.connections:
+            transport = getattr(protocol, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None:
+                found.append(sock)
+        return found
 
     @property
     def url(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 
 import pytest
@@ -247,6 +248,20 @@ async def test_overview_shows_the_coordinator_figures(console: ConsoleSystem) ->
     assert later["commands_handled"] > figures["commands_handled"]
 
 
+async def test_the_console_answers_without_nagle_so_a_body_does_not_wait_for_an_ack(
+    console: ConsoleSystem,
+) -> None:
+    """A kept-alive connection's responses went out in two writes, head and body; with
+    Nagle on, the body waited for the client's delayed ACK (40 ms a page). Every
+    connection the console accepts has TCP_NODELAY."""
+    http = await console.signed_in()
+    assert (await http.get("/sessions")).status_code == 200
+    connections = console.server.connections()
+    assert connections, "no open connection seen by the console"
+    for sock in connections:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 async def test_every_page_sends_security_headers_and_assets_come_from_the_package(
     console: ConsoleSystem,
 ) -> None:
@@ -256,6 +271,9 @@ async def test_every_page_sends_security_headers_and_assets_come_from_the_packag
     assert "script-src 'self'" in csp
     assert "frame-ancestors 'none'" in csp
     assert page.headers["x-content-type-options"] == "nosniff"
+    # What the page cost the server, as a number a benchmark or a browser can read.
+    timing = re.fullmatch(r"app;dur=(\d+\.\d)", page.headers["server-timing"])
+    assert timing is not None and float(timing.group(1)) > 0
     assert "http://" not in re.sub(r'https?://www\.w3\.org[^"]*', "", page.text)
     for asset in ("/static/console.css", "/static/console.js"):
         answer = await http.get(asset)
