@@ -7,12 +7,13 @@ process is the browser, an ``httpx`` client on 127.0.0.1 signed in as ``guest``,
 the coordinator's identity rules make an operator (``--identity guest=*``).
 
 - ``console.pages``: the store holds N live sessions (``benchmarks.workload.generate``,
-  as ``memory.sessions`` writes them; 100k, quick 10k), the coordinator starts on it
-  (every session in its read models); then the sessions page (first page, a filtered
-  page, a later keyset page) and one session's page, requested in turn, one request at
-  a time. The time is the client's round trip on loopback, first byte sent to last
-  byte read: the server's wall time plus the loopback hops (the console reads through
-  the coordinator over the broker, so that round trip is in it too).
+  as ``memory.sessions`` writes them; 100k, quick 10k), their events marked published
+  (as a running system's would be), the coordinator starts on it (every session in its
+  read models); then the sessions page (first page, a filtered page, a later keyset
+  page) and one session's page, requested in turn, one request at a time. Two times
+  each: the server's, from the console's ``Server-Timing`` (request arrived → response
+  head, the coordinator's answers over the broker included), and the client's round
+  trip on loopback (first byte sent → last byte read).
 - ``console.live_feed``: ``record_activity`` paced at 1,000 events/s through the
   coordinator, once with no console running and once with the console open and an SSE
   client reading the sessions list's live stream (``/sessions/feed``), the order
@@ -50,13 +51,15 @@ from benchmarks.registry import (
     target,
 )
 from benchmarks.workload import OPTIONAL, generate
-from contracts import SessionStatus
+from contracts import SessionStatus, Topology
+from coordinator.service.relay import relay_checkpoint
 from coordinator.store.eventstore import EventStore
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 NEXT_PAGE = re.compile(r'id="next-page" href="([^"]+)"')
 ROW = re.compile(r'data-session-id="([0-9a-f-]{36})"')
 SERVED = re.compile(r"console on (http://127\.0\.0\.1:\d+)/")
+SERVER_TIMING = re.compile(r"app;dur=([0-9.]+)")
 # Starting a coordinator on 100k sessions rebuilds its read models first.
 BIG_START_TIMEOUT_S = 600.0
 
@@ -112,14 +115,18 @@ async def _signed_in(url: str) -> httpx.AsyncClient:
     return http
 
 
-async def _get(http: httpx.AsyncClient, path: str) -> tuple[float, str]:
-    """Seconds from sending the request to the last byte of the answer; the page."""
+async def _get(http: httpx.AsyncClient, path: str) -> tuple[float, float, str]:
+    """Seconds from sending the request to the last byte of the answer; seconds the
+    server says the page took it (its ``Server-Timing``); the page."""
     started = time.perf_counter()
     answer = await http.get(path)
     elapsed = time.perf_counter() - started
     if answer.status_code != 200:
         raise RuntimeError(f"GET {path}: {answer.status_code}: {answer.text[:500]}")
-    return elapsed, answer.text
+    served = SERVER_TIMING.fullmatch(answer.headers.get("server-timing", ""))
+    if served is None:
+        raise RuntimeError(f"GET {path}: no Server-Timing: {answer.headers}")
+    return elapsed, float(served.group(1)) / 1000, answer.text
 
 
 # --- console.pages --------------------------------------------------------------------
@@ -143,6 +150,12 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
         ctx.log(f"writing {count:,} live sessions into {store}")
         with EventStore(f"sqlite:///{store}") as events:
             made = generate(events, sessions=count, may_end=False, activity=(1, 3), max_seconds=600)
+            # As a running system's store would be: every event already published (the
+            # relay starts at the log's end, not publishing the generated history while
+            # the pages are measured).
+            events.checkpoints.put(
+                relay_checkpoint(Topology(prefix=h.prefix)), events.max_position()
+            )
         ctx.log(f"wrote {made.events:,} events in {made.seconds:.1f}s")
         module = OPTIONAL[0]
         paths: dict[str, str] = {
@@ -162,7 +175,7 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
             ids: list[str] = []
             path = paths["first_page"]
             for _ in range(5):
-                _, page = await _get(http, path)
+                _, _, page = await _get(http, path)
                 ids.extend(ROW.findall(page))
                 following = NEXT_PAGE.search(page)
                 if following is None:
@@ -170,7 +183,7 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
                 path = html.unescape(following.group(1))
             paths["later_page"] = path
             # What the filtered page shows: a filter matching nothing would be cheap.
-            _, filtered = await _get(http, paths["filtered_page"])
+            _, _, filtered = await _get(http, paths["filtered_page"])
             ctx.params["filtered_page_rows"] = len(ROW.findall(filtered))
             if not ids:
                 raise RuntimeError("no session rows on the sessions page")
@@ -189,8 +202,11 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
                 for k, v in paths.items()
             },
             session_pages=f"/sessions/<id> of {len(ids)} sessions of the first five pages, in turn",
-            timing="client round trip on 127.0.0.1 (httpx, keep-alive), request sent → last "
-            "byte read; one request at a time; the kinds interleaved",
+            timing="<kind>: client round trip on 127.0.0.1 (httpx, keep-alive), request sent → "
+            "last byte read; <kind>.server: the console's Server-Timing (request arrived → "
+            "response head, the coordinator's answers included); one request at a time, "
+            "the kinds interleaved",
+            relay="the generated events are marked published before the coordinator starts",
             coordinator_query="for reference: the first page's query alone "
             "(CoordinatorClient.page_workflow_sessions from this process), no console",
             signed_in_as="guest (operator: --identity guest=*)",
@@ -198,18 +214,19 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
         )
 
         async def trial() -> dict[str, Figure]:
-            kinds = (*paths, "session_page", "coordinator_query")
+            pages = (*paths, "session_page")
+            kinds = (*pages, *(f"{k}.server" for k in pages), "coordinator_query")
             times: dict[str, list[float]] = {k: [] for k in kinds}
+            session_pages = [f"/sessions/{sid}" for sid in ids]
             deadline = Deadline(trial_seconds)
             for i in range(per_kind):
                 if deadline.passed():
                     ctx.note(f"pages: stopped after {i} rounds at the {trial_seconds:.0f} s bound")
                     break
-                for kind, path in paths.items():
-                    times[kind].append((await _get(http, path))[0])
-                times["session_page"].append(
-                    (await _get(http, f"/sessions/{ids[i % len(ids)]}"))[0]
-                )
+                for kind, path in [*paths.items(), ("session_page", session_pages[i % len(ids)])]:
+                    elapsed, served, _ = await _get(http, path)
+                    times[kind].append(elapsed)
+                    times[f"{kind}.server"].append(served)
                 started = time.perf_counter()
                 await h.client.page_workflow_sessions(newest_first=True)
                 times["coordinator_query"].append(time.perf_counter() - started)
@@ -218,8 +235,7 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
                 got.sort()
                 figures[f"{kind}.p50_ms"] = Figure(percentile(got, 0.5) * 1000, "ms", "lower")
                 figures[f"{kind}.p99_ms"] = Figure(percentile(got, 0.99) * 1000, "ms", "lower")
-            pages = sum(len(t) for k, t in times.items() if k != "coordinator_query")
-            figures["requests"] = Figure(pages, "requests", None)
+            figures["requests"] = Figure(sum(len(times[k]) for k in pages), "requests", None)
             return figures
 
         try:
@@ -235,9 +251,9 @@ for _kind, _label in (
     ("session_page", "a session's page"),
 ):
     target(
-        f"console {_label} p99 with 100k live sessions",
+        f"console {_label} p99 at the server with 100k live sessions",
         "console.pages",
-        f"{_kind}.p99_ms",
+        f"{_kind}.server.p99_ms",
         "<=",
         100,
         "ms",
