@@ -273,7 +273,8 @@ async def test_every_page_sends_security_headers_and_assets_come_from_the_packag
     assert page.headers["x-content-type-options"] == "nosniff"
     # What the page cost the server, as a number a benchmark or a browser can read.
     timing = re.fullmatch(r"app;dur=(\d+\.\d)", page.headers["server-timing"])
-    assert timing is not None and float(timing.group(1)) > 0
+    assert timing is not None
+    assert float(timing.group(1)) > 0
     assert "http://" not in re.sub(r'https?://www\.w3\.org[^"]*', "", page.text)
     for asset in ("/static/console.css", "/static/console.js"):
         answer = await http.get(asset)
