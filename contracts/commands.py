@@ -38,6 +38,7 @@ __all__ = [
     "CreateWorkflowSession",
     "DestroyWorkflowSession",
     "EventsPage",
+    "FindWorkflowSessions",
     "GetCoordinatorHealth",
     "GetIdentity",
     "GetLinkedSessions",
@@ -230,6 +231,19 @@ class ListWorkflowSessions(CommandBase, frozen=True, tag="list-workflow-sessions
     newest_first: bool = False
 
 
+class FindWorkflowSessions(CommandBase, frozen=True, tag="find-workflow-sessions"):
+    """Every workflow session, live or destroyed, whose id is ``match_id`` or that had a
+    module session with that id linked at any time (the answer: a ``SessionsPage``
+    with no next page, newest first; a destroyed one has ``destroyed`` set).
+
+    Unlike ``ListWorkflowSessions``' ``match_id``, which sees the links live sessions
+    hold now, this also finds a session destroyed long ago (through the coordinator's
+    module-session lookup in its store) and a link since undone."""
+
+    match_id: uuid.UUID
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100
+
+
 class GetLinkedSessions(CommandBase, frozen=True, tag="get-linked-sessions"):
     """Seed: getLinkedSessions(workflowSessionId)."""
 
@@ -293,6 +307,7 @@ Command = (
     | ValidateSessionIntegrity
     | GetSessionHistory
     | ReadEvents
+    | FindWorkflowSessions
 )
 
 COMMAND_TYPES: Final[tuple[type[CommandBase], ...]] = (
@@ -317,6 +332,7 @@ COMMAND_TYPES: Final[tuple[type[CommandBase], ...]] = (
     ValidateSessionIntegrity,
     GetSessionHistory,
     ReadEvents,
+    FindWorkflowSessions,
 )
 
 # Commands that append events; the rest only read projections.

@@ -26,6 +26,7 @@ from contracts import (
     DestroyWorkflowSession,
     ErrorCode,
     EventsPage,
+    FindWorkflowSessions,
     GetCoordinatorHealth,
     GetIdentity,
     GetLinkedSessions,
@@ -398,6 +399,18 @@ class CoordinatorClient:
             ),
             SessionsPage,
         )
+
+    async def find_workflow_sessions(
+        self, match_id: uuid.UUID, *, limit: int = 100
+    ) -> list[WorkflowSession]:
+        """Every workflow session, live or destroyed, whose id is ``match_id`` or that
+        had a module session with that id linked at any time, newest first (see
+        ``FindWorkflowSessions``); a destroyed one has ``destroyed`` set. A coordinator
+        that predates the query answers ``CommandFailed`` (INVALID_MESSAGE)."""
+        page = await self._expect(
+            FindWorkflowSessions(match_id=match_id, limit=limit), SessionsPage
+        )
+        return page.sessions
 
     async def register_module(
         self, module_id: str, *, required: bool = True, capabilities: Sequence[str] = ()

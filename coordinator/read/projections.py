@@ -31,6 +31,7 @@ from contracts import (
     TERMINAL_STATUSES,
     Accepted,
     Heartbeat,
+    Linked,
     ListWorkflowSessions,
     ModuleInfo,
     ModuleRegistered,
@@ -368,6 +369,10 @@ class Projections:
         self.commands: dict[int, Accepted] = {}
         self.listeners: list[SessionListener] = []
         self.events_applied = 0
+        # (module session id, workflow session id) of each Linked event folded, while
+        # a list is set here: the coordinator's module-session lookup takes them
+        # (a destroyed session's state holds no links, so this is where they are seen).
+        self.new_links: list[tuple[uuid.UUID, uuid.UUID]] | None = None
         # Kept between track_positions() and untrack() (a partitioned rebuild's merge
         # orders by them): the position of each remembered command's first event, by
         # the order the commands were first seen (the memory holds the last ones), and
@@ -431,6 +436,8 @@ class Projections:
             sid, old = entry
             old_modules = old.modules
         new = fold_session(old, env)
+        if self.new_links is not None and isinstance(env.event, Linked):
+            self.new_links.append((env.event.module_session_id, sid))
         status_changed = old is None or new.status is not old.status
         if old is not None and (status_changed or new.destroyed):
             self.by_status[old.status].discard(sid)

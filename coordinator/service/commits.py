@@ -37,7 +37,8 @@ class CommitApplier:
 
     ``projections`` is read on every pass (an operator's replay may swap them);
     ``after_apply`` runs once a pass is folded, before its callers resume (timeouts are
-    armed from the final states there)."""
+    armed from the final states there); ``before_checkpoint`` before each checkpoint,
+    on its thread (the module-session lookup is written there)."""
 
     def __init__(
         self,
@@ -47,12 +48,14 @@ class CommitApplier:
         page: int,
         checkpoint_every: int,
         after_apply: Callable[[], None],
+        before_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
         self._projections = projections
         self._page = page
         self._checkpoint_every = checkpoint_every
         self._after_apply = after_apply
+        self._before_checkpoint = before_checkpoint
         self._loop = asyncio.get_running_loop()
         self._passes: asyncio.Queue[_Pass] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -86,6 +89,8 @@ class CommitApplier:
 
     def checkpoint(self) -> None:
         """Checkpoint the current projections (blocking)."""
+        if self._before_checkpoint is not None:
+            self._before_checkpoint()
         proj = self._projections()
         if save_checkpoint(self._store, proj):
             self.checkpointed_at = proj.position

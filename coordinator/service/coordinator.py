@@ -31,6 +31,7 @@ from contracts import (
     DestroyWorkflowSession,
     ErrorCode,
     EventsPage,
+    FindWorkflowSessions,
     GetCoordinatorHealth,
     GetIdentity,
     GetLinkedSessions,
@@ -63,6 +64,7 @@ from contracts import (
     SessionIds,
     SessionIntegrityReport,
     SessionResult,
+    SessionsPage,
     SessionStatus,
     StandardError,
     UnlinkModuleSession,
@@ -87,6 +89,7 @@ from coordinator.read.loader import RebuildProgress, load_projections, save_chec
 from coordinator.read.projections import Projections, integrity_report
 from coordinator.read.rebuild import MAX_PARTITIONS, PARALLEL_MIN_EVENTS, default_workers
 from coordinator.service.commits import CommitApplier, CommitListener
+from coordinator.service.links import ModuleSessionLookup
 from coordinator.service.writer import WriteJob, Writer
 from coordinator.store.eventstore import EventStore
 from coordinator.store.watch import LogWatch
@@ -146,6 +149,7 @@ class SessionCoordinator:
         self.follow_log = follow_log
         self._follower: asyncio.Task[None] | None = None
         self._commits: CommitApplier | None = None
+        self._links: ModuleSessionLookup | None = None
         self._touched: set[uuid.UUID] = set()
         self.store: EventStore | None = store if isinstance(store, EventStore) else None
         self._owns_store = not isinstance(store, EventStore)
@@ -196,14 +200,18 @@ class SessionCoordinator:
         self.projections.listeners.append(self._on_session_event)
         proj = self.projections
         deadlines = proj.deadlines()
+        links = self._links = ModuleSessionLookup(store)
+        await links.start(proj)
         self._commits = CommitApplier(
             store,
             lambda: self.projections,
             page=self.rebuild_page,
             checkpoint_every=self.checkpoint_every,
             after_apply=self._arm_touched,
+            before_checkpoint=self._write_links,
         )
         self._commits.listeners = self._commit_listeners
+        self._commit_listeners.append(lambda _saved: links.after_commit())
         self._writer = Writer(
             store,
             self.clock,
@@ -251,6 +259,8 @@ class SessionCoordinator:
             return
         await self.drain()
         self._state = "closed"
+        if self._links is not None:
+            await self._links.close()
         if self.store is not None:
             try:
                 await asyncio.to_thread(self._checkpoint)
@@ -295,7 +305,19 @@ class SessionCoordinator:
         if self._commits is not None:
             self._commits.checkpoint()
         else:
+            self._write_links()
             save_checkpoint(self.store, self.projections)
+
+    def _write_links(self) -> None:
+        """Store the module-session pairs gathered (blocking), so a checkpoint never
+        runs ahead of the lookup; when that fails the checkpoint is written anyway (the
+        next start reads the gap from the log)."""
+        if self._links is None:
+            return
+        try:
+            self._links.write()
+        except StoreUnavailable as exc:
+            log.warning("module-session lookup not written before the checkpoint: %s", exc)
 
     @property
     def log_watch(self) -> LogWatch | None:
@@ -460,6 +482,10 @@ class SessionCoordinator:
                     command.after,
                     query=command,
                 )
+            case FindWorkflowSessions():
+                position = proj.position
+                found = await self.find_workflow_sessions(command.match_id, command.limit)
+                return SessionsPage(sessions=found, position=position)
             case GetLinkedSessions():
                 return LinkedSessions(links=proj.linked_sessions(command.session_id))
             case ListModules():
@@ -513,6 +539,31 @@ class SessionCoordinator:
             assert self.store is not None
             session = fold_history(await asyncio.to_thread(self.store.history, session_id))
         return session
+
+    async def find_workflow_sessions(
+        self, match_id: uuid.UUID, limit: int = 100
+    ) -> list[WorkflowSession]:
+        """Every workflow session, live or destroyed, whose id is ``match_id`` or that
+        had a module session with that id linked, newest first (at most ``limit``).
+
+        Memory first: live sessions by their links, the destroyed sessions still held
+        by their own id, the links not yet stored; then the store's module-session
+        lookup (a destroyed session's state holds no links). A session not held is
+        read from its history."""
+        proj = self.projections
+        found: dict[int, uuid.UUID] = {sid.int: sid for sid in proj.sessions.find(match_id)}
+        if match_id in proj.recently_destroyed:
+            found[match_id.int] = match_id
+        if self._links is not None:
+            found.update((sid.int, sid) for sid in self._links.in_memory(match_id))
+        assert self.store is not None
+        stored = await asyncio.to_thread(self.store.workflow_sessions_of, match_id)
+        found.update((sid.int, sid) for sid in stored)
+        if not found:
+            found[match_id.int] = match_id  # perhaps a workflow session destroyed long ago
+        sessions = [s for sid in found.values() if (s := await self.get_workflow_session(sid))]
+        sessions.sort(key=lambda s: (s.created_at, s.session_id.int), reverse=True)
+        return sessions[:limit]
 
     def list_active_workflow_sessions(
         self, status: SessionStatus | None = None, module_id: str | None = None

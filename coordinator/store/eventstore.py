@@ -53,6 +53,7 @@ from contracts import (
     Codec,
     ContractsError,
     EventEnvelope,
+    Linked,
     ReplayedEvent,
     WorkflowSession,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "MAX_PARTITIONS",
     "EnvelopeMapper",
     "EventStore",
+    "ModuleSessionLinks",
     "Partition",
     "SQLiteClaim",
     "StoreSettings",
@@ -111,6 +113,12 @@ _DECODE_SLICE: Final = 128
 MAX_PARTITIONS: Final = 16
 # No upper bound on positions (both backends' ids are 64-bit signed).
 _NO_BOUND: Final = 2**63 - 1
+# The checkpoint record whose position says how far the module-session lookup is
+# complete (``EventStore.add_module_links``).
+LINKS_CHECKPOINT: Final = "module-sessions"
+# How a stored Linked event names its type, in either codec (msgpack keeps strings as
+# they are): a page of the log is searched for it before anything is decoded.
+_LINKED_TAG: Final = Linked.__struct_config__.tag.encode()  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
@@ -575,8 +583,26 @@ class EnvelopeMapper(Mapper[uuid.UUID]):
 # --- checkpoints (projection snapshots, relay positions) -----------------------------
 
 
-class Checkpoints(Protocol):
-    """Small named records kept beside the events: a position and an opaque blob."""
+class ModuleSessionLinks(Protocol):
+    """The module-session lookup kept beside the events: which workflow session each
+    module session was linked to (every Linked event's pair), so a workflow session
+    destroyed long ago is found by a module session's id without reading the log."""
+
+    def add_links(
+        self, links: Sequence[tuple[uuid.UUID, uuid.UUID]], name: str, position: int | None
+    ) -> None:
+        """Store (module session id, workflow session id) pairs and, in the same
+        transaction, ``advance`` the record ``name`` to ``position`` (unless None)."""
+        ...
+
+    def find_links(self, module_session_id: uuid.UUID) -> list[uuid.UUID]:
+        """The workflow sessions ``module_session_id`` was linked to."""
+        ...
+
+
+class Checkpoints(ModuleSessionLinks, Protocol):
+    """Small named records kept beside the events: a position and an opaque blob (and,
+    through the same connection, the module-session lookup)."""
 
     def get(self, name: str) -> tuple[int, bytes] | None: ...
 
@@ -594,6 +620,7 @@ class Checkpoints(Protocol):
 class _MemoryCheckpoints:
     def __init__(self) -> None:
         self._rows: dict[str, tuple[int, bytes]] = {}
+        self._links: dict[uuid.UUID, set[uuid.UUID]] = {}
 
     def get(self, name: str) -> tuple[int, bytes] | None:
         return self._rows.get(name)
@@ -606,6 +633,17 @@ class _MemoryCheckpoints:
         if old is None or old[0] < position:
             self._rows[name] = (position, b"")
         return self._rows[name][0]
+
+    def add_links(
+        self, links: Sequence[tuple[uuid.UUID, uuid.UUID]], name: str, position: int | None
+    ) -> None:
+        for module_session_id, workflow_session_id in links:
+            self._links.setdefault(module_session_id, set()).add(workflow_session_id)
+        if position is not None:
+            self.advance(name, position)
+
+    def find_links(self, module_session_id: uuid.UUID) -> list[uuid.UUID]:
+        return sorted(self._links.get(module_session_id, ()))
 
     def close(self) -> None:
         pass
@@ -640,6 +678,17 @@ class _SQLiteCheckpoints:
         "CREATE TABLE IF NOT EXISTS sessionbus_checkpoints "
         "(name TEXT PRIMARY KEY, position INTEGER NOT NULL, data BLOB NOT NULL)"
     )
+    # Ids as their 16 bytes; looked up by module session id (the key's first column).
+    _LINKS_DDL = (
+        "CREATE TABLE IF NOT EXISTS sessionbus_module_sessions "
+        "(module_session_id BLOB NOT NULL, workflow_session_id BLOB NOT NULL, "
+        "PRIMARY KEY (module_session_id, workflow_session_id)) WITHOUT ROWID"
+    )
+    _ADVANCE = (
+        "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, x'') "
+        "ON CONFLICT(name) DO UPDATE SET position = max(position, excluded.position) "
+        "RETURNING position"
+    )
 
     @_sqlite_errors
     def __init__(self, path: str) -> None:
@@ -649,6 +698,7 @@ class _SQLiteCheckpoints:
         self._lock = threading.Lock()
         with self._lock, self._conn:
             self._conn.execute(self._DDL)
+            self._conn.execute(self._LINKS_DDL)
 
     # The blob is written and read through SQLite's blob handle: a bound or selected
     # value is copied whole by SQLite (on an insert twice: the value, then the record),
@@ -685,13 +735,31 @@ class _SQLiteCheckpoints:
     @_sqlite_errors
     def advance(self, name: str, position: int) -> int:
         with self._lock, self._conn:
-            (stored,) = self._conn.execute(
-                "INSERT INTO sessionbus_checkpoints (name, position, data) VALUES (?, ?, x'') "
-                "ON CONFLICT(name) DO UPDATE SET position = max(position, excluded.position) "
-                "RETURNING position",
-                (name, position),
-            ).fetchone()
+            (stored,) = self._conn.execute(self._ADVANCE, (name, position)).fetchone()
         return int(stored)
+
+    @_sqlite_errors
+    def add_links(
+        self, links: Sequence[tuple[uuid.UUID, uuid.UUID]], name: str, position: int | None
+    ) -> None:
+        with self._lock, self._conn:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO sessionbus_module_sessions "
+                "(module_session_id, workflow_session_id) VALUES (?, ?)",
+                [(m.bytes, w.bytes) for m, w in links],
+            )
+            if position is not None:
+                self._conn.execute(self._ADVANCE, (name, position)).fetchone()
+
+    @_sqlite_errors
+    def find_links(self, module_session_id: uuid.UUID) -> list[uuid.UUID]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT workflow_session_id FROM sessionbus_module_sessions "
+                "WHERE module_session_id = ?",
+                (module_session_id.bytes,),
+            ).fetchall()
+        return [uuid.UUID(bytes=bytes(row[0])) for row in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -708,6 +776,9 @@ class _PostgresCheckpoints:
 
     def __init__(self, dsn: str, schema: str | None, timeouts: PostgresTimeouts) -> None:
         self._table = f'"{schema}".sessionbus_checkpoints' if schema else "sessionbus_checkpoints"
+        self._links = (
+            f'"{schema}".sessionbus_module_sessions' if schema else "sessionbus_module_sessions"
+        )
         self._pool: psycopg_pool.ConnectionPool[psycopg.Connection[Any]] = (
             psycopg_pool.ConnectionPool(
                 dsn,
@@ -726,6 +797,12 @@ class _PostgresCheckpoints:
             self._execute(
                 f"CREATE TABLE IF NOT EXISTS {self._table} "
                 "(name TEXT PRIMARY KEY, position BIGINT NOT NULL, data BYTEA NOT NULL)",
+                (),
+            )
+            self._execute(
+                f"CREATE TABLE IF NOT EXISTS {self._links} "
+                "(module_session_id UUID NOT NULL, workflow_session_id UUID NOT NULL, "
+                "PRIMARY KEY (module_session_id, workflow_session_id))",
                 (),
             )
         except BaseException:
@@ -750,6 +827,52 @@ class _PostgresCheckpoints:
             return self._attempt(sql, args)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"checkpoints: {exc}") from exc
+
+    @retry(
+        retry=retry_if_exception_type(psycopg.OperationalError),
+        stop=stop_after_attempt(_CHECKPOINT_ATTEMPTS),
+        wait=wait_fixed(0.2) + wait_random(0, 0.02),
+        reraise=True,
+    )
+    def _attempt_together(self, statements: Sequence[tuple[str, tuple[Any, ...]]]) -> None:
+        # One transaction: the position never says more than the rows hold. Retried
+        # whole, like _attempt (inserts that skip existing rows, a position that only
+        # grows).
+        with self._pool.connection() as conn, conn.transaction():
+            for sql, args in statements:
+                conn.execute(sql.encode(), args)
+
+    def add_links(
+        self, links: Sequence[tuple[uuid.UUID, uuid.UUID]], name: str, position: int | None
+    ) -> None:
+        # One statement for the whole batch: arrays of both columns, unnested.
+        insert = (
+            f"INSERT INTO {self._links} (module_session_id, workflow_session_id) "  # noqa: S608
+            "SELECT * FROM unnest(%s::uuid[], %s::uuid[]) ON CONFLICT DO NOTHING"
+        )
+        statements: list[tuple[str, tuple[Any, ...]]] = [
+            (insert, ([m for m, _ in links], [w for _, w in links]))
+        ]
+        if position is not None:
+            advance = (
+                f"INSERT INTO {self._table} AS c (name, position, data) "  # noqa: S608
+                "VALUES (%s, %s, '') ON CONFLICT (name) DO UPDATE "
+                "SET position = GREATEST(c.position, EXCLUDED.position)"
+            )
+            statements.append((advance, (name, position)))
+        try:
+            self._attempt_together(statements)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"module-session lookup: {exc}") from exc
+
+    def find_links(self, module_session_id: uuid.UUID) -> list[uuid.UUID]:
+        sql = f"SELECT workflow_session_id FROM {self._links} WHERE module_session_id = %s"  # noqa: S608
+        try:
+            with self._pool.connection() as conn:
+                rows = conn.execute(sql.encode(), (module_session_id,)).fetchall()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"module-session lookup: {exc}") from exc
+        return [row[0] for row in rows]
 
     def get(self, name: str) -> tuple[int, bytes] | None:
         row = self._execute(
@@ -955,6 +1078,51 @@ class EventStore:
                 # The events are committed: a snapshot only shortens later loads, and
                 # failing here would refuse commands that were stored.
                 log.warning("snapshot of %d sessions not saved: %s", len(snapshots), exc)
+
+    # The module-session lookup ----------------------------------------------------
+
+    def add_module_links(
+        self, links: Sequence[tuple[uuid.UUID, uuid.UUID]], complete_to: int | None
+    ) -> None:
+        """Record (module session id, workflow session id) pairs of Linked events;
+        with ``complete_to``, also that the lookup now holds every pair of the log up to
+        that position (in the same transaction)."""
+        self.checkpoints.add_links(links, LINKS_CHECKPOINT, complete_to)
+
+    def module_links_position(self) -> int:
+        """How far the lookup holds every pair of the log (0: nothing yet)."""
+        row = self.checkpoints.get(LINKS_CHECKPOINT)
+        return row[0] if row is not None else 0
+
+    def workflow_sessions_of(self, module_session_id: uuid.UUID) -> list[uuid.UUID]:
+        """The workflow sessions a module session was linked to, as recorded."""
+        return self.checkpoints.find_links(module_session_id)
+
+    def module_links(
+        self, after: int, until: int, page: int = 1000
+    ) -> Iterator[tuple[int, list[tuple[uuid.UUID, uuid.UUID]]]]:
+        """The Linked pairs of the log in (``after``, ``until``], a page at a time, each
+        with the last position read (to rebuild the lookup). Only events whose stored
+        bytes name the Linked type are decoded, unless older schema versions may be
+        stored (an upcast may rename what the bytes say)."""
+        filtered = not self.mapper.upcaster.steps
+        decode = self.mapper.decode_envelope
+        rows_of = self._pages(after, page, until, None)
+        while True:
+            try:
+                rows = next(rows_of, None)
+            except _DB_ERRORS as exc:
+                raise store_error(exc) from exc
+            if rows is None:
+                return
+            pairs = []
+            for _, state in rows:
+                if filtered and _LINKED_TAG not in state:
+                    continue
+                env = decode(state)
+                if isinstance(env.event, Linked):
+                    pairs.append((env.event.module_session_id, env.session_id))
+            yield rows[-1][0], pairs
 
     # Reading --------------------------------------------------------------------
 

@@ -24,7 +24,9 @@ path                               method  what
                                            (``ConsoleSettings.sign_in_limits``)
 ``/logout``                        POST    sign out (``#sign-out``; form: csrf)
 ``/sessions``                      GET     sessions list; query: ``q`` (any id: workflow or
-                                           module session), ``status``, ``module``,
+                                           module session; the first page adds the
+                                           destroyed sessions it finds, marked
+                                           destroyed), ``status``, ``module``,
                                            ``created_from``, ``created_to`` (ISO 8601, UTC
                                            unless zoned), ``errors=1`` (a failure recorded),
                                            ``stale=MINUTES`` (idle at least that long),

@@ -39,7 +39,9 @@ from contracts import (
     SessionHistory,
     SessionStatus,
     Topology,
+    WorkflowSession,
 )
+from module_sdk.client import CoordinatorClient
 from module_sdk.errors import CommandFailed, CoordinatorUnavailable, StoreUnavailable
 from sessionctl import admin
 from sessionctl.console.auth import Account, Accounts, CookieSigner
@@ -339,8 +341,8 @@ async def sessions_list(request: Request) -> Response:
     filters = SessionFilters.from_query(request.query_params)
     client = account.client
     now = datetime.now(UTC)
-    # The two questions at once: a page waits for the slower, not for both in turn.
-    page, modules = await asyncio.gather(
+    # The questions at once: a page waits for the slowest, not for each in turn.
+    page, modules, destroyed = await asyncio.gather(
         client.page_workflow_sessions(
             status=filters.status,
             module_id=filters.module,
@@ -354,13 +356,13 @@ async def sessions_list(request: Request) -> Response:
             newest_first=filters.order == "newest",
         ),
         client.list_modules(),
+        _destroyed(client, filters.q if filters.after is None else None),
     )
     sessions = list(page.sessions)
-    if filters.q is not None and not sessions and filters.after is None:
-        # Not a live session nor linked to one: a destroyed session is still readable.
-        found = await client.get_workflow_session(filters.q)
-        if found is not None:
-            sessions = [found]
+    # Destroyed sessions are not in the live listing: the first page of a search also
+    # shows those with this id or that had a module session with it (marked destroyed).
+    listed = {s.session_id for s in sessions}
+    sessions += [s for s in destroyed if s.session_id not in listed]
     return render(
         request,
         "sessions.html",
@@ -376,6 +378,23 @@ async def sessions_list(request: Request) -> Response:
         },
         account=account,
     )
+
+
+async def _destroyed(
+    client: CoordinatorClient, match_id: uuid.UUID | None
+) -> list[WorkflowSession]:
+    """Destroyed sessions whose id is ``match_id`` or that had a module session with it."""
+    if match_id is None:
+        return []
+    try:
+        found = await client.find_workflow_sessions(match_id)
+    except CommandFailed as exc:
+        if exc.error.code is not ErrorCode.INVALID_MESSAGE:
+            raise
+        # A coordinator that predates the query: a destroyed one by its own id only.
+        session = await client.get_workflow_session(match_id)
+        found = [session] if session is not None else []
+    return [s for s in found if s.destroyed]
 
 
 def _sse(

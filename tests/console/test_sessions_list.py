@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from contracts import ErrorCode, SessionStatus, StandardError, WorkflowConfig
-from tests.bus.support import wait_status
+from tests.bus.support import wait_destroyed, wait_status
 from tests.console.conftest import ConsoleSystem
 
 pytestmark = pytest.mark.broker
@@ -247,3 +247,47 @@ async def test_bad_query_strings_of_the_other_pages_get_a_400(
     answer = await http.get(path)
     assert answer.status_code == 400
     assert says in answer.text.replace("&#39;", "'")
+
+
+async def test_search_by_a_module_session_id_finds_destroyed_sessions_marked_so(
+    console: ConsoleSystem,
+) -> None:
+    """A destroyed session holds no links: its module session's id finds it through the
+    coordinator's lookup, both while the coordinator still holds the destroyed session
+    and once it is older than that memory (read from the store)."""
+    client, runtime = console.client, console.runtime
+    projections = runtime.coordinator.projections
+    http = await console.signed_in()
+
+    async def destroyed() -> tuple[uuid.UUID, uuid.UUID]:
+        made = await client.create_workflow_session(["a"])
+        state = await wait_status(runtime, made.session_id, SessionStatus.ACTIVE)
+        executor_session = state.modules["executor"].session_id
+        await client.destroy_workflow_session(made.session_id)
+        await wait_destroyed(runtime, made.session_id)
+        return made.session_id, executor_session
+
+    def row_of(page: str, sid: uuid.UUID) -> str:
+        match = re.search(rf'<tr [^>]*data-session-id="{sid}".*?</tr>', page, re.S)
+        assert match is not None, f"no row of {sid}"
+        return match.group(0)
+
+    old, old_executor = await destroyed()
+    page = await http.get(f"/sessions?q={old_executor}")
+    assert page.status_code == 200
+    assert listed(page.text) == [str(old)]
+    assert 'class="badge DESTROYED">destroyed<' in row_of(page.text, old)
+    assert listed((await http.get(f"/sessions?q={old}")).text) == [str(old)]
+
+    # Older than the coordinator's memory of destroyed sessions: the store's lookup.
+    projections.destroyed_memory = 1
+    new, _ = await destroyed()
+    assert old not in projections.recently_destroyed
+    await asyncio.to_thread(runtime.coordinator.save_checkpoint)
+    page = await http.get(f"/sessions?q={old_executor}")
+    assert listed(page.text) == [str(old)]
+    assert 'class="badge DESTROYED">destroyed<' in row_of(page.text, old)
+    # A live session's search is as before: no destroyed rows added.
+    live = await client.create_workflow_session(["b"])
+    assert listed((await http.get(f"/sessions?q={live.session_id}")).text) == [str(live.session_id)]
+    assert str(new) not in listed((await http.get("/sessions")).text)

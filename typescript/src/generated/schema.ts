@@ -47,7 +47,8 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
       "GetIdentity",
       "ValidateSessionIntegrity",
       "GetSessionHistory",
-      "ReadEvents"
+      "ReadEvents",
+      "FindWorkflowSessions"
     ],
     "results": [
       "Accepted",
@@ -311,6 +312,9 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
             },
             {
               "$ref": "#/$defs/ReadEvents"
+            },
+            {
+              "$ref": "#/$defs/FindWorkflowSessions"
             }
           ],
           "discriminator": {
@@ -336,7 +340,8 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
               "get-identity": "#/$defs/GetIdentity",
               "validate-session-integrity": "#/$defs/ValidateSessionIntegrity",
               "get-session-history": "#/$defs/GetSessionHistory",
-              "read-events": "#/$defs/ReadEvents"
+              "read-events": "#/$defs/ReadEvents",
+              "find-workflow-sessions": "#/$defs/FindWorkflowSessions"
             }
           }
         },
@@ -749,6 +754,32 @@ export const WIRE_SCHEMA: Record<string, unknown> = {
         "type",
         "events",
         "next_position"
+      ]
+    },
+    "FindWorkflowSessions": {
+      "title": "FindWorkflowSessions",
+      "description": "Every workflow session, live or destroyed, whose id is ``match_id`` or that had a\nmodule session with that id linked at any time (the answer: a ``SessionsPage``\nwith no next page, newest first; a destroyed one has ``destroyed`` set).\n\nUnlike ``ListWorkflowSessions``' ``match_id``, which sees the links live sessions\nhold now, this also finds a session destroyed long ago (through the coordinator's\nmodule-session lookup in its store) and a link since undone.",
+      "type": "object",
+      "properties": {
+        "type": {
+          "enum": [
+            "find-workflow-sessions"
+          ]
+        },
+        "match_id": {
+          "type": "string",
+          "format": "uuid"
+        },
+        "limit": {
+          "type": "integer",
+          "minimum": 1,
+          "maximum": 100,
+          "default": 100
+        }
+      },
+      "required": [
+        "type",
+        "match_id"
       ]
     },
     "GetCoordinatorHealth": {
@@ -2676,7 +2707,8 @@ export const MESSAGE_TYPES: Record<string, string[]> = {
     "GetIdentity",
     "ValidateSessionIntegrity",
     "GetSessionHistory",
-    "ReadEvents"
+    "ReadEvents",
+    "FindWorkflowSessions"
   ],
   "results": [
     "Accepted",

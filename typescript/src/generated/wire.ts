@@ -53,6 +53,7 @@ export interface WireSchema {
   ErrorReported?: ErrorReported;
   EventEnvelope?: EventEnvelope;
   EventsPage?: EventsPage;
+  FindWorkflowSessions?: FindWorkflowSessions;
   GetCoordinatorHealth?: GetCoordinatorHealth;
   GetIdentity?: GetIdentity;
   GetLinkedSessions?: GetLinkedSessions;
@@ -646,7 +647,8 @@ export interface CommandRequest {
     | GetIdentity
     | ValidateSessionIntegrity
     | GetSessionHistory
-    | ReadEvents;
+    | ReadEvents
+    | FindWorkflowSessions;
   correlation_id?: string | null;
 }
 /**
@@ -905,6 +907,23 @@ export interface ReadEvents {
   after_position?: number;
   limit?: number;
   session_id?: string | null;
+}
+/**
+ * Every workflow session, live or destroyed, whose id is ``match_id`` or that had a
+ * module session with that id linked at any time (the answer: a ``SessionsPage``
+ * with no next page, newest first; a destroyed one has ``destroyed`` set).
+ *
+ * Unlike ``ListWorkflowSessions``' ``match_id``, which sees the links live sessions
+ * hold now, this also finds a session destroyed long ago (through the coordinator's
+ * module-session lookup in its store) and a link since undone.
+ *
+ * This interface was referenced by `WireSchema`'s JSON-Schema
+ * via the `definition` "FindWorkflowSessions".
+ */
+export interface FindWorkflowSessions {
+  type: "find-workflow-sessions";
+  match_id: string;
+  limit?: number;
 }
 /**
  * A module instance's periodic liveness signal; not event-sourced.
