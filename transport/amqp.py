@@ -250,11 +250,17 @@ class _Acks:
     queued, so no ``multiple`` ack can cover it first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0, *, enough: int = 1) -> None:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._open: dict[int, bool] = {}  # delivery tag → done; arrival (tag) order
         self._flushing = False
         self._lock = asyncio.Lock()
+        # ``delay``: a flush waits this long for more acks, unless ``enough`` are done
+        # (a consumer whose messages come one per pass would send an ack frame each).
+        self._delay = delay
+        self._enough = enough
+        self._done = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def opened(self, message: AbstractIncomingMessage) -> None:
         if message.channel is not self._channel:
@@ -270,9 +276,19 @@ class _Acks:
         if message.channel is not self._channel or tag not in self._open:
             return
         self._open[tag] = True
-        if not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+        self._done += 1
+        loop = asyncio.get_running_loop()
+        if self._flushing:
+            if self._timer is not None and self._done >= self._enough:
+                self._timer.cancel()  # enough waiting: now, not when the delay is up
+                self._timer = None
+                loop.call_soon(self._flush_soon)
+            return
+        self._flushing = True
+        if self._delay > 0 and self._done < self._enough:
+            self._timer = loop.call_later(self._delay, self._flush_soon)
+        else:
+            loop.call_soon(self._flush_soon)
 
     def forget(self, message: AbstractIncomingMessage) -> None:
         """Settled otherwise (its nack or reject is already queued)."""
@@ -289,6 +305,10 @@ class _Acks:
         # ack (the broker refuses to ack a tag twice, and closes the channel).
         async with self._lock:
             self._flushing = False
+            self._done = 0
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             channel = self._channel
             if channel is None:
                 return
@@ -754,6 +774,7 @@ class AmqpTransport(Transport):
         *,
         prefetch: int = 64,
         arguments: Mapping[str, Any] | None = None,
+        ack_delay: float = 0.0,
     ) -> ConsumerHandle:
         with _mapped(f"consume {queue}"):
             channel = await self.connection.channel(publisher_confirms=False)
@@ -778,7 +799,7 @@ class AmqpTransport(Transport):
                 for exchange, key in spec.bindings:
                     await target.bind(exchange, routing_key=key)
 
-            acks = _Acks()
+            acks = _Acks(ack_delay, enough=max(1, prefetch // 2))
 
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await handler(AmqpDelivery(message, acks=acks))

@@ -413,6 +413,7 @@ class MemoryTransport(Transport):
         *,
         prefetch: int = 64,
         arguments: Mapping[str, Any] | None = None,
+        ack_delay: float = 0.0,  # acks here cost nothing: settled at once
     ) -> ConsumerHandle:
         self._check()
         target = self.broker.queues.get(queue)

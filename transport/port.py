@@ -231,7 +231,15 @@ class Transport(abc.ABC):
         *,
         prefetch: int = 64,
         arguments: Mapping[str, Any] | None = None,
-    ) -> ConsumerHandle: ...
+        ack_delay: float = 0.0,
+    ) -> ConsumerHandle:
+        """Deliver ``queue``'s messages to ``handler``, at most ``prefetch`` unsettled.
+
+        ``ack_delay``: seconds an ack may wait to go out with the following ones (one
+        ``multiple`` ack for many; sent sooner once half the prefetch is waiting). For a
+        consumer that receives messages one at a time at a high rate and may see a few
+        redelivered after a lost connection (the console's live feed); 0 sends the acks
+        of each pass of the event loop at its end."""
 
     @abc.abstractmethod
     async def request(self, queue: str, message: OutgoingMessage, *, timeout: float) -> Delivery:

@@ -45,6 +45,8 @@ log = logging.getLogger("sessionbus.console.feed")
 PER_PAGE = 1000
 # Events the console's queue holds while the console is slow (then the oldest go).
 QUEUE_LENGTH = 10_000
+# Seconds the feed's acks wait to go out together (see ``LiveFeed.start``).
+FEED_ACK_DELAY = 0.05
 
 
 def summary(env: EventEnvelope) -> dict[str, Any]:
@@ -119,8 +121,11 @@ class LiveFeed:
                     bindings=[(self.topology.events_exchange, "session.#")],
                 )
             )
+            # Events come one at a time, up to thousands a second: their acks go
+            # together every FEED_ACK_DELAY rather than a frame each (a lost connection
+            # takes the queue with it, so nothing is redelivered anyway).
             self._handle = await self.transport.consume(
-                self.queue_name, self._on_delivery, prefetch=256
+                self.queue_name, self._on_delivery, prefetch=256, ack_delay=FEED_ACK_DELAY
             )
             self._unhook = self.transport.on_reconnect(self._on_reconnect)
         except (TransportError, OSError) as exc:

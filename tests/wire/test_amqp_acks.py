@@ -131,3 +131,26 @@ async def test_a_requeue_or_reject_never_sent_is_never_covered_by_a_multiple_ack
     await acks.flush()
     assert broker.refused == []
     assert broker.outstanding == {1}, "an unhandled message was acknowledged"
+
+
+async def test_delayed_acks_go_out_together_after_the_delay_or_once_enough_are_done() -> None:
+    """``ack_delay``: deliveries done one per pass share one ``multiple`` ack when the
+    delay is up; reaching ``enough`` done sends them at once."""
+    broker = Broker(range(1, 11))
+    broker.release.set()
+    acks = _Acks(0.05, enough=4)
+    messages = [delivery(broker, tag) for tag in range(1, 11)]
+    for m in messages:
+        acks.opened(m)
+    for m in messages[:3]:
+        acks.done(m)
+        await asyncio.sleep(0)  # one per pass of the loop
+    await asyncio.sleep(0.01)
+    assert broker.writes == 0  # waiting for the delay (3 < enough)
+    await asyncio.sleep(0.08)
+    assert (broker.writes, broker.outstanding) == (1, set(range(4, 11)))
+    for m in messages[3:7]:
+        acks.done(m)  # the fourth is enough: no waiting for the delay
+    await asyncio.sleep(0.01)
+    assert (broker.writes, broker.outstanding) == (2, set(range(8, 11)))
+    assert broker.refused == []
