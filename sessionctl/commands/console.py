@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import click
@@ -21,6 +22,8 @@ from transport.amqp import redact_url
 
 # Where ``sessionctl console`` listens unless told (SESSIONBUS_CONSOLE_PORT, --port).
 CONSOLE_PORT = 8470
+# How much lower the console's own process runs than it was started (``--nice``).
+CONSOLE_NICE = 10
 
 
 @click.command("console")
@@ -56,6 +59,14 @@ CONSOLE_PORT = 8470
     help="Seconds before an idle sign-in is closed (and its broker connection).",
 )
 @click.option("--secure-cookies", is_flag=True, help="Mark cookies Secure (behind an HTTPS proxy).")
+@click.option(
+    "--nice",
+    type=click.IntRange(0, 19),
+    default=CONSOLE_NICE,
+    show_default=True,
+    help="Lower the console's CPU priority by this much (0: as started), so that on a "
+    "busy host the coordinator and the modules come first.",
+)
 def console(
     amqp_url: str,
     prefix: str,
@@ -65,8 +76,15 @@ def console(
     prometheus_url: str | None,
     idle_timeout: int,
     secure_cookies: bool,
+    nice: int,
 ) -> None:
     """Serve the web console: sessions, history, modules, queues, dead letters."""
+    if nice:
+        # A viewer: its live feed costs CPU for every event published, and on a host
+        # that the coordinator keeps busy that CPU would be taken from the coordinator.
+        # With a lower priority the console waits instead (its pages take a little
+        # longer then; nothing is lost, its queue holds the events meanwhile).
+        os.nice(nice)
     # The web stack is loaded only where a console is served.
     from sessionctl.console import ConsoleServer, ConsoleSettings  # noqa: PLC0415
 

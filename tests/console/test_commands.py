@@ -94,6 +94,17 @@ async def test_sessionctl_console_serves_the_sessions_of_a_running_coordinator(
         assert page.status_code == 200
         assert f'data-session-id="{session.session_id}"' in page.text
         assert 'data-live="on"' in page.text
+        # A viewer runs at a lower CPU priority than it was started with (--nice 10).
+        assert os.getpriority(os.PRIO_PROCESS, served.process.pid) == min(19, os.nice(0) + 10)
+
+
+async def test_sessionctl_console_nice_0_keeps_the_priority_it_was_started_with(
+    console: ConsoleSystem,
+) -> None:
+    async with serving(
+        "console", "--port", "0", "--nice", "0", prefix=console.prefix, url=console.url
+    ) as served:
+        assert os.getpriority(os.PRIO_PROCESS, served.process.pid) == os.nice(0)
 
 
 async def test_the_coordinator_serves_the_console_with_console_port(
