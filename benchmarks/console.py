@@ -344,8 +344,8 @@ async def _paced(h: Harness, sessions: list[uuid.UUID], rate: float, seconds: fl
     "commands paced at 1,000 events/s with no console, then with the console and an SSE "
     "client on the sessions list's live stream (order alternating): feed kept up? "
     "coordinator slowed?",
-    repeats=(2, 4),
-    budget_s=(60.0, 240.0),
+    repeats=(2, 6),
+    budget_s=(60.0, 300.0),
     needs=("rabbitmq",),
 )
 @contextlib.contextmanager
@@ -359,8 +359,9 @@ def console_live_feed(ctx: Context) -> Iterator[Trial]:
         sessions=lanes,
         command="record_activity round-robin over pre-created ACTIVE sessions, 1 event each",
         store="SQLite file (fresh directory), only the benchmark's sessions",
-        console="a sessionctl console process, started for the half with the console and "
-        "stopped after it; the SSE client (httpx, this process) reads /sessions/feed",
+        console="a sessionctl console process (its default --nice 10), started for the half "
+        "with the console and stopped after it; the SSE client (httpx, this process) reads "
+        "/sessions/feed",
         slowdown="per trial: command p50/p99 latency and commands/s with ÷ without "
         "(the two halves alternate which goes first)",
         saturated="when the host does not carry the rate (reached_fraction < 1), both "
@@ -460,7 +461,12 @@ def console_live_feed(ctx: Context) -> Iterator[Trial]:
                     f"trial {trials}: the live feed delivered {feed.received} of {run.commands} "
                     f"events within 10 s of the last command ({feed.missed} reported missed)"
                 )
+            coordinator_cpu = ratio(
+                figures["with.cpu_ms_per_command.coordinator"].value,
+                figures["without.cpu_ms_per_command.coordinator"].value,
+            )
             return figures | {
+                "coordinator_cpu_ratio": Figure(coordinator_cpu, "x", "lower"),
                 "p99_latency_ratio": Figure(p99, "x", "lower"),
                 "p50_latency_ratio": Figure(p50, "x", "lower"),
                 "commands_per_s_ratio": Figure(rate_ratio, "x"),
