@@ -29,6 +29,7 @@ import contextlib
 import html
 import json
 import re
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -360,14 +361,14 @@ def console_live_feed(ctx: Context) -> Iterator[Trial]:
         command="record_activity round-robin over pre-created ACTIVE sessions, 1 event each",
         store="SQLite file (fresh directory), only the benchmark's sessions",
         console="a sessionctl console process (its default --nice 10), started for the half "
-        "with the console and stopped after it; the SSE client (httpx, this process) reads "
-        "/sessions/feed",
+        "with the console and stopped after it; the SSE client, a process of its own as a "
+        "browser would be (benchmarks.feed_reader, httpx), reads /sessions/feed",
         slowdown="per trial: command p50/p99 latency and commands/s with ÷ without "
         "(the two halves alternate which goes first)",
         saturated="when the host does not carry the rate (reached_fraction < 1), both "
         "halves queue behind the schedule: the latencies then include that wait, and "
         "rate_slowdown_pct (commands/s lost with the console) is the telling figure",
-        lag="event's occurred_at (coordinator) → the SSE line read here, time.time()",
+        lag="event's occurred_at (coordinator) → the SSE line read by the reader, time.time()",
     )
     with _harness(ctx, "console-feed") as (loop, h):
 
@@ -391,31 +392,32 @@ def console_live_feed(ctx: Context) -> Iterator[Trial]:
 
         async def with_console() -> tuple[Run, Any, Feed]:
             console, url = await _console(h)
-            http = await _signed_in(url)
-            feed = Feed()
-            reader = asyncio.create_task(_read_feed(http, feed, seconds * 2 + 60))
+            result = h.dir / f"feed-{uuid.uuid4().hex[:8]}.json"
+            reader = await _spawn(
+                "feed reader",
+                [sys.executable, "-m", "benchmarks.feed_reader", url, str(result), "120"],
+                "feed ready",
+            )
+            h.children.append(reader)
             try:
-                waiting = asyncio.create_task(feed.ready.wait())
-                await asyncio.wait({waiting, reader}, timeout=30, return_when="FIRST_COMPLETED")
-                if not feed.ready.is_set():
-                    waiting.cancel()
-                    if reader.done():
-                        reader.result()  # raises what ended it
-                    raise RuntimeError("the live feed did not say ready within 30 s")
-                feed.since = time.time()
-                meter = CpuMeter({"coordinator": [coordinator.pid], "console": [console.pid]})
+                await reader.wait_ready(30)
+                meter = CpuMeter(
+                    {
+                        "coordinator": [coordinator.pid],
+                        "console": [console.pid],
+                        "reader": [reader.pid],
+                    }
+                )
                 run = await _paced(h, ids, rate, seconds)
                 use = meter.stop()
-                feed.expect(run.commands)
-                caught_up = asyncio.create_task(feed.caught_up.wait())
-                await asyncio.wait({caught_up, reader}, timeout=10, return_when="FIRST_COMPLETED")
-                caught_up.cancel()
+                deadline = Deadline(10)
+                # The reader's count is a line of its output, read by ``Child``: polled.
+                while reader.applied < run.commands and not deadline.passed():  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
             finally:
-                reader.cancel()
-                with contextlib.suppress(BaseException):
-                    await reader
-                await http.aclose()
-                await h.stop(console)
+                await h.stop(reader, console)
+            read = json.loads(await asyncio.to_thread(result.read_text))
+            feed = Feed(received=read["received"], missed=read["missed"], lags=read["lags"])
             return run, use, feed
 
         async def trial() -> dict[str, Figure]:
