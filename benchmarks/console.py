@@ -7,8 +7,8 @@ process is the browser, an ``httpx`` client on 127.0.0.1 signed in as ``guest``,
 the coordinator's identity rules make an operator (``--identity guest=*``).
 
 - ``console.pages``: the store holds N live sessions (``benchmarks.workload.generate``,
-  as ``memory.sessions`` writes them; 100k, quick 10k), their events marked published
-  (as a running system's would be), the coordinator starts on it (every session in its
+  as ``memory.sessions`` writes them; 100k, quick 10k), brought to where a running
+  coordinator keeps it (``as_running``), the coordinator starts on it (every session in its
   read models); then the sessions page (first page, a filtered page, a later keyset
   page) and one session's page, requested in turn, one request at a time. Two times
   each: the server's, from the console's ``Server-Timing`` (request arrived → response
@@ -51,9 +51,8 @@ from benchmarks.registry import (
     percentile,
     target,
 )
-from benchmarks.workload import OPTIONAL, generate
+from benchmarks.workload import OPTIONAL, as_running, generate
 from contracts import SessionStatus, Topology
-from coordinator.service.relay import relay_checkpoint
 from coordinator.store.eventstore import EventStore
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -151,12 +150,7 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
         ctx.log(f"writing {count:,} live sessions into {store}")
         with EventStore(f"sqlite:///{store}") as events:
             made = generate(events, sessions=count, may_end=False, activity=(1, 3), max_seconds=600)
-            # As a running system's store would be: every event already published (the
-            # relay starts at the log's end, not publishing the generated history while
-            # the pages are measured).
-            events.checkpoints.put(
-                relay_checkpoint(Topology(prefix=h.prefix)), events.max_position()
-            )
+            as_running(events, Topology(prefix=h.prefix))
         ctx.log(f"wrote {made.events:,} events in {made.seconds:.1f}s")
         module = OPTIONAL[0]
         paths: dict[str, str] = {
@@ -207,7 +201,8 @@ def console_pages(ctx: Context) -> Iterator[Trial]:
             "last byte read; <kind>.server: the console's Server-Timing (request arrived → "
             "response head, the coordinator's answers included); one request at a time, "
             "the kinds interleaved",
-            relay="the generated events are marked published before the coordinator starts",
+            store_state="as a running coordinator keeps it: the generated events marked "
+            "published, the module-session lookup complete (benchmarks.workload.as_running)",
             coordinator_query="for reference: the first page's query alone "
             "(CoordinatorClient.page_workflow_sessions from this process), no console",
             signed_in_as="guest (operator: --identity guest=*)",

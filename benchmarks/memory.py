@@ -30,7 +30,8 @@ from typing import Any
 import coordinator
 from benchmarks.environment import rss_bytes
 from benchmarks.registry import Context, Figure, Trial, measurement, target
-from benchmarks.workload import generate
+from benchmarks.workload import as_running, generate
+from coordinator.read.loader import CHECKPOINT_NAME
 from coordinator.service.coordinator import SessionCoordinator
 from coordinator.store.eventstore import EventStore
 
@@ -67,6 +68,7 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
     ctx.log(f"writing {count:,} active sessions into {path}")
     with EventStore(url) as store:
         made = generate(store, sessions=count, may_end=False, activity=(1, 3), max_seconds=600.0)
+        as_running(store)
     ctx.log(f"wrote {made.events:,} events in {made.seconds:.1f}s")
     ctx.params.update(
         sessions=made.sessions,
@@ -102,7 +104,7 @@ def memory_sessions(ctx: Context) -> Iterator[Trial]:
     def trial() -> dict[str, Figure]:
         # From scratch: no projection checkpoint (a previous trial's close wrote one).
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-            conn.execute("DELETE FROM sessionbus_checkpoints")
+            conn.execute("DELETE FROM sessionbus_checkpoints WHERE name = ?", (CHECKPOINT_NAME,))
         got = child(touch=True)
         # Restart: the first child's close checkpointed the projections; this one
         # restores them from that snapshot instead of replaying.

@@ -28,6 +28,7 @@ from contracts import (
     ModuleSessionConfig,
     SessionStatus,
     StandardError,
+    Topology,
     WorkflowConfig,
     verify_chain_raw,
 )
@@ -38,6 +39,7 @@ from coordinator.domain.aggregates import (
     Principal,
     WorkflowSessionAggregate,
 )
+from coordinator.service.relay import relay_checkpoint
 from coordinator.store.eventstore import EventStore
 
 MODULES = (
@@ -271,3 +273,16 @@ def sqlite_path(url: str) -> Path:
 def count_rows(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT COUNT(*) FROM stored_events").fetchone()[0])
+
+
+def as_running(store: EventStore, topology: Topology | None = None) -> None:
+    """Bring a generated store to where a running coordinator would have kept it: its
+    module-session lookup complete, and (with ``topology``) every event published, the
+    relay's position at the end of the log. Otherwise the coordinator measured on it
+    would spend its first minutes publishing the generated history and reading it for
+    the lookup, beside what is measured."""
+    end = store.max_position()
+    for last, pairs in store.module_links(store.module_links_position(), end, 5000):
+        store.add_module_links(pairs, last)
+    if topology is not None:
+        store.checkpoints.put(relay_checkpoint(topology), end)
