@@ -36,7 +36,7 @@ from contracts import (
 )
 from contracts.topology import DLQ_HEADERS
 from coordinator.store.eventstore import EventStore
-from transport.port import Delivery, OutgoingMessage, Transport
+from transport.port import Delivery, OutgoingMessage, Transport, TransportError
 
 __all__ = [
     "DeadLetter",
@@ -240,7 +240,16 @@ async def list_queues(
     for name in names if not found else [n for n, q in found.items() if q.source == "management"]:
         if name in found and found[name].ready is not None:
             continue
-        stats = await transport.queue_stats(name)
+        try:
+            stats = await transport.queue_stats(name)
+        except TransportError:
+            # An exclusive queue of another connection (a console's live feed, new
+            # enough that the management API has no figures for it yet) refuses a
+            # passive declare: its row stays as the management API listed it. A queue
+            # known only by name has nothing else to show: that error is the answer.
+            if name not in found:
+                raise
+            continue
         if stats is not None:
             info = found.setdefault(name, QueueInfo(name=name, messages=0))
             info.messages = stats.messages

@@ -11,8 +11,12 @@ from typing import ClassVar
 import pytest
 
 from contracts import Topology
+from contracts.topology import QueueSpec
 from module_sdk.testing import InProcessBus
+from sessionctl import admin
 from sessionctl.admin import list_queues
+from transport.amqp import AmqpTransport
+from transport.port import TransportError
 
 PUBLISHED_PER_SCRAPE = 50.0
 DELIVERED_PER_SCRAPE = 30.0
@@ -100,3 +104,34 @@ async def test_figures_and_rates_come_from_the_prometheus_endpoint(endpoint: str
     assert info.publish_rate / info.deliver_rate == pytest.approx(50 / 30)
     assert len(_Endpoint.queries) == 2
     assert all(q.startswith("/metrics/detailed?vhost=%2F&family=") for q in _Endpoint.queries)
+
+
+@pytest.mark.broker
+async def test_an_exclusive_queue_of_another_connection_keeps_the_management_row(
+    amqp_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A console's live-feed queue is exclusive to the console's connection; listed by
+    the management API before it has figures, it refuses the passive declare that
+    would fill them in (RESOURCE_LOCKED). The listing goes on without them."""
+    topology = Topology(prefix)
+    feed_queue = topology.console_queue_for("other")
+    owner, reader = AmqpTransport(amqp_url), AmqpTransport(amqp_url)
+    await owner.connect()
+    await reader.connect()
+    try:
+        await owner.declare_queue(QueueSpec(feed_queue, durable=False, exclusive=True))
+        rows = [{"name": feed_queue, "type": "classic"}]  # listed, no figures yet
+        monkeypatch.setattr(admin, "_management_rows", lambda _url, _vhost: rows)
+        (info,) = await list_queues(reader, topology, amqp_url, "http://127.0.0.1:1/", [])
+        assert (info.name, info.kind, info.ready, info.source) == (
+            feed_queue,
+            "classic",
+            None,
+            "management",
+        )
+        with pytest.raises(TransportError, match="RESOURCE_LOCKED"):
+            await reader.queue_stats(feed_queue)  # what the listing passed over
+    finally:
+        await owner.delete_queue(feed_queue)
+        await owner.close()
+        await reader.close()
