@@ -430,6 +430,14 @@ async def sessions_feed(request: Request) -> Response:
     if feed is None or not feed.running:
         return Response(status_code=204)
 
+    try:
+        # Follow the events now (no page may have watched for a while): a broker that
+        # cannot be reached is a 503 here, not a stream that breaks after its head.
+        await feed.follow()
+    except (TransportError, OSError) as exc:
+        log.warning("console: live updates unavailable: %s", exc)
+        return Response(f"live updates are unavailable: {exc}", status_code=503)
+
     async def stream() -> AsyncIterator[str]:
         async with feed.subscribe() as subscriber:
             yield "retry: 3000\n\n"

@@ -45,8 +45,11 @@ log = logging.getLogger("sessionbus.console.feed")
 PER_PAGE = 1000
 # Events the console's queue holds while the console is slow (then the oldest go).
 QUEUE_LENGTH = 10_000
-# Seconds the feed's acks wait to go out together (see ``LiveFeed.start``).
+# Seconds the feed's acks wait to go out together (see ``LiveFeed.follow``).
 FEED_ACK_DELAY = 0.05
+# Seconds with no page watching after which the feed stops following the events (a
+# person moving between pages keeps it going).
+IDLE_SECONDS = 30.0
 
 
 def summary(env: EventEnvelope) -> dict[str, Any]:
@@ -89,9 +92,17 @@ class Subscriber:
 
 
 class LiveFeed:
-    """One consumer of the events exchange, fanned out to every open page."""
+    """One consumer of the events exchange, fanned out to every open page; it follows
+    the events while some page watches (and ``idle_seconds`` after the last closed)."""
 
-    def __init__(self, transport: Transport, topology: Topology, *, own_transport: bool) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        topology: Topology,
+        *,
+        own_transport: bool,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
         self.transport = transport
         self.topology = topology
         self.own_transport = own_transport
@@ -103,14 +114,36 @@ class LiveFeed:
         self._subscribers: set[Subscriber] = set()
         self._handle: ConsumerHandle | None = None
         self._unhook: Callable[[], None] | None = None
+        # Nobody watching for this long: the feed stops following the events (a
+        # console nobody looks at costs the broker and itself nothing per event; under
+        # ``--console-port`` that is the coordinator's own process).
+        self.idle_seconds = idle_seconds
+        self._idle: asyncio.TimerHandle | None = None
+        self._following = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Declare the console's queue and consume it. A broker that refuses (this
-        user may not declare queues) leaves the console without live updates, said
-        on the pages, rather than without a console."""
+        """Declare the console's queue and consume it (and stop again once no page has
+        watched for ``idle_seconds``). A broker that refuses (this user may not declare
+        queues) leaves the console without live updates, said on the pages, rather
+        than without a console."""
         try:
             if self.own_transport:
                 await self.transport.connect()
+            await self.follow()
+            self._unhook = self.transport.on_reconnect(self._on_reconnect)
+        except (TransportError, OSError) as exc:
+            self.problem = f"live updates are off: {exc}"
+            log.warning("console: %s", self.problem)
+            return
+        self.running = True
+        self._idle_soon()
+
+    async def follow(self) -> None:
+        """Declare, bind and consume the console's queue (unless it is)."""
+        async with self._following:
+            if self._handle is not None:
+                return
             await self.transport.declare_queue(
                 QueueSpec(
                     self.queue_name,
@@ -127,15 +160,43 @@ class LiveFeed:
             self._handle = await self.transport.consume(
                 self.queue_name, self._on_delivery, prefetch=256, ack_delay=FEED_ACK_DELAY
             )
-            self._unhook = self.transport.on_reconnect(self._on_reconnect)
-        except (TransportError, OSError) as exc:
-            self.problem = f"live updates are off: {exc}"
-            log.warning("console: %s", self.problem)
-            return
-        self.running = True
+
+    async def _unfollow(self) -> None:
+        """Stop consuming and delete the queue: the broker routes nothing to it."""
+        async with self._following:
+            handle, self._handle = self._handle, None
+            if handle is None:
+                return
+            with contextlib.suppress(TransportError, OSError):
+                await handle.close()
+            with contextlib.suppress(TransportError, OSError):
+                await self.transport.delete_queue(self.queue_name)
+
+    @property
+    def following(self) -> bool:
+        """Whether the feed consumes the events now (some page watched lately)."""
+        return self._handle is not None
+
+    def _idle_soon(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(self.idle_seconds, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if not self._subscribers and self.running:
+            task = asyncio.get_running_loop().create_task(self._unfollow())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         self.running = False
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
         if self._unhook is not None:
             self._unhook()
             self._unhook = None
@@ -179,13 +240,21 @@ class LiveFeed:
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscriber]:
-        """A stream of summaries for one page, from now until the block ends."""
+        """A stream of summaries for one page, from now until the block ends (the feed
+        follows the events again first, if no page watched for a while; raises
+        ``TransportError`` when it cannot)."""
         subscriber = Subscriber(asyncio.Queue(PER_PAGE))
         self._subscribers.add(subscriber)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         try:
+            await self.follow()
             yield subscriber
         finally:
             self._subscribers.discard(subscriber)
+            if not self._subscribers and self.running:
+                self._idle_soon()
 
     @property
     def subscribers(self) -> int:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
-from contracts import Topology
+from contracts import GENESIS_HASH, ActivityRecorded, Codec, EventEnvelope, Topology, seal
+from coordinator.service.relay import event_message
 from sessionctl.console import ConsoleServer, ConsoleSettings
 from sessionctl.console.feed import LiveFeed
 from tests.console.conftest import ConsoleSystem, csrf_of
@@ -103,4 +106,50 @@ async def test_every_open_page_is_told_to_resync_on_each_restore_until_the_feed_
     await feed.close()
     await transport.reconnected()  # the closed feed is no longer hooked
     assert feed.resyncs == 1
+    await transport.close()
+
+
+async def test_the_feed_follows_the_events_only_while_some_page_watches() -> None:
+    """Nobody watching for ``idle_seconds``: the queue is gone and the broker routes
+    nothing to it; the next page's stream brings it back and gets what is published."""
+    topology = Topology("feedidle")
+    broker = MemoryBroker()
+    transport = broker.transport()
+    await transport.connect()
+    for spec in topology.exchange_specs():
+        await transport.declare_exchange(spec)
+    feed = LiveFeed(transport, topology, own_transport=False, idle_seconds=0.05)
+    await feed.start()
+    assert feed.running, feed.problem
+    assert feed.following  # started: the broker's permissions were checked
+    await asyncio.sleep(0.2)
+    assert not feed.following
+    assert feed.queue_name not in broker.queues
+    async with feed.subscribe() as page:
+        assert feed.following
+        assert feed.queue_name in broker.queues
+        env = seal(
+            EventEnvelope(
+                event_id=uuid.uuid4(),
+                session_id=uuid.uuid4(),
+                version=1,
+                occurred_at=datetime.now(UTC),
+                actor="test",
+                prev_hash=GENESIS_HASH,
+                hash=GENESIS_HASH,
+                event=ActivityRecorded(),
+            )
+        )
+        await transport.publish(
+            topology.events_exchange,
+            Topology.routing_key(env.type),
+            event_message(env, Codec("json")),
+        )
+        kind, item = await asyncio.wait_for(page.queue.get(), 5)
+        assert (kind, item["session_id"]) == ("session", str(env.session_id))
+        await asyncio.sleep(0.2)
+        assert feed.following  # a page is open: no idling
+    await asyncio.sleep(0.2)
+    assert not feed.following
+    await feed.close()
     await transport.close()
