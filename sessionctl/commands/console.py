@@ -60,6 +60,28 @@ CONSOLE_NICE = 10
 )
 @click.option("--secure-cookies", is_flag=True, help="Mark cookies Secure (behind an HTTPS proxy).")
 @click.option(
+    "--sign-in-failures",
+    type=click.IntRange(1),
+    help="Failed sign-ins of one user name, or from one address, within --sign-in-window "
+    "before further attempts are refused (429) without asking the broker.  [default: 5]",
+)
+@click.option(
+    "--sign-in-window",
+    type=click.FloatRange(min=1),
+    help="Seconds within which failed sign-ins are counted.  [default: 300]",
+)
+@click.option(
+    "--sign-in-lockout",
+    type=click.FloatRange(min=1),
+    help="Seconds a limited user name or address waits; doubled with each further lock, "
+    "up to --sign-in-max-lockout.  [default: 60]",
+)
+@click.option(
+    "--sign-in-max-lockout",
+    type=click.FloatRange(min=1),
+    help="The longest wait after repeated locks, in seconds.  [default: 900]",
+)
+@click.option(
     "--nice",
     type=click.IntRange(0, 19),
     default=CONSOLE_NICE,
@@ -76,6 +98,10 @@ def console(
     prometheus_url: str | None,
     idle_timeout: int,
     secure_cookies: bool,
+    sign_in_failures: int | None,
+    sign_in_window: float | None,
+    sign_in_lockout: float | None,
+    sign_in_max_lockout: float | None,
     nice: int,
 ) -> None:
     """Serve the web console: sessions, history, modules, queues, dead letters."""
@@ -87,8 +113,24 @@ def console(
         os.nice(nice)
     # The web stack is loaded only where a console is served.
     from sessionctl.console import ConsoleServer, ConsoleSettings  # noqa: PLC0415
+    from sessionctl.console.limits import SignInLimits  # noqa: PLC0415
 
     topology = topology_for(prefix)
+    # Unset options take the console's own defaults (no value is ever 0: the ranges).
+    defaults = SignInLimits()
+    window = sign_in_window or defaults.window
+    max_lockout = sign_in_max_lockout or defaults.max_lockout
+    try:
+        limits = SignInLimits(
+            failures=sign_in_failures or defaults.failures,
+            window=window,
+            lockout=sign_in_lockout or defaults.lockout,
+            max_lockout=max_lockout,
+            # A window or lock longer than the default forget time keeps its keys as long.
+            forget_after=max(defaults.forget_after, window, max_lockout),
+        )
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
     console_settings = ConsoleSettings(
         amqp_url=amqp_url,
         topology=topology,
@@ -97,6 +139,7 @@ def console(
         secret=console_secret(),
         idle_timeout=float(idle_timeout),
         secure_cookies=secure_cookies,
+        sign_in_limits=limits,
     )
     listen = CONSOLE_PORT if port is None else port
 

@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sessionctl.console.limits import SignInLimits
 from tests.console.conftest import ConsoleSystem, csrf_of
 from tests.support.processes import SESSIONCTL
 
@@ -128,3 +130,53 @@ async def test_the_coordinator_serves_the_console_with_console_port(
             while "event: ready" not in await asyncio.wait_for(anext(lines), 10):
                 pass
             await served.stop()
+
+
+async def test_sessionctl_console_takes_its_sign_in_limits_from_the_command_line(
+    console: ConsoleSystem,
+) -> None:
+    """``--sign-in-failures 2``: the third attempt within the window is refused (429)
+    without asking the broker, even with the right password."""
+    async with (
+        serving(
+            "console",
+            "--port",
+            "0",
+            "--sign-in-failures",
+            "2",
+            "--sign-in-lockout",
+            "120",
+            "--sign-in-max-lockout",
+            "120",
+            prefix=console.prefix,
+            url=console.url,
+        ) as served,
+        httpx.AsyncClient(base_url=served.url, timeout=30) as http,
+    ):
+        for _ in range(2):
+            form = await http.get("/login")
+            wrong = {"user": "guest", "password": "wrong", "csrf": csrf_of(form.text)}
+            assert (await http.post("/login", data=wrong)).status_code == 401
+        form = await http.get("/login")
+        right = {"user": "guest", "password": "guest", "csrf": csrf_of(form.text)}
+        refused = await http.post("/login", data=right)
+        assert refused.status_code == 429
+        assert 0 < int(refused.headers["retry-after"]) <= 120
+
+
+def test_the_sign_in_options_say_the_defaults_the_console_uses() -> None:
+    """The options' help names the defaults (the web stack is not imported to read
+    them); they must be the console's own."""
+    limits = SignInLimits()
+    shown = subprocess.run(
+        [SESSIONCTL, "console", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for option, value in (
+        ("--sign-in-failures", limits.failures),
+        ("--sign-in-window", limits.window),
+        ("--sign-in-lockout", limits.lockout),
+        ("--sign-in-max-lockout", limits.max_lockout),
+    ):
+        # The option's own lines: up to the next line that starts another option.
+        described = " ".join(shown.split(f"  {option} ", 1)[1].split("\n  --", 1)[0].split())
+        assert f"[default: {value:g}]" in described, (option, described)
