@@ -36,7 +36,7 @@ from contracts import (
 )
 from contracts.topology import DLQ_HEADERS
 from coordinator.store.eventstore import EventStore
-from transport.port import Delivery, OutgoingMessage, Transport, TransportError
+from transport.port import Delivery, OutgoingMessage, ResourceLocked, Transport
 
 __all__ = [
     "DeadLetter",
@@ -242,7 +242,7 @@ async def list_queues(
             continue
         try:
             stats = await transport.queue_stats(name)
-        except TransportError:
+        except ResourceLocked:
             # An exclusive queue of another connection (a console's live feed, new
             # enough that the management API has no figures for it yet) refuses a
             # passive declare: its row stays as the management API listed it. A queue

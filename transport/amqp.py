@@ -47,6 +47,7 @@ from transport.port import (
     OutgoingMessage,
     QueueStats,
     ReconnectCallback,
+    ResourceLocked,
     Transport,
     TransportClosed,
     TransportError,
@@ -186,12 +187,12 @@ def _mapped(what: str) -> Iterator[None]:
         raise AccessRefused(f"{what}: {exc}") from exc
     except aiormq.exceptions.DeliveryError as exc:
         raise TransportError(f"{what}: the broker did not accept the message ({exc})") from exc
-    except (
-        aiormq.exceptions.ChannelNotFoundEntity,
-        aiormq.exceptions.ChannelLockedResource,
-    ) as exc:
-        # The broker closed the channel over this one operation (a missing queue or
-        # exchange, an exclusive or single-active-consumer queue); the connection is fine.
+    except aiormq.exceptions.ChannelLockedResource as exc:
+        # An exclusive or single-active-consumer queue of another connection; the
+        # broker closed the channel over this one operation, the connection is fine.
+        raise ResourceLocked(f"{what}: refused by the broker ({exc})") from exc
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        # A missing queue or exchange: as above, only the channel is closed.
         raise TransportError(f"{what}: refused by the broker ({exc})") from exc
     except _LOST as exc:
         raise TransportError(f"{what}: connection lost ({type(exc).__name__}: {exc})") from exc
@@ -862,6 +863,8 @@ class AmqpTransport(Transport):
             declared = await channel.declare_queue(queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            raise ResourceLocked(f"inspect queue {queue}: {exc}") from exc
         except _CHANNEL_ERRORS as exc:
             raise TransportError(f"inspect queue {queue}: {exc}") from exc
         finally:

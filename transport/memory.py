@@ -28,6 +28,7 @@ from transport.port import (
     OutgoingMessage,
     QueueStats,
     ReconnectCallback,
+    ResourceLocked,
     Transport,
     TransportClosed,
     TransportError,
@@ -459,7 +460,7 @@ class MemoryTransport(Transport):
         self._check()
         target = self.broker.queues.get(queue)
         if target is not None and target.single_active and target.is_quorum:
-            raise TransportError(
+            raise ResourceLocked(
                 f"RESOURCE_LOCKED - cannot obtain access to locked queue '{queue}'. basic.get "
                 "operations are not supported by quorum queues with single active consumer"
             )

@@ -27,6 +27,7 @@ __all__ = [
     "OutgoingMessage",
     "QueueStats",
     "ReconnectCallback",
+    "ResourceLocked",
     "Transport",
     "TransportClosed",
     "TransportError",
@@ -62,6 +63,11 @@ class AccessRefused(TransportError):
     """The broker refused the operation for this user (permissions, forged user_id)."""
 
     retryable = False
+
+
+class ResourceLocked(TransportError):
+    """The queue is exclusive to another connection (or has its single active consumer
+    elsewhere): RabbitMQ's RESOURCE_LOCKED. It may be free once the owner is gone."""
 
 
 @dataclass(frozen=True, slots=True)
