@@ -278,14 +278,14 @@ class _Acks:
             return
         self._open[tag] = True
         self._done += 1
-        loop = asyncio.get_running_loop()
         if self._flushing:
             if self._timer is not None and self._done >= self._enough:
                 self._timer.cancel()  # enough waiting: now, not when the delay is up
                 self._timer = None
-                loop.call_soon(self._flush_soon)
+                asyncio.get_running_loop().call_soon(self._flush_soon)
             return
         self._flushing = True
+        loop = asyncio.get_running_loop()
         if self._delay > 0 and self._done < self._enough:
             self._timer = loop.call_later(self._delay, self._flush_soon)
         else:
