@@ -30,6 +30,20 @@ from transport.amqp import AmqpTransport
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
+async def sse_events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of a server-sent event stream."""
+    kind, data = "message", ""
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif line == "":
+            if data:
+                yield kind, data
+            kind, data = "message", ""
+
+
 def csrf_of(page: str) -> str:
     """The CSRF token a page's forms carry."""
     match = CSRF.search(page)

@@ -12,30 +12,15 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-import httpx
 import pytest
 
 from contracts import GENESIS_HASH, ActivityRecorded, Codec, EventEnvelope, Topology, seal
 from coordinator.service.relay import event_message
 from sessionctl.console import ConsoleServer, ConsoleSettings
 from sessionctl.console.feed import LiveFeed
-from tests.console.conftest import ConsoleSystem, csrf_of
+from tests.console.conftest import ConsoleSystem, csrf_of, sse_events
 from tests.support.tcp_proxy import TcpProxy
 from transport.memory import MemoryBroker
-
-
-async def _events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) of a server-sent event stream."""
-    kind, data = "message", ""
-    async for line in response.aiter_lines():
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            data = line[6:]
-        elif line == "":
-            if data:
-                yield kind, data
-            kind, data = "message", ""
 
 
 async def _next_of(stream: AsyncIterator[tuple[str, str]], wanted: str) -> str:
@@ -67,7 +52,7 @@ async def test_after_a_lost_broker_connection_pages_are_told_to_resync_and_live_
             assert answer.status_code == 303
             async with http.stream("GET", "/sessions/feed") as response:
                 assert response.status_code == 200
-                stream = _events(response)
+                stream = sse_events(response)
                 ready = json.loads(await asyncio.wait_for(_next_of(stream, "ready"), 10))
 
                 assert proxy.outage(1.0) >= 1, "the console's feed connection was not proxied"

@@ -7,14 +7,12 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from contracts import ErrorCode, SessionStatus, StandardError, WorkflowConfig
 from tests.bus.support import wait_destroyed, wait_status
-from tests.console.conftest import ConsoleSystem
+from tests.console.conftest import ConsoleSystem, sse_events
 
 pytestmark = pytest.mark.broker
 
@@ -181,20 +179,6 @@ async def test_bad_query_strings_get_a_clear_400_page(
     assert "Traceback" not in answer.text
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) of a server-sent event stream."""
-    kind, data = "message", ""
-    async for line in response.aiter_lines():
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            data = line[6:]
-        elif line == "":
-            if data:
-                yield kind, data
-            kind, data = "message", ""
-
-
 async def test_sessions_created_after_the_page_opened_arrive_by_server_sent_events(
     console: ConsoleSystem,
 ) -> None:
@@ -204,7 +188,7 @@ async def test_sessions_created_after_the_page_opened_arrive_by_server_sent_even
     async with http.stream("GET", "/sessions/feed") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        stream = _events(response)
+        stream = sse_events(response)
         kind, data = await asyncio.wait_for(anext(stream), 10)
         assert kind == "ready"
         assert json.loads(data)["queue"].startswith(f"{console.prefix}.console.")
