@@ -268,6 +268,13 @@ class Harness:
         self.started.append(child)
         return child
 
+    async def sessions(self, count: int) -> list[uuid.UUID]:
+        """``count`` workflow sessions created at once through the client; their ids."""
+        made = await asyncio.gather(
+            *(self.client.create_workflow_session(["bench"]) for _ in range(count))
+        )
+        return [s.session_id for s in made]
+
     async def bench_module(self, module_id: str, out: Path) -> Child:
         child = await _spawn(
             module_id,
@@ -438,10 +445,7 @@ def bus_commands(ctx: Context) -> Iterator[Trial]:
         async def setup() -> tuple[Child, list[uuid.UUID]]:
             coordinator = await h.coordinator(h.dir / "store.sqlite")
             await coordinator.wait_ready()
-            sessions = await asyncio.gather(
-                *(h.client.create_workflow_session(["bench"]) for _ in range(max(levels)))
-            )
-            ids = [s.session_id for s in sessions]
+            ids = await h.sessions(max(levels))
             await _commands_level(h, ids, 0.5)  # warm-up: first-use costs are not measured
             return coordinator, ids
 
@@ -872,12 +876,7 @@ def bus_fanout(ctx: Context) -> Iterator[Trial]:
             modules = [await h.bench_module(m, outs[m]) for m in module_ids]
             try:
                 await asyncio.gather(*(c.wait_ready() for c in (coordinator, *modules)))
-                ids = [
-                    s.session_id
-                    for s in await asyncio.gather(
-                        *(h.client.create_workflow_session(["bench"]) for _ in range(lanes))
-                    )
-                ]
+                ids = await h.sessions(lanes)
                 alive = [coordinator, *modules]
                 await _until(lambda: all(m.applied >= 2 * lanes for m in modules), 30, alive)
                 meter = CpuMeter(

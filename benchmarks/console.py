@@ -370,10 +370,7 @@ def console_live_feed(ctx: Context) -> Iterator[Trial]:
         async def setup() -> tuple[Child, list[uuid.UUID]]:
             coordinator = await h.coordinator(h.dir / "feed.sqlite")
             await coordinator.wait_ready()
-            made = await asyncio.gather(
-                *(h.client.create_workflow_session(["bench"]) for _ in range(lanes))
-            )
-            ids = [s.session_id for s in made]
+            ids = await h.sessions(lanes)
             await _paced(h, ids, rate, 0.5)  # warm-up
             return coordinator, ids
 
