@@ -9,6 +9,9 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
 
 from contracts import (
     FindWorkflowSessions,
@@ -17,6 +20,7 @@ from contracts import (
     WorkflowSession,
 )
 from coordinator.domain.clock import ManualClock
+from coordinator.errors import StoreUnavailable
 from coordinator.service.coordinator import SessionCoordinator
 from coordinator.store.eventstore import LINKS_CHECKPOINT
 from tests.coordinator.conftest import Backend
@@ -175,3 +179,38 @@ async def test_a_missing_lookup_is_rebuilt_from_the_log(
     async with SessionCoordinator(store_url, clock=clock) as again:
         assert again._links is not None
         assert again._links.complete
+
+
+async def test_a_batch_the_store_refuses_is_kept_searched_in_memory_and_stored_later(
+    store_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database goes away under a lookup write (``StoreUnavailable``): the batch
+    goes back to the pending pairs, a search still finds its sessions, and once the
+    store is back the next write stores them all, its position with them."""
+    async with SessionCoordinator(store_url, clock=clock) as coordinator:
+        links = coordinator._links
+        assert links is not None
+        links.batch = 2
+        assert coordinator.store is not None
+        store = coordinator.store
+        real = store.add_module_links
+        refused: list[int] = []
+
+        def away(*args: Any, **kwargs: Any) -> None:
+            refused.append(len(args[0]))
+            raise StoreUnavailable("add_module_links: the database is away")
+
+        monkeypatch.setattr(store, "add_module_links", away)
+        first = [await _destroyed_session(coordinator, clock) for _ in range(2)]
+        await _eventually(lambda: bool(refused), "a refused write")
+        for sid, module_sid in first:
+            assert store.workflow_sessions_of(module_sid) == []
+            assert [s.session_id for s in await _find(coordinator, module_sid)] == [sid]
+        monkeypatch.setattr(store, "add_module_links", real)
+        more = [await _destroyed_session(coordinator, clock) for _ in range(2)]
+        for sid, module_sid in first + more:
+            await _eventually(
+                lambda m=module_sid, s=sid: store.workflow_sessions_of(m) == [s],
+                "the kept pairs stored",
+            )
+        assert store.module_links_position() > 0
